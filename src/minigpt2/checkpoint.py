@@ -1,0 +1,196 @@
+"""The on-disk checkpoint format, its atomic writes and its safe, validating reads.
+
+A run directory holds two checkpoints kept apart: ``RUN/best`` (lowest validation loss so far) and
+``RUN/last`` (the latest state, for resuming). Each checkpoint directory describes itself:
+
+- ``model.safetensors``: the weights (the tied LM head is stored once, as ``transformer.wte.weight``);
+- ``checkpoint.json``: format and version, model config, tokenizer vocabulary, and metadata (step,
+  val loss, training config, data source, chat template);
+- ``train_state.pt`` (``last`` only): optimizer, scaler, RNG and sampler state, tensors and plain
+  containers only, read back with ``torch.load(weights_only=True)``.
+
+Nothing is ever unpickled. A checkpoint directory is written under a temporary name and renamed
+into place (``fileio.publish_dir``), so a crash leaves the previous checkpoint whole.
+Tests: ``pytest tests/test_checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from minigpt2 import config as cfg
+from minigpt2.errors import CheckpointError, UserError
+from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir
+from minigpt2.model import GPT
+from minigpt2.tokenizer import CharTokenizer
+
+FORMAT = "minigpt2-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS, META, TRAIN_STATE = "model.safetensors", "checkpoint.json", "train_state.pt"
+TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight, stored once
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: everything needed to rebuild the model, and its metadata."""
+
+    path: Path
+    model_config: cfg.ModelConfig
+    tokenizer: CharTokenizer
+    meta: dict[str, Any]  # step, val_loss, train_config, data, chat_template, ...
+
+    def build_model(self, device: str | torch.device = "cpu") -> GPT:
+        """The model with this checkpoint's weights, in eval mode, on ``device``."""
+        model = GPT(self.model_config)
+        model.load_state_dict(_read_weights(self.path, model), strict=False)
+        return model.to(device).eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile`` and DDP wrappers, whose parameter names we save."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def save(
+    ckpt_dir: Path,
+    model: nn.Module,
+    tokenizer: CharTokenizer,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a complete checkpoint directory atomically, replacing any previous one."""
+    from safetensors.torch import save as to_safetensors
+
+    model = unwrap(model)
+    assert isinstance(model, GPT)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
+    doc = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model_config": cfg.to_dict(model.config),
+        "tokenizer": tokenizer.to_dict(),
+        **meta,
+    }
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        atomic_write_bytes(tmp / WEIGHTS, to_safetensors(weights))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+            with open(tmp / TRAIN_STATE, "rb+") as f:
+                os.fsync(f.fileno())
+        atomic_write_bytes(tmp / META, json.dumps(doc, indent=1, ensure_ascii=False).encode())
+        fsync_dir(tmp)
+        publish_dir(tmp, ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory from a run directory (its ``best``, else ``last``) or itself."""
+    path = Path(path).expanduser()
+    if (path / META).is_file():
+        return path
+    for name in ("best", "last"):
+        candidate = recover_dir(path / name)
+        if (candidate / META).is_file():
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint: {path}; train one with `minigpt2 train`")
+    raise CheckpointError(
+        f"{path} is not a minigpt2 run or checkpoint (no {META} in it, nor in best/ or last/)"
+    )
+
+
+def load(path: Path) -> Checkpoint:
+    """Read and validate a checkpoint's metadata (weights are read by ``build_model``)."""
+    ckpt_dir = resolve(path)
+    try:
+        doc = json.loads((ckpt_dir / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"corrupt checkpoint: {ckpt_dir / META} is unreadable ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt_dir / META} is not a minigpt2 checkpoint description")
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"corrupt checkpoint: {ckpt_dir / META} has no valid version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{ckpt_dir} was written by a newer minigpt2 (format {version}, this one reads up to"
+            f" {FORMAT_VERSION}); upgrade minigpt2"
+        )
+    try:
+        model_config = cfg.from_dict(cfg.ModelConfig, doc.get("model_config", {}))
+    except UserError as err:
+        raise CheckpointError(f"corrupt checkpoint {ckpt_dir}: {err}") from None
+    tokenizer = CharTokenizer.from_dict(doc.get("tokenizer"))
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(
+            f"corrupt checkpoint {ckpt_dir}: the vocabulary has {tokenizer.vocab_size} tokens but"
+            f" the model expects {model_config.vocab_size}"
+        )
+    meta = {k: v for k, v in doc.items() if k not in ("model_config", "tokenizer")}
+    return Checkpoint(ckpt_dir, model_config, tokenizer, meta)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer, Checkpoint]:
+    """Model (eval mode), tokenizer and checkpoint from a run or checkpoint directory."""
+    ckpt = load(path)
+    return ckpt.build_model(device), ckpt.tokenizer, ckpt
+
+
+def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
+    """The resume state saved beside ``last``'s weights (tensors and containers only)."""
+    file = ckpt_dir / TRAIN_STATE
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no {TRAIN_STATE}; it cannot be resumed")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure here means a damaged file
+        raise CheckpointError(f"corrupt checkpoint: {file} is unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"corrupt checkpoint: {file} does not hold a training state")
+    return state
+
+
+def _read_weights(ckpt_dir: Path, model: GPT) -> dict[str, Tensor]:
+    """The weights file, checked name by name and shape by shape against ``model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = ckpt_dir / WEIGHTS
+    try:
+        weights = load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"corrupt checkpoint: {file} is missing, truncated or not safetensors ({err})"
+        ) from None
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"corrupt checkpoint: {file} does not match its config"
+            f" (missing: {missing[:3]}, unexpected: {extra[:3]})"
+        )
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
+            raise CheckpointError(
+                f"corrupt checkpoint: {file}: {name} has shape {tuple(weights[name].shape)},"
+                f" the config says {tuple(shape)}"
+            )
+    return weights

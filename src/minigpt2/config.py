@@ -1,0 +1,226 @@
+"""Typed configs for the model, training and sampling, the named presets, and their validation.
+
+Every setting is a dataclass field with a default and a comment saying why; ``__post_init__`` checks
+ranges so a bad value fails at once with one clear line (a ``ConfigError``), not deep inside torch.
+Settings resolve in three layers: a preset, then a TOML/JSON config file, then command-line flags.
+
+Run its tests with ``pytest tests/test_config.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from minigpt2.errors import ConfigError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a GPT-2 model. Field names follow GPT-2 (and Hugging Face's ``GPT2Config``)."""
+
+    vocab_size: int = 128  # set from the corpus' tokenizer; specials included
+    block_size: int = 128  # context window in characters (GPT-2's n_positions)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; must divide n_embd
+    n_embd: int = 256  # residual stream width C; head size hs = n_embd // n_head
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches (training only)
+    attn_impl: str = "sdpa"  # "sdpa" (fast, fused) or "manual" (readable reference, same result)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.vocab_size <= 65536, f"vocab_size must be 1..65536, got {self.vocab_size}")
+        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
+        _check(self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
+        _check(
+            self.n_embd >= 1 and self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be a positive multiple of n_head ({self.n_head})",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            self.attn_impl in ("sdpa", "manual"),
+            f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, the five founding techniques, evaluation and logging."""
+
+    max_iters: int = 3000  # optimizer steps (each one sees batch_size * grad_accum sequences)
+    batch_size: int = 32  # sequences per micro-batch (per process under DDP)
+    grad_accum: int = 1  # micro-batches summed per optimizer step (a bigger batch in less memory)
+    lr: float = 2e-3  # peak learning rate, reached at the end of warm-up
+    min_lr: float = 2e-4  # floor of the decay; nanoGPT's rule of thumb is lr / 10
+    lr_schedule: str = "cosine"  # "cosine", "linear" or "constant" after warm-up
+    warmup_iters: int = 100  # linear warm-up from lr / warmup_iters (never 0) up to lr
+    weight_decay: float = 0.1  # AdamW decay, applied to 2-D weights only (not biases, not LayerNorm)
+    beta1: float = 0.9
+    beta2: float = 0.99  # GPT-2 used 0.95 for huge batches; 0.99 is steadier for small char models
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    eval_interval: int = 250  # evaluate (and save `last`) every this many steps
+    eval_iters: int = 20  # fixed validation batches per evaluation (the same ones every time)
+    early_stopping: bool = True  # stop after `patience` evaluations without improvement
+    patience: int = 5  # evaluations without a val-loss improvement before stopping
+    min_delta: float = 0.0  # an improvement must beat the best val loss by more than this
+    max_minutes: float = 0.0  # wall-time budget for training; 0 means no limit
+    dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; see train.choose_precision
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    compile: bool = False  # torch.compile the model (pays off for long runs and on GPUs)
+    loss_on: str = "all"  # "all" tokens, or "bot" turns only (chat fine-tuning)
+    seed: int = 1337  # same seed, same run: weights, batches and dropout
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the `tensorboard` package)
+
+    def __post_init__(self) -> None:
+        for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{name} must be >= 1, got {value}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(
+            self.lr_schedule in ("cosine", "linear", "constant"),
+            f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}",
+        )
+        _check(self.warmup_iters >= 0, f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _check(
+            self.patience >= 1 or not self.early_stopping,
+            f"patience must be >= 1 with early stopping on, got {self.patience}"
+            " (use --no-early-stopping to turn it off)",
+        )
+        _check(self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}")
+        _check(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
+        _check(
+            self.dtype in ("auto", "bf16", "fp16", "fp32"),
+            f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}",
+        )
+        _check(self.loss_on in ("all", "bot"), f"loss_on must be all or bot, got {self.loss_on!r}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class SampleConfig:
+    """How to pick each next character. Defaults give varied but coherent text."""
+
+    max_new_tokens: int = 500  # characters to generate at most
+    temperature: float = 0.8  # < 1 sharper, > 1 flatter; 0 means greedy (always the likeliest)
+    top_k: int = 0  # keep only the k likeliest characters; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 keeps all
+    repetition_penalty: float = 1.0  # > 1 makes characters already in the context less likely
+    seed: int | None = None  # same seed, same text; None draws a fresh one
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"top_k must be >= 0 (0 keeps all), got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(
+            self.repetition_penalty > 0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        _check(self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+
+
+# Presets set model and training fields together; anything not named keeps the dataclass default.
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: trains in seconds, learns nothing useful.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0, batch_size=8,
+                 max_iters=50, eval_interval=10, eval_iters=2, warmup_iters=5, lr=3e-3),
+    # The laptop-CPU default: sized so a few minutes of bf16 training gives readable text.
+    "cpu": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1, batch_size=32,
+                max_iters=3000, eval_interval=250, lr=2e-3, min_lr=2e-4, warmup_iters=100),
+    # The classic char-level Shakespeare model (nanoGPT's shakespeare_char): a GPU or a long CPU run.
+    "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                        batch_size=64, max_iters=5000, eval_interval=250, lr=1e-3, min_lr=1e-4,
+                        warmup_iters=100),
+    # GPT-2 small's shape (124M parameters with GPT-2's vocabulary): for GPUs.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
+                 batch_size=16, lr=6e-4, min_lr=6e-5, warmup_iters=200),
+}  # fmt: skip
+DEFAULT_PRESET = "cpu"
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a flat TOML (or JSON) file of config fields, e.g. ``n_layer = 6`` or ``lr = 1e-3``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid TOML/JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    return values
+
+
+def resolve(
+    preset: str = DEFAULT_PRESET,
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Merge preset < config file < overrides into validated configs.
+
+    ``None`` values in ``overrides`` mean "not given" and are skipped. Unknown keys are an error,
+    so a typo in a config file is caught rather than silently ignored.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    merged: dict[str, Any] = dict(PRESETS[preset])
+    for layer in (file_values or {}, overrides or {}):
+        merged.update({k.replace("-", "_"): v for k, v in layer.items() if v is not None})
+    model_keys, train_keys = field_names(ModelConfig), field_names(TrainConfig)
+    unknown = sorted(set(merged) - model_keys - train_keys)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    try:
+        model = ModelConfig(**{k: v for k, v in merged.items() if k in model_keys})
+        train = TrainConfig(**{k: v for k, v in merged.items() if k in train_keys})
+    except TypeError as err:
+        raise ConfigError(f"bad setting: {err}") from None
+    return model, train
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a JSON-ready dict."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, values: Any) -> Any:
+    """Rebuild a config from ``to_dict`` output, rejecting unknown or wrongly typed fields."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object")
+    unknown = set(values) - field_names(cls)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    for f in fields(cls):
+        if f.name in values:
+            _check_type(cls.__name__, f.name, values[f.name], type(getattr(cls(), f.name)))
+    return cls(**values)
+
+
+def _check_type(owner: str, name: str, value: Any, expected: type) -> None:
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if expected is type(None):  # optional fields (SampleConfig.seed)
+        ok = value is None or isinstance(value, int)
+    if not ok:
+        raise ConfigError(f"{owner}.{name} must be {expected.__name__}, got {value!r}")

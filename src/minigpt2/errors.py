@@ -1,0 +1,24 @@
+"""The one exception type for bad input that a user can fix.
+
+Library code raises ``UserError`` (or a subclass) with a single line that names the problem and what
+to do about it; ``cli.py`` prints that line and exits with status 2, without a traceback. Anything
+else that escapes is a bug in minigpt2 and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a missing or malformed corpus, checkpoint, option or prompt."""
+
+
+class DataError(UserError):
+    """A corpus that cannot be read or is unusable (missing, empty, not UTF-8, too short)."""
+
+
+class CheckpointError(UserError):
+    """A run or checkpoint directory that is missing, corrupt, or from an unknown format version."""
+
+
+class ConfigError(UserError):
+    """An option or config value out of range, or an unknown preset/config key."""

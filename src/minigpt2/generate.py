@@ -1,0 +1,156 @@
+"""Sampling: pure filters over logits, and streaming generators over token ids and over text.
+
+The engine knows only ids (``generate_ids``); ``stream_text`` adds the tokenizer and stop strings.
+Both are generators, so callers print (or display) each character as soon as it exists.
+
+Past the context window the window slides: when it is full, generation keeps the newest
+``block_size * 3 // 4`` ids and refills the KV cache from them, so long outputs cost one refill per
+``block_size // 4`` characters. The cache-free reference path (``use_cache=False``) slides the window
+at the same points, so both give the same tokens. Tests: ``pytest tests/test_generate.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from minigpt2.config import SampleConfig
+from minigpt2.model import GPT, KVCache
+from minigpt2.precision import Precision
+from minigpt2.tokenizer import EOT_ID, CharTokenizer
+
+
+def apply_repetition_penalty(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
+    """Make ids already in ``context`` less likely (CTRL-style): positive logits are divided by
+    ``penalty``, negative ones multiplied. logits: (V,), context: (n,) ids."""
+    if penalty == 1.0 or context.numel() == 0:
+        return logits
+    seen = logits[context]
+    logits = logits.clone()
+    logits[context] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest logits, set the rest to -inf. ``k`` = 0 keeps all. (V,) -> (V,)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of ids whose probabilities sum to >= ``p``. (V,) -> (V,)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    # Drop an id when the ids before it already reach p; the likeliest id always stays.
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: Tensor, cfg: SampleConfig, context: Tensor, generator: torch.Generator) -> int:
+    """Pick the next id from the last position's logits (V,), given the ids in the window."""
+    logits = apply_repetition_penalty(logits.float().cpu(), context.cpu(), cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: GPT,
+    prompt: Sequence[int],
+    cfg: SampleConfig,
+    *,
+    stop_ids: Iterable[int] = (),
+    use_cache: bool = True,
+    precision: Precision | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield up to ``cfg.max_new_tokens`` new ids after ``prompt``; stop before any ``stop_ids``."""
+    if not prompt:
+        raise ValueError("generation needs at least one prompt id")
+    block = model.config.block_size
+    keep = max(1, block * 3 // 4)  # ids kept when the window slides
+    stops = set(stop_ids)
+    gen = generator if generator is not None else make_generator(cfg.seed)
+    device = next(model.parameters()).device
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    tokens = list(prompt)
+    start = 0  # the window is tokens[start:]
+    cache = KVCache(model.config) if use_cache else None
+    for _ in range(cfg.max_new_tokens):
+        if len(tokens) - start > block:  # window full: slide it, refill the cache
+            start = len(tokens) - keep
+            if cache is not None:
+                cache.reset()
+        fed = start + (cache.pos if cache is not None else 0)  # ids already in the cache end here
+        idx = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)  # (1, T)
+        with autocast:
+            logits, _ = model(idx, cache=cache)  # (1, T, V)
+        window = torch.tensor(tokens[start:], dtype=torch.long)
+        nxt = next_token(logits[0, -1], cfg, window, gen)
+        if nxt in stops:
+            return
+        tokens.append(nxt)
+        yield nxt
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: CharTokenizer,
+    prompt: str | Sequence[int],
+    cfg: SampleConfig,
+    *,
+    stop_strings: Sequence[str] = (),
+    stop_ids: Iterable[int] = (EOT_ID,),
+    precision: Precision | None = None,
+    use_cache: bool = True,
+) -> Iterator[str]:
+    """Yield the generated text piece by piece, ending before the first stop string or stop id.
+
+    Text that might be the start of a stop string is held back until it is clear that it is not.
+    Special tokens other than the stops are shown by their spelling.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:  # an empty prompt starts from a line break, or the end of a turn
+        ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [EOT_ID]
+    held = ""
+    longest = max((len(s) for s in stop_strings), default=0)
+    for i in generate_ids(model, ids, cfg, stop_ids=stop_ids, use_cache=use_cache,
+                          precision=precision):  # fmt: skip
+        held += tokenizer.decode([i])
+        hits = [held.index(s) for s in stop_strings if s in held]
+        if hits:
+            if min(hits) > 0:
+                yield held[: min(hits)]
+            return
+        # Everything except a tail that could still begin a stop string is safe to show.
+        safe = len(held) - max((n for n in range(1, longest) if _ends_with_prefix(held, stop_strings, n)),
+                               default=0)  # fmt: skip
+        if safe > 0:
+            yield held[:safe]
+            held = held[safe:]
+    if held:
+        yield held
+
+
+def _ends_with_prefix(text: str, stops: Sequence[str], n: int) -> bool:
+    """Whether the last ``n`` characters of ``text`` are the first ``n`` of some stop string."""
+    return any(len(s) > n and text.endswith(s[:n]) for s in stops)

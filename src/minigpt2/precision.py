@@ -1,0 +1,91 @@
+"""Device and precision choice, shared by training and inference.
+
+``--dtype auto`` picks, in this order: bf16 on CUDA GPUs that support it and on CPUs with native bf16
+(AVX512-BF16 or AMX); fp16 with a ``GradScaler`` on older CUDA GPUs; fp32 elsewhere, MPS included
+(autocast there is not reliable across PyTorch versions). fp16 is only ever used with a scaler: its
+narrow range underflows small gradients to zero without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minigpt2.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def choose_device(spec: str = "auto") -> torch.device:
+    """``auto`` is the first of CUDA, MPS, CPU that is present; anything else is checked."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but no CUDA GPU is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps was asked for, but MPS is not available")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 on CPU
+    is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What ``--dtype`` resolved to on a device: the autocast dtype and whether to scale the loss."""
+
+    device: torch.device
+    name: str  # "bf16", "fp16" or "fp32"
+    reason: str  # one line for the log: why this was chosen
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The ``torch.autocast`` region for forward passes (a no-op for fp32)."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def choose_precision(device: torch.device, dtype: str = "auto") -> Precision:
+    """Resolve ``--dtype`` (auto, bf16, fp16, fp32) for ``device``; refuse combinations that fail."""
+    if dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    kind = device.type
+    if dtype == "auto":
+        if kind == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return Precision(device, "bf16", "auto: this CUDA GPU supports bf16")
+            return Precision(device, "fp16", "auto: CUDA GPU without bf16, fp16 with a GradScaler")
+        if kind == "cpu" and cpu_has_native_bf16():
+            return Precision(device, "bf16", "auto: this CPU has native bf16 (AVX512-BF16/AMX)")
+        return Precision(device, "fp32", f"auto: no fast mixed precision on {kind}")
+    if dtype != "fp32" and kind == "mps":
+        raise ConfigError("autocast on MPS is not supported here; use --dtype fp32 (or auto)")
+    if dtype == "fp16" and kind == "cpu":
+        raise ConfigError("fp16 autocast is for CUDA GPUs; on CPU use --dtype bf16 or fp32")
+    return Precision(device, dtype, f"--dtype {dtype}")
