@@ -9,12 +9,15 @@ Tests: ``pytest tests/test_cli.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from minigpt2.errors import UserError
+from minigpt2.metrics import Callback
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -76,6 +79,138 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+class ProgressBar(Callback):
+    """The CLI's training callback: a tqdm bar (step, loss, lr, tokens/s, ETA) and log lines."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.last_val = ""
+
+    def on_start(self, total_steps: int, first_step: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def on_step(self, record: Any) -> None:
+        assert self.bar is not None
+        postfix = f"loss {record.train_loss:.3f} lr {record.lr:.1e} {record.tokens_per_s:,.0f} tok/s"
+        self.bar.set_postfix_str(postfix + self.last_val, refresh=False)
+        self.bar.update(1)
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        self.last_val = f" val {val_loss:.3f}"
+        self.on_message(
+            f"step {step}: val loss {val_loss:.4f}" + ("  (best so far, saved)" if improved else "")
+        )
+
+    def on_message(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given explicitly on the command line (argparse defaults are None)."""
+    from minigpt2.config import ModelConfig, TrainConfig, field_names
+
+    names = field_names(ModelConfig) | field_names(TrainConfig)
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Preset < config file < flags; with --resume the run's saved config < flags; with
+    --init-from the trained model's shape (only block size and dropout may change)."""
+    import json
+
+    from minigpt2 import checkpoint, config
+
+    overrides = _train_overrides(args)
+    file_values = config.read_config_file(Path(args.config)) if args.config else {}
+    if args.resume:
+        saved_path = Path(args.out) / "config.json"
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise UserError(f"cannot resume: {saved_path} is missing or unreadable") from None
+        model_cfg = config.from_dict(config.ModelConfig, saved["model"])
+        train_cfg = config.from_dict(config.TrainConfig, {**saved["train"], **file_values, **overrides})
+        return model_cfg, train_cfg
+    model_cfg, train_cfg = config.resolve(args.preset, file_values, overrides)
+    if args.init_from:
+        base = checkpoint.load(Path(args.init_from)).model_config
+        shape = {k: overrides[k] for k in ("n_layer", "n_head", "n_embd") if k in overrides}
+        if any(getattr(base, k) != v for k, v in shape.items()):
+            raise UserError("--init-from keeps the trained model's shape; drop --n-layer/--n-head/--n-embd")
+        changes = {k: overrides[k] for k in ("block_size", "dropout", "attn_impl") if k in overrides}
+        model_cfg = dataclasses.replace(base, **changes)
+    return model_cfg, train_cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from minigpt2.train import train
+
+    logging.basicConfig(level=logging.WARNING)
+    model_cfg, train_cfg = _train_configs(args)
+    init_from = Path(args.init_from) if args.init_from else None
+    result = train(Path(args.data), Path(args.out), model_cfg, train_cfg, resume=args.resume,
+                   init_from=init_from, callbacks=[ProgressBar()])  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    best = (
+        "none"
+        if result.best_step < 0
+        else f"{result.best_val_loss:.4f} ({result.bits_per_char:.3f} bits/char)"
+    )
+    print(f"stopped: {result.stop_reason}")
+    print(
+        f"best val loss {best} at step {result.best_step}; {result.steps} steps in {result.wall_time_s:.1f}s"
+    )
+    print(f"run saved in {result.run_dir} (best/, last/, metrics.csv, loss.png)")
+    return 1 if result.stop_reason.startswith("diverged") else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from minigpt2 import data
+    from minigpt2.train import evaluate_tokens
+
+    model, tokenizer, ckpt, precision = _load_for_inference(args)
+    dataset = data.load(Path(args.data))
+    _, val = data.remap(dataset, tokenizer)
+    loss = evaluate_tokens(model, val, args.batch_size, precision, max_windows=args.max_windows)
+    print(
+        f"val loss {loss:.4f}  bits/char {loss / math.log(2):.4f}"
+        f"  ({ckpt.path}, step {ckpt.meta.get('step')})"
+    )
+    return 0
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One kebab-case flag per config field; None means "not given" so lower layers apply."""
+    from dataclasses import MISSING, fields
+
+    from minigpt2.config import ModelConfig, TrainConfig
+
+    for f in [*fields(ModelConfig), *fields(TrainConfig)]:
+        if f.name == "vocab_size":
+            continue  # always the corpus' vocabulary
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default {str(default).lower()})")  # fmt: skip
+        else:
+            p.add_argument(flag, type=type(default), default=None, metavar=f.name.upper(),
+                           help=f"(preset or default {default})")  # fmt: skip
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from minigpt2 import config
     from minigpt2.model import GPT
@@ -127,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     add_inference_options(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train a model on a prepared data folder")
+    p.add_argument("--data", required=True, help="a folder written by `minigpt2 prepare`")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--preset", default="cpu", help="model/training preset (see `minigpt2 presets`)")
+    p.add_argument("--config", help="a TOML or JSON file of settings (overrides the preset)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last/")
+    p.add_argument("--init-from", metavar="RUN", help="start from a trained model (fine-tuning)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and bits per character of a trained model")
+    p.add_argument("run", metavar="RUN", help="a run directory, or RUN/best or RUN/last")
+    p.add_argument("--data", required=True, help="a folder written by `minigpt2 prepare`")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many windows (0 = all)")
+    add_inference_options(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("presets", help="list the model presets and their parameter counts")
     p.add_argument("--vocab-size", type=int, default=100, help="vocabulary to count with")

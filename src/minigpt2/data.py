@@ -26,7 +26,7 @@ import numpy as np
 from minigpt2 import corpora
 from minigpt2.errors import DataError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
-from minigpt2.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
+from minigpt2.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 
 DATA_FORMAT_VERSION = 1
 
@@ -164,15 +164,56 @@ def load(data_dir: Path) -> Dataset:
     return Dataset(splits[0], splits[1], tok, meta)
 
 
-def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: Any) -> tuple[Any, Any]:
-    """Sample ``batch_size`` random windows: inputs ``x`` and next-character targets ``y``, both (B, T).
+def bot_mask(tokens: np.ndarray) -> np.ndarray:
+    """True at every token of a bot turn after its ``<|bot|>`` marker, the closing ``<|eot|>``
+    included: the tokens a chatbot is trained to produce when the loss counts bot turns only."""
+    tokens = np.asarray(tokens)
+    role = np.where(tokens == USER_ID, 1, np.where(tokens == BOT_ID, 2, 0))
+    last_marker = np.maximum.accumulate(np.where(role > 0, np.arange(len(tokens)), 0))
+    return (role[last_marker] == 2) & (tokens != BOT_ID)
 
-    ``generator`` is a ``torch.Generator``, so the batch sequence is reproducible and its state can
-    be saved for exact resume.
+
+def windows(
+    data: np.ndarray, starts: Any, block_size: int, target_mask: np.ndarray | None = None
+) -> tuple[Any, Any]:
+    """Inputs ``x`` and next-character targets ``y``, both (B, T), for windows beginning at ``starts``.
+
+    With ``target_mask`` (as long as ``data``), targets where it is False become -1: no loss there.
     """
     import torch
 
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-    windows = data[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1)
-    xy = torch.from_numpy(windows.astype(np.int64))
-    return xy[:, :-1], xy[:, 1:]
+    index = np.asarray(starts)[:, None] + np.arange(block_size + 1)  # (B, T+1)
+    xy = torch.from_numpy(data[index].astype(np.int64))
+    x, y = xy[:, :-1], xy[:, 1:].clone()
+    if target_mask is not None:
+        y[~torch.from_numpy(target_mask[index[:, 1:]])] = -1
+    return x, y
+
+
+def random_starts(n_tokens: int, batch_size: int, block_size: int, generator: Any) -> np.ndarray:
+    """``batch_size`` random window starts, drawn from a ``torch.Generator`` (so runs can resume
+    exactly: the generator's state is saved with the checkpoint)."""
+    import torch
+
+    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator).numpy()
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: Any) -> tuple[Any, Any]:
+    """A random batch ``(x, y)``, each (B, T), from one split."""
+    return windows(data, random_starts(len(data), batch_size, block_size, generator), block_size)
+
+
+def remap(dataset: Dataset, tokenizer: CharTokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset's splits re-encoded into ``tokenizer``'s ids (characters it lacks become
+    ``<|unk|>``): for evaluating or fine-tuning a model whose vocabulary differs from the data's."""
+    if tokenizer == dataset.tokenizer:
+        return dataset.train, dataset.val
+    n_special = len(SPECIAL_TOKENS)
+    lut = np.array(
+        [
+            i if i < n_special else (tokenizer.encode(t) or [UNK_ID])[0]
+            for i, t in enumerate(dataset.tokenizer.tokens)
+        ],
+        dtype=np.uint16,
+    )
+    return lut[dataset.train], lut[dataset.val]

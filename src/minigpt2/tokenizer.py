@@ -79,13 +79,14 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Ids -> text. Special tokens appear as their spelling unless ``skip_special``."""
+        """Ids -> text. Special tokens appear as their spelling unless ``skip_special``; an id outside
+        the vocabulary (negative, e.g. an ignored target, or too large) appears as ``<|unk|>``."""
         out = []
         for i in ids:
-            if i < len(SPECIAL_TOKENS):
+            if 0 <= i < len(SPECIAL_TOKENS):
                 if not skip_special:
                     out.append(self.tokens[i])
-            elif i < len(self.tokens):
+            elif len(SPECIAL_TOKENS) <= i < len(self.tokens):
                 out.append(self.tokens[i])
             else:
                 out.append(UNK)

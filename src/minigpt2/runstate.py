@@ -1,0 +1,153 @@
+"""Where a training run starts from, and what keeps a run directory consistent.
+
+- ``load_start``: a fresh run, a resumed one (``RUN/last``), or fine-tuning from trained weights
+  (``init_from``, with the vocabulary extended by the new corpus' characters);
+- ``RunLock``: one training process per run directory;
+- ``rng_state`` / ``restore_rng``: the random state that makes a resumed run identical;
+- ``TrainResult``: the summary a run ends with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigpt2 import checkpoint, data
+from minigpt2.config import ModelConfig, TrainConfig
+from minigpt2.errors import ConfigError, UserError
+from minigpt2.fileio import recover_dir
+from minigpt2.tokenizer import CharTokenizer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_val_loss: float
+    best_step: int
+    steps: int
+    stop_reason: str
+    wall_time_s: float
+    precision: str
+
+    @property
+    def bits_per_char(self) -> float:
+        """Val loss in bits per character (the loss is in nats): lower is better, 0 is perfect."""
+        return self.best_val_loss / math.log(2)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        d["best_val_loss"] = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        d["bits_per_char"] = self.bits_per_char if math.isfinite(self.best_val_loss) else None
+        return d
+
+
+class RunLock:
+    """An exclusive lock on ``RUN/.lock``: a second training into the same run directory refuses
+    instead of interleaving checkpoints. The OS drops the lock if the process dies."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: no advisory locks; run unlocked
+            pass
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise UserError(
+                f"another training process is using {run_dir}; wait for it to finish or use another --out"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Start:
+    """Everything a run begins with."""
+
+    tokenizer: CharTokenizer
+    train: np.ndarray
+    val: np.ndarray
+    model_cfg: ModelConfig
+    weights: dict[str, torch.Tensor] | None  # None: fresh GPT-2 initialisation
+    train_state: dict[str, Any] | None  # None: step 0
+
+
+def load_start(
+    run_dir: Path,
+    dataset: data.Dataset,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool,
+    init_from: Path | None,
+) -> Start:
+    """Decide how the run begins: resume ``RUN/last``, fine-tune ``init_from``, or start fresh."""
+    has_run = any((recover_dir(run_dir / n) / checkpoint.META).is_file() for n in ("best", "last"))
+    if resume:
+        if not (recover_dir(run_dir / "last") / checkpoint.META).is_file():
+            raise UserError(f"nothing to resume in {run_dir} (no last/ checkpoint); drop --resume")
+        ckpt = checkpoint.load(recover_dir(run_dir / "last"))
+        train, val = data.remap(dataset, ckpt.tokenizer)
+        weights = ckpt.build_model().state_dict()
+        state = checkpoint.load_train_state(ckpt.path)
+        return Start(ckpt.tokenizer, train, val, ckpt.model_config, weights, state)
+    if has_run:
+        raise UserError(
+            f"{run_dir} already holds a trained model; continue it with --resume, or choose another --out"
+        )
+    if init_from is not None:
+        return _fine_tune_start(dataset, model_cfg, init_from)
+    tok = dataset.tokenizer
+    return Start(tok, dataset.train, dataset.val, dataclasses.replace(model_cfg, vocab_size=tok.vocab_size),
+                 None, None)  # fmt: skip
+
+
+def _fine_tune_start(dataset: data.Dataset, model_cfg: ModelConfig, init_from: Path) -> Start:
+    """Trained weights, with one new embedding row per character the new corpus adds."""
+    ckpt = checkpoint.load(init_from)
+    base = ckpt.model_config
+    if model_cfg.block_size > base.block_size:
+        raise ConfigError(
+            f"block_size {model_cfg.block_size} is larger than the model's context ({base.block_size});"
+            f" fine-tuning can only keep or shrink it"
+        )
+    tok = ckpt.tokenizer.extended(dataset.tokenizer.chars)
+    train, val = data.remap(dataset, tok)
+    new_cfg = dataclasses.replace(
+        base, vocab_size=tok.vocab_size, block_size=model_cfg.block_size, dropout=model_cfg.dropout
+    )
+    weights = ckpt.build_model().state_dict()
+    weights.pop(checkpoint.TIED, None)
+    wte = weights["transformer.wte.weight"]
+    extra = torch.randn(tok.vocab_size - wte.size(0), wte.size(1)) * 0.02  # GPT-2 init for new chars
+    weights["transformer.wte.weight"] = torch.cat([wte, extra])
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: model_cfg.block_size]
+    return Start(tok, train, val, new_cfg, weights, None)
