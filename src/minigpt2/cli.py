@@ -137,7 +137,14 @@ def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         except (OSError, ValueError):
             raise UserError(f"cannot resume: {saved_path} is missing or unreadable") from None
         model_cfg = config.from_dict(config.ModelConfig, saved["model"])
-        train_cfg = config.from_dict(config.TrainConfig, {**saved["train"], **file_values, **overrides})
+        changed = [k for k, v in overrides.items() if hasattr(model_cfg, k) and getattr(model_cfg, k) != v]
+        if changed:
+            raise UserError(f"--resume keeps the run's model settings; drop --{changed[0].replace('_', '-')}")
+        train_fields = config.field_names(config.TrainConfig)
+        values = {**saved["train"], **file_values, **overrides}
+        train_cfg = config.from_dict(
+            config.TrainConfig, {k: v for k, v in values.items() if k in train_fields}
+        )
         return model_cfg, train_cfg
     model_cfg, train_cfg = config.resolve(args.preset, file_values, overrides)
     if args.init_from:
