@@ -62,13 +62,103 @@ def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return model, tokenizer, ckpt, precision
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def _sample_config(args: argparse.Namespace) -> Any:
     from minigpt2.config import SampleConfig
+
+    return SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+
+
+CHAT_HELP = """commands:
+  /help              this help
+  /reset             forget the conversation
+  /set NAME=VALUE    change a sampling option: temperature, top_k, top_p, repetition_penalty,
+                     max_new_tokens, seed (e.g. /set temperature=0.7)
+  /save FILE         save the conversation as JSON
+  /load FILE         continue a saved conversation
+  /quit              leave (so do Ctrl-D and Ctrl-C at the prompt)
+Ctrl-C while the bot is answering stops that answer."""
+
+
+def _chat_command(bot: Any, line: str) -> bool:
+    """Run a /command; False means quit."""
+    name, _, rest = line[1:].partition(" ")
+    rest = rest.strip()
+    if name in ("quit", "exit", "q"):
+        return False
+    if name == "help":
+        print(CHAT_HELP)
+    elif name == "reset":
+        bot.reset()
+        print("(conversation forgotten)")
+    elif name == "set" and "=" in rest:
+        key, _, value = rest.partition("=")
+        bot.set_option(key.strip().replace("-", "_"), value.strip())
+        print(f"({key.strip()} = {value.strip()})")
+    elif name in ("save", "load") and rest:
+        getattr(bot, name)(rest)
+        print(f"(conversation {'saved to' if name == 'save' else 'loaded from'} {rest})")
+    else:
+        print(f"unknown command {line!r}; /help lists them")
+    return True
+
+
+def _answer(bot: Any, message: str, prefix: str) -> None:
+    """Stream one answer to stdout; Ctrl-C stops this answer only."""
+    warn = bot.new_unknown_chars(message)
+    if warn:
+        _err(f"note: the model never saw {' '.join(repr(c) for c in warn[:10])}; they become <|unk|>")
+    sys.stdout.write(prefix)
+    stream = bot.stream(message)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    finally:
+        stream.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from minigpt2.chat import Chatbot
+
+    bot = Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
+                           user_name=args.user_name, bot_name=args.bot_name,
+                           sample=_sample_config(args))  # fmt: skip
+    if args.prompt is not None:
+        _answer(bot, args.prompt, "")
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.run} ({bot.template.name} template); /help for commands, Ctrl-D to quit")
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not interactive and not line:  # end of the piped input
+            return 0
+        line = line.rstrip("\r\n")
+        if line.startswith("/"):
+            try:
+                if not _chat_command(bot, line):
+                    return 0
+            except UserError as err:  # a bad /set or /load is the user's typo, not fatal
+                print(f"error: {err}")
+            continue
+        if line.strip():
+            _answer(bot, line, "bot> " if interactive else "")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
     from minigpt2.generate import stream_text
 
-    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+    cfg = _sample_config(args)
     model, tokenizer, _, precision = _load_for_inference(args)
     warn_unknown(tokenizer, args.prompt)
     sys.stdout.write(args.prompt)
@@ -238,10 +328,16 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="autocast precision (default auto: bf16 where the hardware has it)")  # fmt: skip
 
 
-def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 500) -> None:
+def add_sampling_options(
+    p: argparse.ArgumentParser, max_new_tokens: int = 500, temperature: float = 0.8, top_k: int = 0
+) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0 = all)")
+    p.add_argument(
+        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=top_k, help=f"keep the k likeliest (0 = all; default {top_k})"
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
@@ -287,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many windows (0 = all)")
     add_inference_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="talk to a trained model (streams; reads a pipe too)")
+    p.add_argument("run", metavar="RUN", help="a run directory, or RUN/best or RUN/last")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--template", choices=["dialogue", "play"], default=None,
+                   help="turn format (default: the one the checkpoint names)")  # fmt: skip
+    p.add_argument("--user-name", default=None, help="play template: the user's speaker name")
+    p.add_argument("--bot-name", default=None, help="play template: the bot's speaker name")
+    add_sampling_options(p, max_new_tokens=300, temperature=0.7, top_k=40)
+    add_inference_options(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("presets", help="list the model presets and their parameter counts")
     p.add_argument("--vocab-size", type=int, default=100, help="vocabulary to count with")

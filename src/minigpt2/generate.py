@@ -122,19 +122,25 @@ def stream_text(
     stop_ids: Iterable[int] = (EOT_ID,),
     precision: Precision | None = None,
     use_cache: bool = True,
+    skip_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece, ending before the first stop string or stop id.
 
     Text that might be the start of a stop string is held back until it is clear that it is not.
-    Special tokens other than the stops are shown by their spelling.
+    Special tokens other than the stops are shown by their spelling, except ``skip_ids`` (generated
+    and kept in the context, but not shown).
     """
+    hidden = set(skip_ids)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:  # an empty prompt starts from a line break, or the end of a turn
         ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [EOT_ID]
     held = ""
     longest = max((len(s) for s in stop_strings), default=0)
     for i in generate_ids(model, ids, cfg, stop_ids=stop_ids, use_cache=use_cache,
-                          precision=precision):  # fmt: skip
+                          precision=precision, generator=generator):  # fmt: skip
+        if i in hidden:
+            continue
         held += tokenizer.decode([i])
         hits = [held.index(s) for s in stop_strings if s in held]
         if hits:

@@ -1,0 +1,224 @@
+"""The chatbot: turn templates, conversation history, trimming to the context window, stop rules.
+
+``Chatbot`` is what the notebook and ``minigpt2 chat`` drive: ``stream(text)`` yields the answer as it
+is generated, ``reply(text)`` returns it whole, ``reset()`` forgets, ``save``/``load`` keep a
+conversation as JSON. No ``input()``, no ``print()``: callers decide how to show things.
+
+Two templates turn a history into the model's prompt:
+
+- ``DialogueTemplate`` for models trained on dialogue corpora: each turn is ``<|user|>text<|eot|>`` or
+  ``<|bot|>text<|eot|>``; the prompt ends with ``<|bot|>``, and the answer ends at ``<|eot|>``.
+- ``PlayTemplate`` for models trained on plain text such as Shakespeare: each turn is a speech, a
+  speaker line then the text then a blank line (``Ham.\\nWho's there?\\n\\n``); the prompt ends with the
+  bot's speaker line, and the answer ends where the next speech would begin (a blank line).
+
+Tests: ``pytest tests/test_chat.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minigpt2.config import SampleConfig
+from minigpt2.errors import UserError
+from minigpt2.fileio import atomic_write_text
+from minigpt2.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
+
+ROLES = ("user", "bot")
+FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "bot"
+    text: str
+
+
+@dataclass
+class DialogueTemplate:
+    """Turns marked with the tokenizer's special tokens, as ``data.encode_dialogue`` writes them."""
+
+    name: str = "dialogue"
+
+    def turn_ids(self, turn: Turn, tok: CharTokenizer) -> list[int]:
+        return [USER_ID if turn.role == "user" else BOT_ID, *tok.encode(turn.text), EOT_ID]
+
+    def reply_prefix(self, tok: CharTokenizer) -> list[int]:
+        return [BOT_ID]
+
+    stop_strings: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = (EOT_ID, USER_ID, BOT_ID)
+
+
+@dataclass
+class PlayTemplate:
+    """Turns as speeches in a play: ``NAME.`` on its own line, the text, then a blank line."""
+
+    name: str = "play"
+    user_name: str = "Ham"  # Shakespeare's speech prefixes are abbreviated names ("Ham.", "Hor.")
+    bot_name: str = "Hor"
+    speaker_end: str = "."  # "." as in the shakespeare source; ":" for corpora written "NAME:"
+
+    def _speaker(self, role: str) -> str:
+        return (self.user_name if role == "user" else self.bot_name) + self.speaker_end + "\n"
+
+    def turn_ids(self, turn: Turn, tok: CharTokenizer) -> list[int]:
+        return tok.encode(self._speaker(turn.role) + turn.text.strip() + "\n\n")
+
+    def reply_prefix(self, tok: CharTokenizer) -> list[int]:
+        return tok.encode(self._speaker("bot"))
+
+    stop_strings: tuple[str, ...] = ("\n\n",)
+    stop_ids: tuple[int, ...] = (EOT_ID, USER_ID, BOT_ID)
+
+
+Template = DialogueTemplate | PlayTemplate
+
+
+def make_template(name: str, **options: Any) -> Template:
+    if name == "dialogue":
+        return DialogueTemplate()
+    if name == "play":
+        return PlayTemplate(**{k: v for k, v in options.items() if v is not None})
+    raise UserError(f"unknown chat template {name!r}; use dialogue or play")
+
+
+def build_prompt(history: list[Turn], template: Template, tok: CharTokenizer, budget: int) -> list[int]:
+    """The prompt ids for the bot's next answer, at most ``budget`` long.
+
+    Whole turns are dropped, oldest first, until the rest fits. Only when the newest message alone
+    is too long is it cut, keeping its end (the part the answer should follow).
+    """
+    prefix = template.reply_prefix(tok)
+    turns = [template.turn_ids(t, tok) for t in history]
+    kept: list[list[int]] = []
+    used = len(prefix)
+    for ids in reversed(turns):
+        if used + len(ids) > budget:
+            if not kept:  # the newest message alone does not fit: keep its end
+                kept.append(ids[len(ids) - (budget - used) :] if budget > used else [])
+            break
+        kept.append(ids)
+        used += len(ids)
+    return [i for ids in reversed(kept) for i in ids] + prefix
+
+
+class Chatbot:
+    """A conversation with a trained model. History is a list of ``Turn``; answers are streamed."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: CharTokenizer,
+        template: Template | None = None,
+        sample: SampleConfig | None = None,
+        precision: Any = None,
+        reply_room: int | None = None,
+    ) -> None:
+        import torch
+
+        from minigpt2.generate import make_generator
+
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.template: Template = template or DialogueTemplate()
+        self.sample = sample or SampleConfig(max_new_tokens=300, temperature=0.7, top_k=40)
+        block = model.config.block_size
+        # Leave room in the window for the start of the answer, so it is not written into a window
+        # that must slide at once.
+        self.reply_room = reply_room if reply_room is not None else min(64, block // 4)
+        self.history: list[Turn] = []
+        self._warned: set[str] = set()
+        self._generator: torch.Generator = make_generator(self.sample.seed)
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        template: str | None = None,
+        **kw: Any,
+    ) -> Chatbot:
+        """Load a trained run; the template defaults to the one its checkpoint names."""
+        from minigpt2 import checkpoint
+        from minigpt2.precision import choose_device, choose_precision
+
+        dev = choose_device(device)
+        model, tok, ckpt = checkpoint.load_model(Path(run), dev)
+        name = template or ckpt.meta.get("chat_template") or "dialogue"
+        options = {k: kw.pop(k) for k in ("user_name", "bot_name", "speaker_end") if k in kw}
+        return cls(model, tok, make_template(name, **options), precision=choose_precision(dev, dtype), **kw)
+
+    def new_unknown_chars(self, text: str) -> list[str]:
+        """Characters of ``text`` the model never saw and the user has not been told about yet."""
+        fresh = [c for c in self.tokenizer.unknown_chars(text) if c not in self._warned]
+        self._warned.update(fresh)
+        return fresh
+
+    def set_option(self, name: str, value: str) -> None:
+        """Change a sampling option by name, e.g. ``set_option("temperature", "0.7")``; validated."""
+        fields = {f.name: f for f in dataclasses.fields(SampleConfig)}
+        if name not in fields:
+            raise UserError(f"unknown option {name!r}; options: {', '.join(fields)}")
+        try:
+            parsed: Any = (
+                None if name == "seed" and value.lower() == "none"
+                else float(value) if name in FLOAT_OPTIONS else int(value)
+            )  # fmt: skip
+        except ValueError:
+            raise UserError(f"{name} needs a number, got {value!r}") from None
+        self.sample = dataclasses.replace(self.sample, **{name: parsed})
+        if name == "seed":
+            from minigpt2.generate import make_generator
+
+            self._generator = make_generator(parsed)
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Add the user's message, then yield the answer piece by piece. If the caller stops early
+        (Ctrl-C, closing the generator), the partial answer still enters the history."""
+        from minigpt2.generate import stream_text
+
+        self.history.append(Turn("user", text))
+        budget = self.model.config.block_size - self.reply_room
+        prompt = build_prompt(self.history, self.template, self.tokenizer, max(1, budget))
+        pieces: list[str] = []
+        try:
+            for piece in stream_text(
+                self.model, self.tokenizer, prompt, self.sample, stop_strings=self.template.stop_strings,
+                stop_ids=self.template.stop_ids, precision=self.precision, skip_ids=(UNK_ID,),
+                generator=self._generator,
+            ):  # fmt: skip
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.history.append(Turn("bot", "".join(pieces).strip()))
+
+    def reply(self, text: str) -> str:
+        """The whole answer to ``text``."""
+        return "".join(self.stream(text)).strip()
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def save(self, path: str | Path) -> None:
+        doc = {
+            "template": dataclasses.asdict(self.template),
+            "history": [dataclasses.asdict(t) for t in self.history],
+        }
+        atomic_write_text(Path(path), json.dumps(doc, indent=1, ensure_ascii=False))
+
+    def load(self, path: str | Path) -> None:
+        """Continue a conversation saved with ``save``."""
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            history = [Turn(str(t["role"]), str(t["text"])) for t in doc["history"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"cannot load the conversation {path}: {err}") from None
+        if any(t.role not in ROLES for t in history):
+            raise UserError(f"cannot load the conversation {path}: roles must be user or bot")
+        self.history = history

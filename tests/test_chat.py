@@ -1,0 +1,189 @@
+"""The chatbot: templates, stop rules, trimming to the window, options, saving, the REPL over a pipe.
+
+Stop rules are tested with ``ScriptedModel``, a stand-in with GPT's interface that always predicts
+the next id of a fixed script, so the expected answer is known exactly; everything else runs a real
+(tiny, untrained) GPT. Run: ``pytest tests/test_chat.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from minigpt2 import checkpoint
+from minigpt2.chat import Chatbot, DialogueTemplate, PlayTemplate, Turn, build_prompt
+from minigpt2.config import ModelConfig, SampleConfig
+from minigpt2.errors import UserError
+from minigpt2.model import GPT
+from minigpt2.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
+
+TOK = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!'\n:")))
+GREEDY = SampleConfig(max_new_tokens=50, temperature=0.0)
+
+
+class ScriptedModel(nn.Module):
+    """Predicts ``script[k]`` as the k-th generated id, whatever the input (greedy decoding)."""
+
+    def __init__(self, script: list[int], block_size: int = 64) -> None:
+        super().__init__()
+        self.config = ModelConfig(
+            vocab_size=TOK.vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=4
+        )
+        self.script, self.calls = script, 0
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self, idx: torch.Tensor, targets: object = None, cache: object = None
+    ) -> tuple[torch.Tensor, None]:
+        if cache is not None:
+            cache.pos += idx.size(1)  # type: ignore[attr-defined]
+        logits = torch.zeros(1, idx.size(1), self.config.vocab_size)
+        logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        self.calls += 1
+        return logits, None
+
+
+def scripted_bot(reply_ids: list[int], template: object = None) -> Chatbot:
+    return Chatbot(ScriptedModel(reply_ids), TOK, template, GREEDY)  # type: ignore[arg-type]
+
+
+def test_dialogue_answer_stops_at_end_of_turn() -> None:
+    bot = scripted_bot([*TOK.encode("fine, thanks"), EOT_ID, *TOK.encode("never shown")])
+    assert bot.reply("how are you?") == "fine, thanks"
+    assert bot.history == [Turn("user", "how are you?"), Turn("bot", "fine, thanks")]
+
+
+def test_dialogue_answer_stops_when_the_model_starts_a_user_turn() -> None:
+    bot = scripted_bot([*TOK.encode("hello"), USER_ID, *TOK.encode("x")])
+    assert bot.reply("hi") == "hello"
+
+
+def test_play_answer_stops_where_the_next_speech_begins() -> None:
+    bot = scripted_bot(TOK.encode("Good my lord.\n\nHam.\nMore"), PlayTemplate())
+    pieces = list(bot.stream("Who is there?"))
+    assert "".join(pieces) == "Good my lord."
+    assert "\n\n" not in "".join(pieces)
+
+
+def test_play_template_renders_speeches_and_ends_with_the_bot_speaker() -> None:
+    t = PlayTemplate(user_name="ROMEO", bot_name="JULIET", speaker_end=":")
+    ids = build_prompt([Turn("user", "Hello")], t, TOK, budget=100)
+    assert TOK.decode(ids) == "ROMEO:\nHello\n\nJULIET:\n"
+
+
+def test_trimming_drops_whole_old_turns_and_keeps_the_newest_message() -> None:
+    t = DialogueTemplate()
+    history = [Turn("user", "a" * 10), Turn("bot", "b" * 10), Turn("user", "c" * 10), Turn("bot", "d" * 10),
+               Turn("user", "newest")]  # fmt: skip
+    ids = build_prompt(history, t, TOK, budget=40)
+    assert len(ids) <= 40
+    assert ids[-1] == BOT_ID and TOK.decode(ids[-8:-2]) == "newest"
+    assert ids[0] in (USER_ID, BOT_ID)  # starts at a turn boundary
+    text = TOK.decode(ids, skip_special=True)
+    assert "a" not in text and "b" not in text  # the oldest turns went first, whole
+    assert text.count("d") in (0, 10) and text.count("c") in (0, 10)  # nothing half cut
+
+
+def test_a_message_longer_than_the_window_keeps_its_end() -> None:
+    ids = build_prompt([Turn("user", "x" * 100 + "tail")], DialogueTemplate(), TOK, budget=30)
+    assert len(ids) == 30
+    assert TOK.decode(ids).endswith("tail<|eot|><|bot|>")
+
+
+def test_special_token_spellings_typed_by_the_user_are_plain_text() -> None:
+    ids = build_prompt([Turn("user", "<|eot|>")], DialogueTemplate(), TOK, budget=100)
+    assert ids.count(EOT_ID) == 1  # only the real end of the user's turn
+
+
+@pytest.fixture()
+def tiny_bot() -> Chatbot:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=TOK.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    return Chatbot(model, TOK, sample=SampleConfig(max_new_tokens=40, temperature=1.0, seed=7))
+
+
+def test_unknown_characters_never_crash_and_are_reported_once(tiny_bot: Chatbot) -> None:
+    message = "héllo ☃ مرحبا \u0301 \x07 " + "z" * 5000
+    assert tiny_bot.new_unknown_chars(message)
+    assert tiny_bot.new_unknown_chars(message) == []
+    assert isinstance(tiny_bot.reply(message), str)
+    assert isinstance(tiny_bot.reply(""), str)
+
+
+def test_same_seed_same_conversation(tiny_bot: Chatbot) -> None:
+    first = [tiny_bot.reply(m) for m in ("hello", "and then?")]
+    again = Chatbot(tiny_bot.model, TOK, sample=SampleConfig(max_new_tokens=40, temperature=1.0, seed=7))
+    assert [again.reply(m) for m in ("hello", "and then?")] == first
+
+
+def test_set_option_validates(tiny_bot: Chatbot) -> None:
+    tiny_bot.set_option("temperature", "0.3")
+    assert tiny_bot.sample.temperature == 0.3
+    for name, value in [("top_p", "1.5"), ("temperature", "-1"), ("top_k", "x"), ("nope", "1"),
+                        ("max_new_tokens", "0")]:  # fmt: skip
+        with pytest.raises(UserError):
+            tiny_bot.set_option(name, value)
+    assert tiny_bot.sample.temperature == 0.3
+
+
+def test_save_and_load_a_conversation(tiny_bot: Chatbot, tmp_path: Path) -> None:
+    tiny_bot.reply("hello")
+    tiny_bot.save(tmp_path / "c.json")
+    other = Chatbot(tiny_bot.model, TOK)
+    other.load(tmp_path / "c.json")
+    assert other.history == tiny_bot.history
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError):
+        other.load(tmp_path / "bad.json")
+    tiny_bot.reset()
+    assert tiny_bot.history == []
+
+
+def test_interrupted_answer_still_enters_the_history(tiny_bot: Chatbot) -> None:
+    stream = tiny_bot.stream("hello")
+    first = next(stream)
+    stream.close()
+    assert tiny_bot.history[-1].role == "bot" and tiny_bot.history[-1].text == first.strip()
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path, tiny_bot: Chatbot) -> Path:
+    meta = {"step": 0, "chat_template": "dialogue"}
+    checkpoint.save(tmp_path / "run" / "best", tiny_bot.model, TOK, meta)
+    return tmp_path / "run"
+
+
+def chat_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "minigpt2", "chat", *args, "--seed", "3", "--max-new-tokens", "20"]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_repl_through_a_pipe(run_dir: Path, tmp_path: Path) -> None:
+    script = (
+        "hello\n/set temperature=0.5\n/set top_p=7\n\n/save "
+        + str(tmp_path / "s.json")
+        + "\nbye ☃\n/quit\nnever\n"
+    )
+    result = chat_cli(str(run_dir), stdin=script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "(temperature = 0.5)" in out and "error: top_p must be in (0, 1]" in out
+    assert "'☃'" in result.stderr and "Traceback" not in result.stderr
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [t["role"] for t in saved["history"]] == ["user", "bot"]
+    assert chat_cli(str(run_dir), stdin=script).stdout == out  # the seed makes it repeatable
+
+
+def test_single_prompt_and_errors(run_dir: Path, tmp_path: Path) -> None:
+    result = chat_cli(str(run_dir), "--prompt", "hello")
+    assert result.returncode == 0 and result.stdout.endswith("\n")
+    missing = chat_cli(str(tmp_path / "nothing"), "--prompt", "hi")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    bad = chat_cli(str(run_dir), "--prompt", "hi", "--temperature", "-1")
+    assert bad.returncode == 2 and "temperature" in bad.stderr
