@@ -198,6 +198,27 @@ class Chatbot:
         finally:
             self.history.append(Turn("bot", "".join(pieces).strip()))
 
+    def next_char_probs(self, k: int = 10) -> list[tuple[str, float]]:
+        """The model's ``k`` likeliest first characters for its last answer, with probabilities
+        (temperature 1, no filters): what it was choosing from when it began to reply."""
+        import torch
+
+        history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
+        budget = self.model.config.block_size - self.reply_room
+        prompt = build_prompt(history, self.template, self.tokenizer, max(1, budget))
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            logits, _ = self.model(torch.tensor([prompt], device=device))
+        probs = torch.softmax(logits[0, -1].float(), dim=-1)
+        top = torch.topk(probs, min(k, probs.numel()))
+        shown = {"\n": "⏎", " ": "␣"}
+        return [
+            (shown.get(c, c), float(p))
+            for c, p in zip(
+                self.tokenizer.decode_each(top.indices.tolist()), top.values.tolist(), strict=True
+            )
+        ]
+
     def reply(self, text: str) -> str:
         """The whole answer to ``text``."""
         return "".join(self.stream(text)).strip()

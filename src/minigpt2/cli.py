@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from minigpt2.errors import UserError
-from minigpt2.metrics import Callback
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -155,6 +154,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _answer(bot, line, "bot> " if interactive else "")
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from minigpt2 import recipes
+
+    source = args.source or f"chatterbot:{args.lang}"
+    data_dir, run_dir = recipes.default_paths(source)
+    if not recipes.has_model(run_dir) or not (run_dir / "summary.json").is_file():
+        print(f"training the default chatbot on {source} into {run_dir} (once; Ctrl-C stops early)")
+    args.run = str(
+        recipes.ensure_chatbot(source, data_dir, run_dir, preset=args.preset, callbacks=[_progress_bar()])
+    )
+    return cmd_chat(args)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from minigpt2.generate import stream_text
 
@@ -169,38 +181,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-class ProgressBar(Callback):
-    """The CLI's training callback: a tqdm bar (step, loss, lr, tokens/s, ETA) and log lines."""
+def _progress_bar() -> Any:
+    from tqdm import tqdm
 
-    def __init__(self) -> None:
-        self.bar: Any = None
-        self.last_val = ""
+    from minigpt2.metrics import ProgressBar
 
-    def on_start(self, total_steps: int, first_step: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
-
-    def on_step(self, record: Any) -> None:
-        assert self.bar is not None
-        postfix = f"loss {record.train_loss:.3f} lr {record.lr:.1e} {record.tokens_per_s:,.0f} tok/s"
-        self.bar.set_postfix_str(postfix + self.last_val, refresh=False)
-        self.bar.update(1)
-
-    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
-        self.last_val = f" val {val_loss:.3f}"
-        self.on_message(
-            f"step {step}: val loss {val_loss:.4f}" + ("  (best so far, saved)" if improved else "")
-        )
-
-    def on_message(self, message: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-    def on_end(self, summary: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return ProgressBar(tqdm, lambda message: tqdm.write(message, file=sys.stderr))
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = _train_configs(args)
     init_from = Path(args.init_from) if args.init_from else None
     result = train(Path(args.data), Path(args.out), model_cfg, train_cfg, resume=args.resume,
-                   init_from=init_from, callbacks=[ProgressBar()])  # fmt: skip
+                   init_from=init_from, callbacks=[_progress_bar()])  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     best = (
@@ -343,6 +329,16 @@ def add_sampling_options(
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
 
 
+def add_chat_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--template", choices=["dialogue", "play"], default=None,
+                   help="turn format (default: the one the checkpoint names)")  # fmt: skip
+    p.add_argument("--user-name", default=None, help="play template: the user's speaker name")
+    p.add_argument("--bot-name", default=None, help="play template: the bot's speaker name")
+    add_sampling_options(p, max_new_tokens=300, temperature=0.7, top_k=40)
+    add_inference_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minigpt2",
@@ -386,14 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to a trained model (streams; reads a pipe too)")
     p.add_argument("run", metavar="RUN", help="a run directory, or RUN/best or RUN/last")
-    p.add_argument("--prompt", default=None, help="answer this one message and exit")
-    p.add_argument("--template", choices=["dialogue", "play"], default=None,
-                   help="turn format (default: the one the checkpoint names)")  # fmt: skip
-    p.add_argument("--user-name", default=None, help="play template: the user's speaker name")
-    p.add_argument("--bot-name", default=None, help="play template: the bot's speaker name")
-    add_sampling_options(p, max_new_tokens=300, temperature=0.7, top_k=40)
-    add_inference_options(p)
+    add_chat_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("quickstart", help="train the default chatbot if there is none, then chat")
+    p.add_argument("--lang", default="english", help="chatterbot-corpus language (default english)")
+    p.add_argument("--source", default=None, help="any SOURCE instead (a .txt file, shakespeare, ...)")
+    p.add_argument("--preset", default="chat", help="training preset (default chat)")
+    add_chat_options(p)
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("presets", help="list the model presets and their parameter counts")
     p.add_argument("--vocab-size", type=int, default=100, help="vocabulary to count with")

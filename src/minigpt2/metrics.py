@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from minigpt2.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.fileio import atomic_write_text
 
 
 @dataclass
@@ -83,17 +84,12 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) if v != "" else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def plot_losses(records: list[StepRecord], best_step: int, path: Path | None = None) -> Any:
-    """Train and val loss against step, the best step marked, and the LR below. Returns the figure;
-    with ``path`` also saves it (atomically) as PNG."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+def plot_losses(records: list[StepRecord], best_step: int) -> Any:
+    """Train and val loss against step, the best step marked, and the LR below: a matplotlib
+    ``Figure`` built without pyplot (no GUI, nothing shown twice in notebooks)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5.5)) if path is not None else plt.figure(figsize=(8, 5.5))
+    fig = Figure(figsize=(8, 5.5))
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     steps = [r.step for r in records]
     ax_loss.plot(steps, [r.train_loss for r in records], lw=0.8, alpha=0.6, label="train loss")
@@ -112,11 +108,45 @@ def plot_losses(records: list[StepRecord], best_step: int, path: Path | None = N
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        atomic_write_bytes(path, buf.getvalue())
     return fig
+
+
+def png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+class ProgressBar(Callback):
+    """A tqdm bar (step, loss, lr, tokens/s, ETA) plus one line per evaluation and message.
+
+    ``tqdm_cls`` is ``tqdm.tqdm`` in a terminal or ``tqdm.auto.tqdm`` in a notebook; ``write``
+    prints a line without breaking the bar.
+    """
+
+    def __init__(self, tqdm_cls: Any, write: Callable[[str], None]) -> None:
+        self.tqdm_cls, self.write = tqdm_cls, write
+        self.bar: Any = None
+        self.last_val = ""
+
+    def on_start(self, total_steps: int, first_step: int) -> None:
+        self.bar = self.tqdm_cls(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def on_step(self, record: StepRecord) -> None:
+        postfix = f"loss {record.train_loss:.3f} lr {record.lr:.1e} {record.tokens_per_s:,.0f} tok/s"
+        self.bar.set_postfix_str(postfix + self.last_val, refresh=False)
+        self.bar.update(1)
+
+    def on_eval(self, step: int, val_loss: float, improved: bool) -> None:
+        self.last_val = f" val {val_loss:.3f}"
+        self.write(f"step {step}: val loss {val_loss:.4f}" + ("  (best so far, saved)" if improved else ""))
+
+    def on_message(self, message: str) -> None:
+        self.write(message)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class TensorBoardCallback(Callback):

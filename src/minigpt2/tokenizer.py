@@ -92,6 +92,10 @@ class CharTokenizer:
                 out.append(UNK)
         return "".join(out)
 
+    def decode_each(self, ids: Iterable[int]) -> list[str]:
+        """Each id's own text (special tokens by their spelling)."""
+        return [self.decode([i]) for i in ids]
+
     def unknown_chars(self, text: str) -> list[str]:
         """The distinct characters of ``text`` that will encode as ``<|unk|>``, in order of appearance."""
         unknown: dict[str, None] = {}

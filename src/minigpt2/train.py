@@ -30,8 +30,8 @@ from torch import nn
 from minigpt2 import checkpoint, data, distributed
 from minigpt2.config import ModelConfig, TrainConfig, to_dict
 from minigpt2.errors import ConfigError
-from minigpt2.fileio import atomic_write_text
-from minigpt2.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback, plot_losses
+from minigpt2.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback, plot_losses, png_bytes
 from minigpt2.model import GPT
 from minigpt2.precision import choose_device, choose_precision
 from minigpt2.runstate import RunLock, TrainResult, load_start, restore_rng, rng_state
@@ -76,6 +76,15 @@ class Trainer:
         self.precision = choose_precision(self.device, cfg.dtype)
         self.callbacks = list(callbacks) if self.dist.is_main else []
         self.lock = RunLock(run_dir) if self.dist.is_main else None
+        try:
+            self._setup(data_dir, model_cfg, resume, init_from)
+        except BaseException:  # a run that cannot start must not keep its directory locked
+            if self.lock:
+                self.lock.release()
+            raise
+
+    def _setup(self, data_dir: Path, model_cfg: ModelConfig, resume: bool, init_from: Path | None) -> None:
+        cfg, run_dir = self.cfg, self.run_dir
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, as it should
 
         dataset = data.load(data_dir)
@@ -249,10 +258,10 @@ class Trainer:
                 out_of_time = distributed.any_true(out_of_time, self.device, self.dist)
                 stop = distributed.any_true(self._stop_requested, self.device, self.dist)
                 stop_early = False
+                self.records.append(record)  # first, so that a `best` saved below reports this step
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters or out_of_time:
                     record.val_loss = self.evaluate()
                     stop_early = self._after_eval(record.val_loss)
-                self.records.append(record)
                 if metrics:
                     metrics.write(record)
                 for cb in self.callbacks:
@@ -358,7 +367,8 @@ class Trainer:
                              self.precision.name)  # fmt: skip
         if self.dist.is_main:
             if self.records:
-                plot_losses(self.records, self.early.best_step, self.run_dir / "loss.png")
+                fig = plot_losses(self.records, self.early.best_step)
+                atomic_write_bytes(self.run_dir / "loss.png", png_bytes(fig))
             atomic_write_text(self.run_dir / "summary.json", json.dumps(result.to_dict(), indent=1))
             for cb in self.callbacks:
                 cb.on_end(result.to_dict())

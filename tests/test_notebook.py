@@ -1,0 +1,101 @@
+"""The chatbot notebook, executed for real by a Jupyter kernel, and its widget panel driven from Python.
+
+The test replaces the notebook's parameter cell values (a tiny model, a scripted list of messages
+instead of ``input()``, a temporary root) the way papermill does, runs every cell with nbclient, and
+reads back what each message got. Run: ``pytest tests/test_notebook.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+from minigpt2 import checkpoint
+from minigpt2.chat import Chatbot
+from minigpt2.config import ModelConfig, SampleConfig
+from minigpt2.model import GPT
+from minigpt2.notebook import ChatPanel, chat_loop
+from minigpt2.tokenizer import CharTokenizer
+
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "chatbot.ipynb"
+MESSAGES = ["ciao", "come stai?", "che cosa fai oggi?"]
+
+
+def test_committed_notebook_has_no_outputs() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_notebook_runs_top_to_bottom_and_answers_every_message(tmp_path: Path) -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    overrides = {"max_iters": 30, "eval_interval": 10, "max_minutes": 0}
+    injected = nbformat.v4.new_code_cell(
+        f"SOURCE = 'chatterbot:italian'\nROOT = {str(tmp_path)!r}\nPRESET = 'tiny'\n"
+        f"TRAIN_OVERRIDES = {overrides!r}\nMESSAGES = {MESSAGES!r}"
+    )
+    nb.cells.insert(nb.cells.index(params[0]) + 1, injected)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import json\nprint('RESULT' + json.dumps({'first': reply, 'loop': exchanges,"
+        " 'panel': panel.send('grazie'), 'history': len(bot.history)}))"
+    ))  # fmt: skip
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})  # fmt: skip
+    client.execute()  # raises CellExecutionError if any cell fails
+
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code_cells)
+    errors = [o for c in code_cells for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    text = "".join(o.get("text", "") for o in code_cells[-1].outputs if o.output_type == "stream")
+    result = json.loads(text.split("RESULT", 1)[1])
+    assert result["first"].strip(), "the first message got an empty reply"
+    assert [m for m, _ in result["loop"]] == MESSAGES[1:]
+    assert all(r.strip() for _, r in result["loop"]), "a scripted message got an empty reply"
+    assert result["panel"].strip()
+    assert result["history"] == 2 * len(MESSAGES) + 2
+    assert (tmp_path / "runs" / "chat-chatterbot-italian" / "best" / "checkpoint.json").is_file()
+    images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the live loss plot and the next-character chart
+
+
+@pytest.fixture()
+def bot() -> Chatbot:
+    torch.manual_seed(0)
+    tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz .,?!")))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    return Chatbot(model, tok, sample=SampleConfig(max_new_tokens=30, temperature=1.0, seed=1))
+
+
+def test_panel_send_streams_into_the_transcript_and_reset_clears_it(bot: Chatbot) -> None:
+    panel = ChatPanel(bot)
+    panel.temperature.value = 0.5
+    panel.top_k.value = 5
+    reply = panel.send("hello <b>")
+    assert bot.sample.temperature == 0.5 and bot.sample.top_k == 5
+    assert "hello &lt;b&gt;" in panel.transcript.value  # user text is escaped, not rendered
+    assert len(bot.history) == 2 and bot.history[1].text == reply
+    panel.text.value = "again"  # pressing Enter in the text box sends too
+    assert len(bot.history) == 4 and panel.text.value == ""
+    panel.reset_button.click()
+    assert bot.history == [] and panel.transcript.value == ""
+
+
+def test_chat_loop_stops_at_quit_words(bot: Chatbot) -> None:
+    exchanges = chat_loop(bot, messages=["one", "", "two", "esci", "never"])
+    assert [m for m, _ in exchanges] == ["one", "two"]
+    typed = iter(["hi", "quit"])
+    assert [m for m, _ in chat_loop(bot, ask=lambda _: next(typed))] == ["hi"]
+
+
+def test_checkpoint_round_trip_keeps_the_chat_template(bot: Chatbot, tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "run" / "best", bot.model, bot.tokenizer, {"chat_template": "play"})
+    assert Chatbot.from_run(tmp_path / "run").template.name == "play"
