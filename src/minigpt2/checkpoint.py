@@ -162,7 +162,11 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure here means a damaged file
-        raise CheckpointError(f"corrupt checkpoint: {file} is unreadable ({err})") from None
+        # torch's own message spans many lines and suggests weights_only=False: name the type only.
+        raise CheckpointError(
+            f"corrupt checkpoint: {file} is unreadable or holds more than tensors"
+            f" ({type(err).__name__}); it cannot be resumed"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"corrupt checkpoint: {file} does not hold a training state")
     return state

@@ -108,7 +108,8 @@ def prepare(spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int
     corpus = load_source(spec)
     if not any(t.strip() for t in corpus.all_text()):
         raise DataError(f"the corpus {spec!r} is empty; give it some text")
-    tok = CharTokenizer.from_text(corpus.all_text())
+    # Several texts are joined by a blank line (split_and_encode): the joiner must be in the vocabulary.
+    tok = CharTokenizer.from_text([*corpus.all_text(), "\n\n" if len(corpus.texts) > 1 else ""])
     train, val = split_and_encode(corpus, tok, val_fraction)
     for name, split in (("train", train), ("val", val)):
         if len(split) <= block_size:

@@ -1,0 +1,268 @@
+"""Tests for ``minigpt2.data`` and ``minigpt2.corpora``: preparing corpora, loading them, batching.
+
+Covers ``prepare`` on a .txt file, a folder, chatterbot dialogues (split by conversation) and the
+Shakespeare download (marked ``network``), ``load``, ``get_batch``, CRLF handling, and every kind of
+bad input raising ``DataError`` (and, through the CLI, exit 2 with one ``error:`` line, nothing
+written). Run with ``pytest tests/test_data.py`` (``-m "not network"`` skips the download).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt2 import corpora, data
+from minigpt2.errors import DataError
+from minigpt2.tokenizer import EOT_ID, USER_ID, CharTokenizer
+
+
+def _read_split(out: Path, name: str) -> np.ndarray:
+    return np.fromfile(out / f"{name}.bin", dtype=np.uint16)
+
+
+def _check_prepared(out: Path, meta: dict[str, object]) -> tuple[np.ndarray, np.ndarray, CharTokenizer]:
+    """The files agree with each other and with the returned meta; returns (train, val, tokenizer)."""
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
+    train, val = _read_split(out, "train"), _read_split(out, "val")
+    assert (out / "train.bin").stat().st_size == 2 * len(train)  # uint16: two bytes per token
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
+    tok = CharTokenizer.from_dict(meta["tokenizer"])
+    assert int(max(train.max(), val.max())) < tok.vocab_size
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    return train, val, tok
+
+
+def test_prepare_a_text_file(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "out"
+    meta = data.prepare(str(text_corpus), out, val_fraction=0.1, block_size=32)
+    train, val, tok = _check_prepared(out, meta)
+    text = text_corpus.read_text(encoding="utf-8")
+    assert meta["kind"] == "text" and meta["files"] == [str(text_corpus)]
+    assert tok.chars == sorted(set(text))
+    assert tok.decode(np.concatenate([train, val]).tolist()) == text  # split by position
+    assert len(val) == round(len(text) * 0.1)
+
+
+def test_prepare_a_folder_sorted_and_recursive(tmp_path: Path) -> None:
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    parts = {"z.txt": "zeta " * 20, "a.txt": "alpha " * 20, "sub/m.txt": "mu " * 20}
+    for name, text in parts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "notes.md").write_text("not a text file: ignored " * 20, encoding="utf-8")
+    out = tmp_path / "out"
+    meta = data.prepare(str(folder), out, val_fraction=0.2, block_size=16)
+    train, val, tok = _check_prepared(out, meta)
+    order = ["a.txt", "sub/m.txt", "z.txt"]
+    assert meta["files"] == [str(folder / name) for name in order]
+    assert tok.decode(np.concatenate([train, val]).tolist()) == "\n\n".join(parts[n] for n in order)
+    assert "g" not in tok.chars  # nothing of notes.md was read
+
+
+def test_crlf_bom_and_lone_cr_become_lf(tmp_path: Path) -> None:
+    src = tmp_path / "windows.txt"
+    src.write_bytes("\ufeff".encode() + b"first line\r\nsecond line\rthird\r\n" * 10)
+    meta = data.prepare(str(src), tmp_path / "out", val_fraction=0.1, block_size=16)
+    train, val, tok = _check_prepared(tmp_path / "out", meta)
+    assert "\r" not in tok.chars and "\ufeff" not in tok.chars
+    assert tok.decode(np.concatenate([train, val]).tolist()) == "first line\nsecond line\nthird\n" * 10
+
+
+def _segment(ids: list[int], pieces: list[list[int]]) -> list[str] | None:
+    """Split ``ids`` into a sequence of whole ``pieces`` (each as a string of code points), or None."""
+    text = "".join(map(chr, ids))
+    heads: dict[str, set[str]] = {}
+    for piece in pieces:
+        s = "".join(map(chr, piece))
+        heads.setdefault(s[:4], set()).add(s)
+    back: dict[int, int] = {0: 0}
+    for pos in range(len(text)):
+        if pos in back:
+            for s in heads.get(text[pos : pos + 4], ()):
+                if text.startswith(s, pos):
+                    back.setdefault(pos + len(s), pos)
+    if len(text) not in back:
+        return None
+    out, pos = [], len(text)
+    while pos:
+        out.append(text[back[pos] : pos])
+        pos = back[pos]
+    return out
+
+
+@pytest.mark.parametrize("spec", ["chatterbot", "chatterbot:italian"])
+def test_prepare_chatterbot_splits_by_conversation(tmp_path: Path, spec: str) -> None:
+    out = tmp_path / "out"
+    meta = data.prepare(spec, out, val_fraction=0.1, block_size=64)
+    train, val, tok = _check_prepared(out, meta)
+    lang = spec.partition(":")[2] or "english"
+    conversations = corpora.chatterbot_conversations(lang)
+    assert meta["kind"] == "dialogue" and meta["conversations"] == len(conversations) > 10
+    for split in (train, val):
+        assert split[0] == USER_ID and split[-1] == EOT_ID
+    encoded = [data.encode_dialogue(tok, c) for c in conversations]
+    train_convs, val_convs = _segment(train.tolist(), encoded), _segment(val.tolist(), encoded)
+    assert train_convs is not None and val_convs is not None  # each split is whole conversations
+    every = Counter("".join(map(chr, e)) for e in encoded)
+    assert Counter(train_convs) + Counter(val_convs) == every  # each one in exactly one split
+    assert len(val_convs) == round(len(conversations) * 0.1)
+
+
+def test_dialogue_split_never_cuts_a_conversation() -> None:
+    # Conversation i speaks only of its own letter, so a cut conversation would show in both splits.
+    letters = "abcdefghijklmnopqrst"
+    convs = [[f"{c}{c}?", f"{c * (1 + i % 7)}!", f"{c * 3}.", f"{c}{c}"] for i, c in enumerate(letters)]
+    corpus = data.Corpus("synthetic", "dialogue", conversations=convs)
+    tok = CharTokenizer.from_text(corpus.all_text())
+    train, val = data.split_and_encode(corpus, tok, val_fraction=0.25)
+    in_train, in_val = set(tok.decode(train, skip_special=True)), set(tok.decode(val, skip_special=True))
+    assert not set(letters) & in_train & in_val
+    assert len(set(letters) & in_val) == 5
+    assert val[0] == USER_ID and val[-1] == EOT_ID
+    assert data.split_and_encode(corpus, tok, val_fraction=0.25) == (train, val)  # seeded
+
+
+def test_load_round_trip(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "out"
+    meta = data.prepare(str(text_corpus), out, val_fraction=0.1, block_size=32)
+    ds = data.load(out)
+    assert ds.meta == meta
+    assert ds.tokenizer == CharTokenizer.from_dict(meta["tokenizer"])
+    assert ds.train.dtype == np.uint16 and ds.val.dtype == np.uint16
+    assert np.array_equal(ds.train, _read_split(out, "train"))
+    assert np.array_equal(ds.val, _read_split(out, "val"))
+
+
+def test_load_rejects_damaged_folders(tmp_path: Path, text_corpus: Path) -> None:
+    with pytest.raises(DataError, match=r"no meta\.json"):
+        data.load(tmp_path)
+    out = tmp_path / "out"
+    data.prepare(str(text_corpus), out, val_fraction=0.1, block_size=32)
+    np.array([0, 60000], dtype=np.uint16).tofile(out / "val.bin")
+    with pytest.raises(DataError, match="outside its vocabulary"):
+        data.load(out)
+    (out / "meta.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataError, match="damaged"):
+        data.load(out)
+
+
+def test_get_batch_shapes_targets_and_reproducibility() -> None:
+    series = np.arange(500, dtype=np.uint16)
+    x, y = data.get_batch(series, 6, 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (6, 8)
+    assert x.dtype == y.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(y, x + 1)  # in this series the next token is always the previous plus one
+    assert torch.equal(x, x[:, :1] + torch.arange(8))  # contiguous windows
+    assert int(x.min()) >= 0 and int(y.max()) < len(series)
+    again = data.get_batch(series, 6, 8, torch.Generator().manual_seed(0))
+    other = data.get_batch(series, 6, 8, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+    assert not torch.equal(other[0], x)
+
+
+def test_get_batch_on_the_shortest_allowed_split() -> None:
+    series = np.arange(9, dtype=np.uint16)  # block_size + 1 tokens: exactly one window
+    x, y = data.get_batch(series, 3, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.arange(8).repeat(3, 1)) and torch.equal(y, x + 1)
+
+
+# Each case writes its bad input into the folder and returns the SOURCE and extra CLI flags.
+Case = Callable[[Path], tuple[str, list[str]]]
+
+
+def _file(name: str, content: bytes, *flags: str) -> Case:
+    def make(root: Path) -> tuple[str, list[str]]:
+        (root / name).write_bytes(content)
+        return str(root / name), list(flags)
+
+    return make
+
+
+def _folder(*names: str) -> Case:
+    def make(root: Path) -> tuple[str, list[str]]:
+        (root / "folder").mkdir()
+        for name in names:
+            (root / "folder" / name).write_text("some text " * 50, encoding="utf-8")
+        return str(root / "folder"), []
+
+    return make
+
+
+BAD_INPUTS: dict[str, tuple[Case, str]] = {
+    "missing-path": (lambda root: (str(root / "missing.txt"), []), "no such file, folder or source"),
+    "empty-file": (_file("empty.txt", b""), "is empty"),
+    "whitespace-only": (_file("blank.txt", b" \n\t\r\n  \n" * 20), "is empty"),
+    "folder-without-txt": (_folder("notes.md", "data.csv"), "holds no .txt files"),
+    "empty-folder": (_folder(), "holds no .txt files"),
+    "not-utf8": (_file("latin1.txt", "caf\u00e9\n".encode("latin-1") * 30), "offset 3 (line 1)"),
+    "not-utf8-later": (_file("late.txt", b"hello\nwor\xffld" * 30), "byte 0xff at offset 9 (line 2)"),
+    "binary-nul": (_file("blob.txt", b"text\x00\x01\x02 more text" * 30), "NUL bytes"),
+    "too-short": (_file("short.txt", b"just a few words\n"), "too short"),
+    "val-split-too-short": (_file("long.txt", b"x" * 1000, "--val-fraction", "0.001"), "val split has"),
+    "unknown-source": (lambda root: ("wikipedia", []), "no such file, folder or source"),
+    "shakespeare-with-language": (lambda root: ("shakespeare:klingon", []), "no such file, folder or source"),
+    "unknown-language": (lambda root: ("chatterbot:klingon", []), "no language 'klingon'"),
+    "val-fraction-zero": (_file("ok0.txt", b"abc " * 400, "--val-fraction", "0"), "--val-fraction"),
+    "val-fraction-one": (_file("ok1.txt", b"abc " * 400, "--val-fraction", "1"), "--val-fraction"),
+    "val-fraction-negative": (_file("ok2.txt", b"abc " * 400, "--val-fraction", "-0.1"), "--val-fraction"),
+    "block-size-zero": (_file("ok3.txt", b"abc " * 400, "--block-size", "0"), "--block-size"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_one_clear_error(
+    tmp_path: Path, cli: Callable[..., object], one_line_error: Callable[..., str], case: tuple[Case, str]
+) -> None:
+    make, expected = case
+    source, flags = make(tmp_path)
+    out = tmp_path / "out"
+    args = {"--val-fraction": 0.1, "--block-size": 64}
+    args.update({flags[i]: float(flags[i + 1]) for i in range(0, len(flags), 2)})
+    with pytest.raises(DataError) as info:
+        data.prepare(source, out, val_fraction=args["--val-fraction"], block_size=int(args["--block-size"]))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+    line = one_line_error(cli("prepare", source, "--out", out, "--block-size", "64", *flags))
+    assert expected in line
+    assert not out.exists()  # nothing written on a failing prepare
+
+
+def test_failing_prepare_leaves_an_existing_folder_alone(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "out"
+    data.prepare(str(text_corpus), out, val_fraction=0.1, block_size=32)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    with pytest.raises(DataError):
+        data.prepare(str(tmp_path / "empty.txt"), out, block_size=32)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_prepare_shakespeare_downloads_once_then_uses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "shakespeare-cache"
+    monkeypatch.setenv("MINIGPT2_CACHE", str(cache))
+    meta = data.prepare("shakespeare", tmp_path / "first", block_size=128)
+    train, val, tok = _check_prepared(tmp_path / "first", meta)
+    cached = (cache / "shakespeare.txt").read_text(encoding="utf-8")
+    assert meta["kind"] == "text" and len(cached) > 1_000_000
+    assert tok.decode(np.concatenate([train, val]).tolist()) == cached
+    assert "ROMEO" in cached and "HAMLET" in cached
+
+    def no_network() -> str:
+        raise AssertionError("the cached text should have been used")
+
+    monkeypatch.setattr(corpora, "_download_shakespeare", no_network)
+    again = data.prepare("shakespeare", tmp_path / "second", block_size=128)
+    assert again["train_tokens"] == meta["train_tokens"]
+    assert np.array_equal(_read_split(tmp_path / "second", "train"), train)
