@@ -187,3 +187,8 @@ def test_single_prompt_and_errors(run_dir: Path, tmp_path: Path) -> None:
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     bad = chat_cli(str(run_dir), "--prompt", "hi", "--temperature", "-1")
     assert bad.returncode == 2 and "temperature" in bad.stderr
+
+
+def test_an_answer_is_never_empty_even_if_the_model_wants_to_stop_at_once() -> None:
+    bot = scripted_bot([EOT_ID, *TOK.encode("ok"), EOT_ID])
+    assert bot.reply("hi") == "ok"  # the first end-of-turn is banned, the second one stops

@@ -40,7 +40,7 @@ def test_notebook_runs_top_to_bottom_and_answers_every_message(tmp_path: Path) -
     overrides = {"max_iters": 30, "eval_interval": 10, "max_minutes": 0}
     injected = nbformat.v4.new_code_cell(
         f"SOURCE = 'chatterbot:italian'\nROOT = {str(tmp_path)!r}\nPRESET = 'tiny'\n"
-        f"TRAIN_OVERRIDES = {overrides!r}\nMESSAGES = {MESSAGES!r}"
+        f"TRAIN_OVERRIDES = {overrides!r}\nMESSAGES = {MESSAGES!r}\nSEED = 0"
     )
     nb.cells.insert(nb.cells.index(params[0]) + 1, injected)
     nb.cells.append(nbformat.v4.new_code_cell(

@@ -191,7 +191,7 @@ class Chatbot:
             for piece in stream_text(
                 self.model, self.tokenizer, prompt, self.sample, stop_strings=self.template.stop_strings,
                 stop_ids=self.template.stop_ids, precision=self.precision, skip_ids=(UNK_ID,),
-                generator=self._generator,
+                generator=self._generator, min_new_tokens=1,
             ):  # fmt: skip
                 pieces.append(piece)
                 yield piece

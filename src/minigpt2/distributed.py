@@ -74,5 +74,8 @@ def any_true(flag: bool, device: torch.device, info: DistInfo) -> bool:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group together: a process that tears gloo down while another is still
+    busy (rank 0 writing loss.png) can abort ("terminate called without an active exception")."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -82,8 +82,12 @@ def generate_ids(
     use_cache: bool = True,
     precision: Precision | None = None,
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
 ) -> Iterator[int]:
-    """Yield up to ``cfg.max_new_tokens`` new ids after ``prompt``; stop before any ``stop_ids``."""
+    """Yield up to ``cfg.max_new_tokens`` new ids after ``prompt``; stop before any ``stop_ids``.
+
+    ``stop_ids`` cannot be drawn as the first ``min_new_tokens`` ids (a chatbot's answer is never
+    empty)."""
     if not prompt:
         raise ValueError("generation needs at least one prompt id")
     block = model.config.block_size
@@ -104,8 +108,12 @@ def generate_ids(
         idx = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)  # (1, T)
         with autocast:
             logits, _ = model(idx, cache=cache)  # (1, T, V)
-        window = torch.tensor(tokens[start:], dtype=torch.long)
-        nxt = next_token(logits[0, -1], cfg, window, gen)
+        last = logits[0, -1]
+        if len(tokens) - len(prompt) < min_new_tokens and stops:
+            last = last.index_fill(0, torch.tensor(sorted(stops), device=last.device), float("-inf"))
+        # The window's ids matter only to the repetition penalty; skip building them otherwise.
+        window = torch.tensor(tokens[start:] if cfg.repetition_penalty != 1.0 else [], dtype=torch.long)
+        nxt = next_token(last, cfg, window, gen)
         if nxt in stops:
             return
         tokens.append(nxt)
@@ -124,6 +132,7 @@ def stream_text(
     use_cache: bool = True,
     skip_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece, ending before the first stop string or stop id.
 
@@ -138,7 +147,8 @@ def stream_text(
     held = ""
     longest = max((len(s) for s in stop_strings), default=0)
     for i in generate_ids(model, ids, cfg, stop_ids=stop_ids, use_cache=use_cache,
-                          precision=precision, generator=generator):  # fmt: skip
+                          precision=precision, generator=generator,
+                          min_new_tokens=min_new_tokens):  # fmt: skip
         if i in hidden:
             continue
         held += tokenizer.decode([i])

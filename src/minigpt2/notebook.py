@@ -72,8 +72,12 @@ def ensure_chatbot(
     return recipes.ensure_chatbot(source, data_dir, run_dir, preset, overrides, callbacks)
 
 
-def load_chatbot(run: str | Path, **options: Any) -> Chatbot:
-    bot = Chatbot.from_run(run, **options)
+def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Chatbot:
+    """The chatbot of a trained run; ``seed`` makes its answers repeatable."""
+    from minigpt2.config import SampleConfig
+
+    sample = SampleConfig(max_new_tokens=300, temperature=0.7, top_k=40, seed=seed)
+    bot = Chatbot.from_run(run, sample=sample, **options)
     print(f"loaded {run}: {bot.model.num_params():,} parameters, {bot.template.name} template")
     return bot
 

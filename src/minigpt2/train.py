@@ -125,7 +125,12 @@ class Trainer:
         if self.dist.is_main:
             self._write_config(data_dir, init_from)
             if cfg.tensorboard:
-                self.callbacks.append(TensorBoardCallback(run_dir / "tensorboard"))
+                try:
+                    self.callbacks.append(TensorBoardCallback(run_dir / "tensorboard"))
+                except ImportError:
+                    raise ConfigError(
+                        "--tensorboard needs the tensorboard package: pip install tensorboard"
+                    ) from None
 
     @property
     def global_batch(self) -> int:
@@ -147,17 +152,31 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.compile:
-            try:
-                model = torch.compile(model)  # type: ignore[assignment]
-                self._message("torch.compile: on (the first steps compile, then run faster)")
-            except Exception as err:  # compile is an optimisation: never fatal
-                self._message(f"warning: torch.compile unavailable ({err}); training eagerly")
+            model = self._compiled(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
         return model
+
+    def _compiled(self, model: nn.Module) -> nn.Module:
+        """``torch.compile(model)``, tried once on a batch of the real shape (compilation is lazy, so
+        that is where it fails: no C++ compiler, an unsupported platform). Compiling is an
+        optimisation, so a failure falls back to eager with a warning instead of ending the run."""
+        T, B = self.model_cfg.block_size, self.cfg.batch_size
+        trial = data.random_starts(len(self.train_data), B, T, torch.Generator().manual_seed(0))
+        x, y = data.windows(self.train_data, trial, T)
+        try:
+            compiled = torch.compile(model)
+            with self.precision.autocast():
+                compiled(x.to(self.device), y.to(self.device))
+        except Exception as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            self._message(f"warning: torch.compile failed ({first_line[:200]}); training eagerly")
+            return model
+        self._message("torch.compile: on")
+        return compiled  # type: ignore[return-value]
 
     def _message(self, text: str) -> None:
         log.info(text)
@@ -247,7 +266,7 @@ class Trainer:
                 if not math.isfinite(train_loss):
                     reason = (
                         f"diverged: the training loss became {train_loss} at step {self.step + 1};"
-                        f" best (step {self.early.best_step}) is kept; try a lower --lr"
+                        f" {self._best_note()}; try a lower --lr"
                     )
                     break
                 self.step += 1
@@ -320,7 +339,7 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "val_loss": self.records[-1].val_loss if self.records else None,
+            "val_loss": _finite_or_none(self.records[-1].val_loss) if self.records else None,
             "best_val_loss": self.early.best_loss if math.isfinite(self.early.best_loss) else None,
             "best_step": self.early.best_step,
             "train_config": to_dict(self.cfg),
@@ -333,6 +352,11 @@ class Trainer:
             return
         state = self._state() if which == "last" else None
         checkpoint.save(self.run_dir / which, self.raw_model, self.tokenizer, self._meta(), state)
+
+    def _best_note(self) -> str:
+        if self.early.best_step < 0:
+            return "no checkpoint was saved (there was no evaluation yet)"
+        return f"best (step {self.early.best_step}) is kept"
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -374,6 +398,11 @@ class Trainer:
                 cb.on_end(result.to_dict())
         distributed.shutdown(self.dist)
         return result
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a step without an evaluation records ``null``."""
+    return value if math.isfinite(value) else None
 
 
 @torch.no_grad()

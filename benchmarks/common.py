@@ -1,0 +1,65 @@
+"""Shared pieces of the benchmarks: a prepared corpus, a peak matmul rate, and result printing.
+
+Every benchmark compares against a reference measured in the same script, prints a table, and
+ends with one JSON line of its figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt2 import corpora, data
+from minigpt2.fileio import atomic_write_text
+
+CLASSIC_CHARS = 1_115_394  # the size of the classic tiny-shakespeare corpus
+
+
+def shakespeare_prefix_data(block_size: int, chars: int = CLASSIC_CHARS) -> Path:
+    """A data folder of the first ``chars`` characters of the ``shakespeare`` source (cached)."""
+    root = Path(os.environ.get("MINIGPT2_BENCH_DIR", Path(tempfile.gettempdir()) / "minigpt2-bench"))
+    out = root / f"shakespeare-{chars}"
+    if not (out / "meta.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        text_file = root / f"shakespeare-{chars}.txt"
+        atomic_write_text(text_file, corpora.shakespeare_text()[:chars])
+        data.prepare(str(text_file), out, val_fraction=0.1, block_size=block_size)
+    return out
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Achieved TFLOP/s of an n x n matmul in ``dtype`` on the CPU: the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return "" if value is None else str(value)
+
+
+def emit(figures: dict[str, Any]) -> None:
+    """The last line of every benchmark: its figures as one JSON object."""
+    sys.stdout.flush()
+    print(json.dumps(figures))

@@ -1,0 +1,86 @@
+"""Generation and chat latency: KV cache against the cache-free reference path, same script.
+
+    python benchmarks/generation.py            # shakespeare preset, batch 1, 1,000 new characters
+
+Weights are random (speed does not depend on them); the vocabulary is the Shakespeare source's.
+Reports characters/s over 1,000 new characters (well past the 256-character window, so the window
+slides and the cache refills), the speed-up of the cache, and the time to the first character of
+a chat reply after a 256-character history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, print_table  # noqa: E402
+
+from minigpt2 import config  # noqa: E402
+from minigpt2.chat import Chatbot, DialogueTemplate, Turn  # noqa: E402
+from minigpt2.config import SampleConfig  # noqa: E402
+from minigpt2.generate import generate_ids  # noqa: E402
+from minigpt2.model import GPT  # noqa: E402
+from minigpt2.precision import choose_precision  # noqa: E402
+from minigpt2.tokenizer import CharTokenizer  # noqa: E402
+
+VOCAB = sorted(set("\n !&'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz[]_0123456789\""))
+
+
+def chars_per_s(model: GPT, n: int, use_cache: bool, dtype: str) -> float:
+    precision = choose_precision(torch.device("cpu"), dtype)
+    cfg = SampleConfig(max_new_tokens=n, temperature=0.8, top_k=40, seed=0)
+    start = time.perf_counter()
+    count = sum(1 for _ in generate_ids(model, [5, 6, 7], cfg, use_cache=use_cache, precision=precision))
+    return count / (time.perf_counter() - start)
+
+
+def first_char_ms(bot: Chatbot, history_chars: int, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        bot.history = [Turn("user", "x" * (history_chars // 2)), Turn("bot", "y" * (history_chars // 2))]
+        start = time.perf_counter()
+        stream = bot.stream("How fares my lord?")
+        next(stream)
+        times.append((time.perf_counter() - start) * 1000)
+        stream.close()
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="shakespeare")
+    parser.add_argument("--new-chars", type=int, default=1000)
+    parser.add_argument("--reference-chars", type=int, default=200, help="fewer: the reference is slow")
+    args = parser.parse_args()
+    tok = CharTokenizer(VOCAB)
+    model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    model = GPT(model_cfg).eval()
+    chars_per_s(model, 50, True, "fp32")  # warm-up
+    rows = [{"path": "reference (no cache, fp32)",
+             "chars_per_s": chars_per_s(model, args.reference_chars, False, "fp32")}]  # fmt: skip
+    for dtype in ("fp32", "bf16"):
+        rows.append({"path": f"KV cache, {dtype}", "chars_per_s": chars_per_s(model, args.new_chars, True, dtype)})
+    ref = rows[0]["chars_per_s"]
+    for r in rows:
+        r["speedup"] = r["chars_per_s"] / ref
+    best = max(rows[1:], key=lambda r: r["chars_per_s"])
+    # No stop tokens: random weights could end the turn at once, and we time the first character.
+    bot = Chatbot(model, tok, DialogueTemplate(stop_ids=()), sample=SampleConfig(max_new_tokens=50, temperature=0.8, top_k=40, seed=0),
+                  precision=choose_precision(torch.device("cpu"), "fp32"))  # fmt: skip
+    ttfc = first_char_ms(bot, 256)
+    print(f"preset {args.preset}: {model.num_params():,} parameters, context {model_cfg.block_size}")
+    print_table(rows, ["path", "chars_per_s", "speedup"])
+    print(f"time to first character of a chat reply after a 256-character history: {ttfc:.1f} ms")
+    emit({"preset": args.preset, "chars_per_s": best["chars_per_s"], "reference_chars_per_s": ref,
+          "ratio": best["speedup"], "best_path": best["path"], "first_char_ms": ttfc})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Tests for ``minigpt2 train`` / ``minigpt2 eval`` as commands: resume, refusals, bad options, DDP.
+
+Covered: resume after SIGKILL (a real subprocess killed once ``last/`` exists) ends exactly like an
+unbroken run; ``--resume`` with nothing to resume and a second training into a finished run exit 2
+with one line; bad options (negative --lr, --patience 0, a batch larger than the data, a context
+larger than the --init-from model's, an unknown preset, an unknown config-file key) exit 2 with one
+line and no traceback; a huge LR diverges with exit 1; ``eval`` prints val loss and bits/char;
+``torchrun`` with 2 processes x batch 4 matches 1 process x batch 8. CPU only, tiny runs in
+``tmp_path``. Run: ``pytest -q tests/test_train_cli.py`` (about 20 s, mostly subprocess start-up).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_train import main, meta, one_error_line, prepare, rows, subprocess_env, summary, tiny, train_args
+from minigpt2 import checkpoint, data, train
+from minigpt2.fileio import recover_dir
+from minigpt2.precision import choose_precision
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data folder, finished run): 4 steps of preset "tiny", trained in process."""
+    tmp = tmp_path_factory.mktemp("base")
+    d = prepare(tmp)
+    train.train(d, tmp / "run", *tiny(max_iters=4, eval_interval=2))
+    return d, tmp / "run"
+
+
+def test_resume_after_sigkill_equals_the_unbroken_run(tmp_path: Path) -> None:
+    d, run = prepare(tmp_path), tmp_path / "run"
+    flags = ("--max-iters", 40, "--eval-interval", 5, "--dropout", 0.1, "--no-early-stopping")
+    cmd = [sys.executable, "-m", "minigpt2", *train_args(d, run, *flags)]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=subprocess_env(), cwd=tmp_path)
+        deadline = time.monotonic() + 60
+        while not (run / "last" / "checkpoint.json").is_file() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no last/ checkpoint within 60 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    assert not (run / "summary.json").exists()
+    killed_at = meta(recover_dir(run / "last"))["step"]  # last.old if killed mid-publish
+    assert 5 <= killed_at < 40
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "minigpt2", "train", "--data", str(d), "--out", str(run), "--resume"],
+        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    whole = train.train(d, tmp_path / "whole", *tiny(max_iters=40, eval_interval=5, dropout=0.1,
+                                                     early_stopping=False))  # fmt: skip
+    s = summary(run)
+    assert s["steps"] == 40 and s["best_step"] == whole.best_step
+    assert s["best_val_loss"] == pytest.approx(whole.best_val_loss, abs=1e-4)
+    got, want = rows(run), rows(tmp_path / "whole")
+    assert [int(r["step"]) for r in got] == list(range(1, 41))
+    for a, b in zip(got, want, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["lr"] == b["lr"] and math.isnan(a["val_loss"]) == math.isnan(b["val_loss"])
+    assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], abs=1e-4)
+
+
+def test_nothing_to_resume_and_finished_run_are_refused(
+    tmp_path: Path, base: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, run = base
+    line = one_error_line(*main(capsys, *train_args(d, tmp_path / "empty", "--resume"))[::2])
+    assert "resume" in line
+    started = tmp_path / "started"  # a run that died before its first checkpoint
+    started.mkdir()
+    shutil.copy(run / "config.json", started / "config.json")
+    assert "nothing to resume" in one_error_line(*main(capsys, *train_args(d, started, "--resume"))[::2])
+    before = (run / "config.json").read_text()
+    line = one_error_line(*main(capsys, *train_args(d, run, "--max-iters", 2))[::2])
+    assert "already holds a trained model" in line and "--resume" in line
+    assert (run / "config.json").read_text() == before and summary(run)["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--lr=-1"], "lr must be > 0"),
+        (["--patience", "0"], "patience must be >= 1"),
+        (["--batch-size", "100000"], "batch of 100000 windows"),
+        (["--block-size", "32", "--init-from", "BASE"], "larger than the model's context"),
+        (["--preset", "huge"], "unknown preset"),
+        (["--config", "CONFIG"], "unknown setting(s): bogus_key"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(
+    tmp_path: Path,
+    base: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    expected: str,
+) -> None:
+    (tmp_path / "bad.toml").write_text("lr = 1e-3\nbogus_key = 1\n")
+    flags = [
+        str(base[1]) if f == "BASE" else str(tmp_path / "bad.toml") if f == "CONFIG" else f for f in flags
+    ]
+    line = one_error_line(*main(capsys, *train_args(base[0], tmp_path / "run", *flags))[::2])
+    assert expected in line
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_huge_lr_diverges_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e4 without clipping overflows fp32 within a few steps (deterministic: fixed seed, CPU)."""
+    run = tmp_path / "run"
+    flags = (
+        "--lr",
+        "1e4",
+        "--min-lr",
+        "0",
+        "--grad-clip",
+        "0",
+        "--warmup-iters",
+        "0",
+        "--eval-interval",
+        "1",
+    )
+    rc, out, _ = main(capsys, *train_args(prepare(tmp_path), run, "--max-iters", 30, *flags))
+    s = summary(run)
+    assert rc == 1 and "stopped: diverged" in out and s["stop_reason"].startswith("diverged")
+    assert s["steps"] < 30 and len(rows(run)) == s["steps"]
+    if s["best_step"] > 0:  # best/ from before the divergence is intact and finite
+        model, _, _ = checkpoint.load_model(run / "best")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_eval_prints_val_loss_and_bits_per_char(
+    base: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, run = base
+    rc, out, err = main(capsys, "eval", run, "--data", d, "--device", "cpu", "--dtype", "fp32")
+    assert rc == 0, err
+    found = re.search(r"val loss ([\d.]+)\s+bits/char ([\d.]+)", out)
+    assert found, out
+    loss, bits = float(found[1]), float(found[2])
+    assert bits == pytest.approx(loss / math.log(2), abs=2e-4)
+    model, tok, _ = checkpoint.load_model(run)
+    _, val = data.remap(data.load(d), tok)
+    expected = train.evaluate_tokens(model, val, 32, choose_precision(torch.device("cpu"), "fp32"))
+    assert loss == pytest.approx(expected, abs=1e-4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    """All ranks draw the same global batch and each takes its slice, so 2 x 4 is 1 x 8."""
+    d = prepare(tmp_path)
+    flags = ("--max-iters", 6, "--eval-interval", 3, "--batch-size", 4, "--dropout", 0)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "minigpt2"]  # fmt: skip
+    ddp = subprocess.run(
+        [*launcher, *train_args(d, tmp_path / "ddp", *flags)],
+        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=180,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-12000:]
+    assert "DDP: 2 processes, global batch 8" in ddp.stderr
+    train.train(d, tmp_path / "one", *tiny(max_iters=6, eval_interval=3, batch_size=8))
+    got, want = rows(tmp_path / "ddp"), rows(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(got, want, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], abs=1e-5)
+    assert got[2]["val_loss"] == pytest.approx(want[2]["val_loss"], abs=1e-5)
