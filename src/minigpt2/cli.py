@@ -294,6 +294,22 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=f"(preset or default {default})")  # fmt: skip
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from minigpt2.hf import export_hf
+
+    out = export_hf(Path(args.run), Path(args.out))
+    print(f"exported {args.run} as a Hugging Face GPT-2 model to {out}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from minigpt2.hf import import_hf
+
+    run = import_hf(Path(args.dir), Path(args.out))
+    print(f"imported {args.dir} into {run}/best")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from minigpt2 import config
     from minigpt2.model import GPT
@@ -391,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="chat", help="training preset (default chat)")
     add_chat_options(p)
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face GPT2LMHeadModel directory")
+    p.add_argument("run", metavar="RUN", help="a run directory, or RUN/best or RUN/last")
+    p.add_argument("--format", choices=["hf"], default="hf", help="only hf (Hugging Face) for now")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="read a GPT-2 directory with a character vocabulary into a run")
+    p.add_argument("dir", metavar="DIR", help="a directory written by `minigpt2 export`")
+    p.add_argument("--out", required=True, help="the run directory to write (its best/)")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("presets", help="list the model presets and their parameter counts")
     p.add_argument("--vocab-size", type=int, default=100, help="vocabulary to count with")

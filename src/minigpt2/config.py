@@ -35,7 +35,9 @@ class ModelConfig:
     n_head: int = 4  # attention heads per block; must divide n_embd
     n_embd: int = 256  # residual stream width C; head size hs = n_embd // n_head
     dropout: float = 0.0  # on embeddings, attention weights and residual branches (training only)
-    attn_impl: str = "sdpa"  # "sdpa" (fast, fused) or "manual" (readable reference, same result)
+    # "sdpa" (fused kernel), "manual" (readable reference, same result) or "auto" (the faster of
+    # the two for the device: manual for CPU training, SDPA otherwise; see model.py)
+    attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check(1 <= self.vocab_size <= 65536, f"vocab_size must be 1..65536, got {self.vocab_size}")
@@ -48,8 +50,8 @@ class ModelConfig:
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(
-            self.attn_impl in ("sdpa", "manual"),
-            f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}",
+            self.attn_impl in ("auto", "sdpa", "manual"),
+            f"attn_impl must be auto, sdpa or manual, got {self.attn_impl!r}",
         )
 
 
@@ -143,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 max_iters=3000, eval_interval=250, lr=2e-3, min_lr=2e-4, warmup_iters=100),
     # The default chatbot (`make chat`): trained from scratch on chatterbot-corpus in under 10 minutes
     # on a 2-core CPU; early stopping ends it once the small corpus starts to be memorised.
-    "chat": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.0, batch_size=32,
+    "chat": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1, batch_size=32,
                  max_iters=2500, eval_interval=100, eval_iters=10, patience=4, lr=2e-3, min_lr=2e-4,
                  warmup_iters=100, max_minutes=8.0),
     # The classic char-level Shakespeare model (nanoGPT's shakespeare_char): a GPU or a long CPU run.

@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Tk, hs): cached positions + these T
         Tk = k.size(2)
-        if self.impl == "manual":
+        if self._use_manual(x):
             y = self._manual_attention(q, k, v)
         else:
             # One fused kernel; the mask is implicit when queries and keys line up (no cache, or a
@@ -88,6 +88,13 @@ class CausalSelfAttention(nn.Module):
             )  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _use_manual(self, x: Tensor) -> bool:
+        """``auto`` takes the measured-faster path: in CPU training the plain matmuls (which run on
+        the CPU's bf16 units) beat PyTorch's CPU flash-attention backward; elsewhere SDPA wins."""
+        if self.impl == "auto":
+            return x.device.type == "cpu" and self.training and torch.is_grad_enabled()
+        return self.impl == "manual"
 
     def _manual_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The readable reference: softmax(q k^T / sqrt(hs), masked to the past) v."""
