@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, print_table  # noqa: E402
+from common import emit, print_table
 
-from minigpt2 import config  # noqa: E402
-from minigpt2.chat import Chatbot, DialogueTemplate, Turn  # noqa: E402
-from minigpt2.config import SampleConfig  # noqa: E402
-from minigpt2.generate import generate_ids  # noqa: E402
-from minigpt2.model import GPT  # noqa: E402
-from minigpt2.precision import choose_precision  # noqa: E402
-from minigpt2.tokenizer import CharTokenizer  # noqa: E402
+from minigpt2 import config
+from minigpt2.chat import Chatbot, DialogueTemplate, Turn
+from minigpt2.config import SampleConfig
+from minigpt2.generate import generate_ids
+from minigpt2.model import GPT
+from minigpt2.precision import choose_precision
+from minigpt2.tokenizer import CharTokenizer
 
 VOCAB = sorted(set("\n !&'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz[]_0123456789\""))
 
@@ -53,7 +53,9 @@ def first_char_ms(bot: Chatbot, history_chars: int, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="shakespeare")
     parser.add_argument("--new-chars", type=int, default=1000)
     parser.add_argument("--reference-chars", type=int, default=200, help="fewer: the reference is slow")
@@ -66,14 +68,18 @@ def main() -> None:
     rows = [{"path": "reference (no cache, fp32)",
              "chars_per_s": chars_per_s(model, args.reference_chars, False, "fp32")}]  # fmt: skip
     for dtype in ("fp32", "bf16"):
-        rows.append({"path": f"KV cache, {dtype}", "chars_per_s": chars_per_s(model, args.new_chars, True, dtype)})
+        rows.append(
+            {"path": f"KV cache, {dtype}", "chars_per_s": chars_per_s(model, args.new_chars, True, dtype)}
+        )
     ref = rows[0]["chars_per_s"]
     for r in rows:
         r["speedup"] = r["chars_per_s"] / ref
     best = max(rows[1:], key=lambda r: r["chars_per_s"])
     # No stop tokens: random weights could end the turn at once, and we time the first character.
-    bot = Chatbot(model, tok, DialogueTemplate(stop_ids=()), sample=SampleConfig(max_new_tokens=50, temperature=0.8, top_k=40, seed=0),
-                  precision=choose_precision(torch.device("cpu"), "fp32"))  # fmt: skip
+    sample = SampleConfig(max_new_tokens=50, temperature=0.8, top_k=40, seed=0)
+    bot = Chatbot(
+        model, tok, DialogueTemplate(stop_ids=()), sample, choose_precision(torch.device("cpu"), "fp32")
+    )
     ttfc = first_char_ms(bot, 256)
     print(f"preset {args.preset}: {model.num_params():,} parameters, context {model_cfg.block_size}")
     print_table(rows, ["path", "chars_per_s", "speedup"])

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, matmul_tflops, print_table, shakespeare_prefix_data  # noqa: E402
+from common import emit, matmul_tflops, print_table, shakespeare_prefix_data
 
-from minigpt2 import config  # noqa: E402
-from minigpt2.train import Trainer  # noqa: E402
+from minigpt2 import config
+from minigpt2.train import Trainer
 
 PATHS = {
     "reference": dict(dtype="fp32", attn_impl="manual", compile=False),
@@ -79,7 +79,9 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="shakespeare")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
@@ -105,13 +107,16 @@ def main() -> None:
     ref = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / ref
-    print(f"preset {args.preset}, batch {args.batch_size or 'preset'}; bf16 matmul peak here {peak:.2f} TFLOP/s")
+    print(
+        f"preset {args.preset}, batch {args.batch_size or 'preset'}; bf16 matmul peak here {peak:.2f} TFLOP/s"
+    )
     print_table(rows, ["path", "precision", "tokens_per_s", "speedup", "step_s", "overhead_share",
                        "model_tflops", "mfu_vs_bf16_matmul", "peak_rss_gib"])  # fmt: skip
     best = max(rows, key=lambda r: r["tokens_per_s"])
     emit({"preset": args.preset, "reference_tokens_per_s": ref, "tokens_per_s": best["tokens_per_s"],
           "ratio": best["speedup"], "mfu": best["mfu_vs_bf16_matmul"], "bf16_matmul_tflops": peak,
-          "overhead_share": best["overhead_share"], "peak_rss_gib": best["peak_rss_gib"], "best_path": best["path"]})  # fmt: skip
+          "overhead_share": best["overhead_share"], "peak_rss_gib": best["peak_rss_gib"],
+          "best_path": best["path"]})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -152,7 +152,13 @@ class Chatbot:
         model, tok, ckpt = checkpoint.load_model(Path(run), dev)
         name = template or ckpt.meta.get("chat_template") or "dialogue"
         options = {k: kw.pop(k) for k in ("user_name", "bot_name", "speaker_end") if k in kw}
-        return cls(model, tok, make_template(name, **options), precision=choose_precision(dev, dtype), **kw)
+        return cls(
+            model,
+            tok,
+            make_template(name, **options),
+            precision=choose_precision(dev, dtype, inference=True),
+            **kw,
+        )
 
     def new_unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the model never saw and the user has not been told about yet."""

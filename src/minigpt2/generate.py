@@ -63,6 +63,20 @@ def next_token(logits: Tensor, cfg: SampleConfig, context: Tensor, generator: to
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` CPU threads (0: leave as is). A one-token step is a handful of tiny
+    matrix-vector products: one thread does them faster than two that must synchronise, and far
+    faster when another process is busy on the other core."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
@@ -106,7 +120,7 @@ def generate_ids(
                 cache.reset()
         fed = start + (cache.pos if cache is not None else 0)  # ids already in the cache end here
         idx = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)  # (1, T)
-        with autocast:
+        with autocast, _cpu_threads(1 if idx.size(1) == 1 and device.type == "cpu" else 0):
             logits, _ = model(idx, cache=cache)  # (1, T, V)
         last = logits[0, -1]
         if len(tokens) - len(prompt) < min_new_tokens and stops:

@@ -71,8 +71,13 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
-def choose_precision(device: torch.device, dtype: str = "auto") -> Precision:
-    """Resolve ``--dtype`` (auto, bf16, fp16, fp32) for ``device``; refuse combinations that fail."""
+def choose_precision(device: torch.device, dtype: str = "auto", inference: bool = False) -> Precision:
+    """Resolve ``--dtype`` (auto, bf16, fp16, fp32) for ``device``; refuse combinations that fail.
+
+    With ``inference`` (one sequence, one character at a time), ``auto`` on a CPU stays in fp32:
+    the matrices are too small to gain from bf16, and autocast's casts on every call cost more than
+    they save (measured by benchmarks/generation.py). On GPUs it is the same choice as training.
+    """
     if dtype not in ("auto", *DTYPES):
         raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
     kind = device.type
@@ -81,6 +86,8 @@ def choose_precision(device: torch.device, dtype: str = "auto") -> Precision:
             if torch.cuda.is_bf16_supported():
                 return Precision(device, "bf16", "auto: this CUDA GPU supports bf16")
             return Precision(device, "fp16", "auto: CUDA GPU without bf16, fp16 with a GradScaler")
+        if kind == "cpu" and inference:
+            return Precision(device, "fp32", "auto: fp32 is fastest for one-sequence generation on a CPU")
         if kind == "cpu" and cpu_has_native_bf16():
             return Precision(device, "bf16", "auto: this CPU has native bf16 (AVX512-BF16/AMX)")
         return Precision(device, "fp32", f"auto: no fast mixed precision on {kind}")

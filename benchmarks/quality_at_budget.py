@@ -1,0 +1,96 @@
+"""Quality for the time: the best val loss the CPU default preset reaches in a wall-time budget.
+
+    python benchmarks/quality_at_budget.py --minutes 5
+    python benchmarks/quality_at_budget.py --minutes 5 --with-reference   # + the usual small recipe
+
+Trains on the first 1,115,394 characters of the ``shakespeare`` source (the classic size) with the
+real training loop (``--max-minutes``: the LR schedule decays over the steps that fit the budget).
+``--with-reference`` also trains the usual small CPU recipe (4 layers x 128 wide, context 64,
+batch 12, fp32) for the same time, in the same script. Writes val loss against wall time to
+``--plot`` (default docs/val_loss_vs_time.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, print_table, shakespeare_prefix_data
+
+from minigpt2 import config
+from minigpt2.fileio import atomic_write_bytes
+from minigpt2.metrics import png_bytes, read_metrics
+from minigpt2.train import train
+
+REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dtype="fp32", dropout=0.0,
+                 attn_impl="manual", lr=1e-3, min_lr=1e-4, eval_interval=250)  # fmt: skip
+
+
+def run(name: str, preset: str, minutes: float, overrides: dict[str, Any]) -> dict[str, Any]:
+    settings = dict(overrides, max_minutes=minutes, max_iters=1_000_000, early_stopping=False)
+    model_cfg, train_cfg = config.resolve(preset, overrides=settings)
+    data_dir = shakespeare_prefix_data(model_cfg.block_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(data_dir, Path(tmp) / "run", model_cfg, train_cfg)
+        rows = read_metrics(Path(tmp) / "run" / "metrics.csv")
+    curve = [(r["elapsed_s"], r["val_loss"]) for r in rows if r["val_loss"] == r["val_loss"]]
+    return {"name": name, "best_val_loss": result.best_val_loss, "steps": result.steps,
+            "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows), "curve": curve,
+            "precision": result.precision}  # fmt: skip
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for r in results:
+        ax.plot([t / 60 for t, _ in r["curve"]], [v for _, v in r["curve"]], "o-", ms=3, label=r["name"])
+    ax.set_xlabel("wall time (minutes)")
+    ax.set_ylabel("val loss (nats/char)")
+    ax.set_title("Shakespeare (1,115,394 chars), 2-core CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write_bytes(path, png_bytes(fig))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--with-reference", action="store_true")
+    parser.add_argument("--plot", default=str(Path(__file__).parents[1] / "docs" / "val_loss_vs_time.png"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
+    args = parser.parse_args()
+    overrides = {k: _parse(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    results = [run(f"{args.preset} preset (default path)", args.preset, args.minutes, overrides)]
+    if args.with_reference:
+        results.append(run("reference: 4x128, ctx 64, batch 12, fp32", "cpu", args.minutes, REFERENCE))
+    print_table(results, ["name", "precision", "steps", "tokens_per_s", "best_val_loss"])
+    if args.plot:
+        plot(results, Path(args.plot))
+    figures: dict[str, Any] = {"minutes": args.minutes, "preset": args.preset, "overrides": overrides}
+    figures.update(best_val_loss=results[0]["best_val_loss"], steps=results[0]["steps"])
+    if args.with_reference:
+        figures["reference_best_val_loss"] = results[1]["best_val_loss"]
+    emit(figures)
+
+
+def _parse(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+if __name__ == "__main__":
+    main()
