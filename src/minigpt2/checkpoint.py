@@ -10,7 +10,8 @@ A run directory holds two checkpoints kept apart: ``RUN/best`` (lowest validatio
   containers only, read back with ``torch.load(weights_only=True)``.
 
 Nothing is ever unpickled. A checkpoint directory is written under a temporary name and renamed
-into place (``fileio.publish_dir``), so a crash leaves the previous checkpoint whole.
+into place (``fileio.publish_dir``), so a crash leaves the previous checkpoint whole; a write that
+fails (full disk, read-only folder) is a one-line ``WriteError`` and also leaves it whole.
 Tests: ``pytest tests/test_checkpoint.py``.
 """
 
@@ -27,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from minigpt2 import config as cfg
-from minigpt2.errors import CheckpointError, UserError
-from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir
+from minigpt2.errors import CheckpointError, UserError, WriteError
+from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir, temp_dir_for
 from minigpt2.model import GPT
 from minigpt2.tokenizer import CharTokenizer
 
@@ -83,21 +84,29 @@ def save(
         "tokenizer": tokenizer.to_dict(),
         **meta,
     }
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir_for(ckpt_dir)
     try:
+        ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         atomic_write_bytes(tmp / WEIGHTS, to_safetensors(weights))
         if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
-            with open(tmp / TRAIN_STATE, "rb+") as f:
+            # Through a Python file object: a full disk then raises OSError (given a path, torch
+            # writes in C++ and reports it as an obscure RuntimeError).
+            with open(tmp / TRAIN_STATE, "wb") as f:
+                torch.save(train_state, f)
+                f.flush()
                 os.fsync(f.fileno())
         atomic_write_bytes(tmp / META, json.dumps(doc, indent=1, ensure_ascii=False).encode())
         fsync_dir(tmp)
         publish_dir(tmp, ckpt_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise WriteError(
+                f"cannot write the checkpoint {ckpt_dir}: {err.strerror or err} (the previous one, if"
+                " any, is kept); free some space or choose another --out"
+            ) from None
         raise
 
 
@@ -138,7 +147,10 @@ def load(path: Path) -> Checkpoint:
         model_config = cfg.from_dict(cfg.ModelConfig, doc.get("model_config", {}))
     except UserError as err:
         raise CheckpointError(f"corrupt checkpoint {ckpt_dir}: {err}") from None
-    tokenizer = CharTokenizer.from_dict(doc.get("tokenizer"))
+    try:
+        tokenizer = CharTokenizer.from_dict(doc.get("tokenizer"))
+    except CheckpointError as err:
+        raise CheckpointError(f"corrupt checkpoint {ckpt_dir}: {err}") from None
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(
             f"corrupt checkpoint {ckpt_dir}: the vocabulary has {tokenizer.vocab_size} tokens but"

@@ -1,7 +1,8 @@
 """The ``minigpt2`` command: the only module that reads argv/stdin or prints.
 
 Each subcommand parses its options and calls one library function. Bad input raises ``UserError``
-somewhere below; here it becomes one line on stderr and exit status 2, without a traceback.
+somewhere below; here it becomes one line on stderr and exit status 2, without a traceback, and so
+does an output that cannot be written (``OUTPUT_ERRNOS``: full disk, read-only folder).
 torch is imported only inside subcommands, so ``minigpt2 --help`` starts instantly.
 Tests: ``pytest tests/test_cli.py``.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +21,9 @@ from typing import Any
 from minigpt2.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int]
+# OS errors that mean "this output cannot be written": reported as one line, like a UserError.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                 getattr(errno, "EDQUOT", errno.ENOSPC)}  # fmt: skip
 
 
 def _err(message: str) -> None:
@@ -51,12 +56,12 @@ def warn_unknown(tokenizer: Any, text: str) -> None:
         _err(f"warning: the model never saw {len(unknown)} of these characters; they become <|unk|>: {shown}")
 
 
-def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+def _load_for_inference(args: argparse.Namespace, generation: bool = True) -> tuple[Any, Any, Any, Any]:
     from minigpt2 import checkpoint
     from minigpt2.precision import choose_device, choose_precision
 
     device = choose_device(args.device)
-    precision = choose_precision(device, args.dtype)
+    precision = choose_precision(device, args.dtype, inference=generation)
     model, tokenizer, ckpt = checkpoint.load_model(Path(args.run), device)
     return model, tokenizer, ckpt, precision
 
@@ -241,8 +246,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     model_cfg, train_cfg = _train_configs(args)
     init_from = Path(args.init_from) if args.init_from else None
-    result = train(Path(args.data), Path(args.out), model_cfg, train_cfg, resume=args.resume,
-                   init_from=init_from, callbacks=[_progress_bar()])  # fmt: skip
+    bar = _progress_bar()
+    try:
+        result = train(Path(args.data), Path(args.out), model_cfg, train_cfg, resume=args.resume,
+                       init_from=init_from, callbacks=[bar])  # fmt: skip
+    except BaseException:
+        bar.on_end({})  # close the bar first, so that an error starts on a line of its own
+        raise
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     best = (
@@ -262,9 +272,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
     from minigpt2 import data
+    from minigpt2.errors import ConfigError
     from minigpt2.train import evaluate_tokens
 
-    model, tokenizer, ckpt, precision = _load_for_inference(args)
+    if args.batch_size < 1 or args.max_windows < 0:
+        raise ConfigError(
+            f"--batch-size must be >= 1 and --max-windows >= 0 (0 = all), got {args.batch_size}"
+            f" and {args.max_windows}"
+        )
+    model, tokenizer, ckpt, precision = _load_for_inference(args, generation=False)
     dataset = data.load(Path(args.data))
     _, val = data.remap(dataset, tokenizer)
     loss = evaluate_tokens(model, val, args.batch_size, precision, max_windows=args.max_windows)
@@ -438,6 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `minigpt2 sample ... | head`
         return 0
+    except OSError as err:  # a write the library did not word itself: full disk, read-only folder
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        _err(f"error: {err.strerror}{where}; check that the output folder is writable and has free space")
+        return 2
 
 
 if __name__ == "__main__":

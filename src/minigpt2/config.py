@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ from minigpt2.errors import ConfigError
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; training adds the rank and 1 to it
+
+
+def _check_finite(config: Any) -> None:
+    """NaN and infinity pass every range check written as a comparison, so reject them first."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        _check(
+            not isinstance(value, float) or math.isfinite(value),
+            f"{f.name} must be a finite number, got {value}",
+        )
 
 
 @dataclass
@@ -40,6 +54,7 @@ class ModelConfig:
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(1 <= self.vocab_size <= 65536, f"vocab_size must be 1..65536, got {self.vocab_size}")
         _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
@@ -84,6 +99,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the `tensorboard` package)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")
@@ -109,7 +125,7 @@ class TrainConfig:
             f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}",
         )
         _check(self.loss_on in ("all", "bot"), f"loss_on must be all or bot, got {self.loss_on!r}")
-        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {self.seed}")
 
 
 @dataclass
@@ -124,6 +140,7 @@ class SampleConfig:
     seed: int | None = None  # same seed, same text; None draws a fresh one
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 keeps all), got {self.top_k}")
@@ -132,7 +149,10 @@ class SampleConfig:
             self.repetition_penalty > 0,
             f"repetition_penalty must be > 0, got {self.repetition_penalty}",
         )
-        _check(self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(
+            self.seed is None or 0 <= self.seed <= MAX_SEED,
+            f"seed must be in [0, 2**63 - 1], got {self.seed}",
+        )
 
 
 # Presets set model and training fields together; anything not named keeps the dataclass default.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from minigpt2 import corpora
-from minigpt2.errors import DataError
+from minigpt2.errors import DataError, WriteError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
 from minigpt2.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 
@@ -99,7 +100,8 @@ def prepare(spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int
     """Read SOURCE, build its vocabulary, and write ``train.bin``, ``val.bin`` and ``meta.json``.
 
     Both splits must hold more than one context window (``block_size + 1`` tokens). Everything is
-    checked before the first byte is written, and each file is written atomically.
+    checked before the first byte is written, and each file is written atomically; a write that
+    fails is a one-line ``WriteError``.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -130,10 +132,22 @@ def prepare(spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int
         "conversations": len(corpus.conversations),
         "tokenizer": tok.to_dict(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "train.bin", np.asarray(train, dtype=np.uint16).tobytes())
-    atomic_write_bytes(out_dir / "val.bin", np.asarray(val, dtype=np.uint16).tobytes())
-    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # meta.json goes first and comes back last, so a folder whose writing failed half way is
+        # "not prepared", never new splits described by an old meta.json.
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        atomic_write_bytes(out_dir / "train.bin", np.asarray(train, dtype=np.uint16).tobytes())
+        atomic_write_bytes(out_dir / "val.bin", np.asarray(val, dtype=np.uint16).tobytes())
+        atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    except OSError as err:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise WriteError(
+            f"cannot write the data folder {out_dir}: {err.strerror or err}; free some space or"
+            " choose another --out"
+        ) from None
     return meta
 
 

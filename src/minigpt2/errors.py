@@ -22,3 +22,7 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """An option or config value out of range, or an unknown preset/config key."""
+
+
+class WriteError(UserError):
+    """An output that cannot be written: a full disk, a read-only folder, a missing permission."""

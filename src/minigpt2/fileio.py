@@ -6,6 +6,7 @@ The recipe: write to a temporary name in the same folder, flush and fsync, then 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -43,19 +44,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def temp_dir_for(dest: Path) -> Path:
+    """The temporary name a folder is written under before ``publish_dir`` moves it to ``dest``."""
+    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+
+
 def publish_dir(tmp: Path, dest: Path) -> None:
     """Move a fully written folder ``tmp`` into place as ``dest``, replacing any previous one.
 
     Folders cannot be swapped in one atomic step, so the old one is first renamed to ``dest.old``
     and removed only after the new one is in place. If a crash falls between the two renames,
-    ``dest.old`` is still complete, and ``recover_dir`` finds it.
+    ``dest.old`` is still complete, and ``recover_dir`` finds it; if the second rename fails (a full
+    disk), the old folder is moved back to ``dest``.
     """
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
         if old.exists():  # left by an earlier crash; dest is complete, so old is stale
             shutil.rmtree(old)
         os.replace(dest, old)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if old.is_dir() and not dest.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, dest)
+        raise
     fsync_dir(dest.parent)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -64,3 +77,26 @@ def recover_dir(dest: Path) -> Path:
     """``dest``, or its complete ``dest.old`` twin if a crash interrupted ``publish_dir``."""
     old = dest.with_name(dest.name + ".old")
     return old if not dest.exists() and old.is_dir() else dest
+
+
+def clean_up_after_crash(folder: Path) -> list[str]:
+    """Tidy what a process killed mid-write left in ``folder``: delete ``.NAME.tmp-PID`` folders
+    (``temp_dir_for``), ``.NAME.XXXX.tmp`` files (``atomic_write_bytes``) and a ``NAME.old`` whose
+    ``NAME`` is in place; rename a lone ``NAME.old`` back to ``NAME`` (``publish_dir``). Returns the
+    names it touched. Call it only while no other process can be writing into ``folder`` (training
+    holds ``runstate.RunLock``)."""
+    touched = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        dest = p.with_name(p.name.removesuffix(".old"))
+        if p.name.startswith(".") and ".tmp-" in p.name and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink(missing_ok=True)
+        elif p.name.endswith(".old") and p.is_dir() and dest.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.endswith(".old") and p.is_dir() and not dest.exists():
+            os.replace(p, dest)
+        else:
+            continue
+        touched.append(p.name)
+    return touched

@@ -99,9 +99,12 @@ class CausalSelfAttention(nn.Module):
     def _manual_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The readable reference: softmax(q k^T / sqrt(hs), masked to the past) v."""
         T, Tk, hs = q.size(2), k.size(2), q.size(3)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk) similarity scores
+        # Scaling q rather than the scores gives the same numbers on a tensor Tk/hs times smaller.
+        att = (q * (1.0 / math.sqrt(hs))) @ k.transpose(-2, -1)  # (B, nh, T, Tk) similarity scores
         att = att.masked_fill(~causal_mask(T, Tk, q.device), float("-inf"))  # no peeking ahead
-        att = F.softmax(att, dim=-1)  # each row: how much each query attends to each key
+        # Each row: how much each query attends to each key. Softmax runs in fp32 under autocast;
+        # its result goes back to v's dtype at once, so dropout and the product move half the bytes.
+        att = F.softmax(att, dim=-1).to(v.dtype)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs): weighted average of the values
 

@@ -2,13 +2,14 @@
 
 - ``load_start``: a fresh run, a resumed one (``RUN/last``), or fine-tuning from trained weights
   (``init_from``, with the vocabulary extended by the new corpus' characters);
-- ``RunLock``: one training process per run directory;
+- ``RunLock``: one training process per run directory, and a tidy one after a crash;
 - ``rng_state`` / ``restore_rng``: the random state that makes a resumed run identical;
 - ``TrainResult``: the summary a run ends with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,8 +22,8 @@ import torch
 
 from minigpt2 import checkpoint, data
 from minigpt2.config import ModelConfig, TrainConfig
-from minigpt2.errors import ConfigError, UserError
-from minigpt2.fileio import recover_dir
+from minigpt2.errors import ConfigError, UserError, WriteError
+from minigpt2.fileio import clean_up_after_crash, recover_dir
 from minigpt2.tokenizer import CharTokenizer
 
 
@@ -51,11 +52,20 @@ class TrainResult:
 
 class RunLock:
     """An exclusive lock on ``RUN/.lock``: a second training into the same run directory refuses
-    instead of interleaving checkpoints. The OS drops the lock if the process dies."""
+    instead of interleaving checkpoints. The OS drops the lock if the process dies. Holding it, it
+    tidies what a killed process left behind (``fileio.clean_up_after_crash``)."""
 
     def __init__(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.run_dir = run_dir
+        missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        self.created = missing[-1] if missing else None  # a failed start removes it (``abandon``)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise WriteError(
+                f"cannot write to {run_dir}: {err.strerror or err}; choose another --out"
+            ) from None
         try:
             import fcntl
 
@@ -68,11 +78,25 @@ class RunLock:
             raise UserError(
                 f"another training process is using {run_dir}; wait for it to finish or use another --out"
             ) from None
+        with contextlib.suppress(OSError):  # tidying is a courtesy; a real problem shows when writing
+            clean_up_after_crash(run_dir)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release the lock of a run that failed to start; the folders this lock created are
+        removed again (they hold nothing but the lock file), so a failed command writes nothing."""
+        self.release()
+        if self.created is not None:
+            with contextlib.suppress(OSError):
+                (self.run_dir / ".lock").unlink()
+                for folder in (self.run_dir, *self.run_dir.parents):
+                    folder.rmdir()
+                    if folder == self.created:
+                        break
 
 
 def rng_state() -> dict[str, Any]:

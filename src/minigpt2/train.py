@@ -78,9 +78,9 @@ class Trainer:
         self.lock = RunLock(run_dir) if self.dist.is_main else None
         try:
             self._setup(data_dir, model_cfg, resume, init_from)
-        except BaseException:  # a run that cannot start must not keep its directory locked
+        except BaseException:  # a run that cannot start must not keep (or leave) its directory
             if self.lock:
-                self.lock.release()
+                self.lock.abandon()
             raise
 
     def _setup(self, data_dir: Path, model_cfg: ModelConfig, resume: bool, init_from: Path | None) -> None:
@@ -123,7 +123,6 @@ class Trainer:
         )
         self._stop_requested = False
         if self.dist.is_main:
-            self._write_config(data_dir, init_from)
             if cfg.tensorboard:
                 try:
                     self.callbacks.append(TensorBoardCallback(run_dir / "tensorboard"))
@@ -131,6 +130,7 @@ class Trainer:
                     raise ConfigError(
                         "--tensorboard needs the tensorboard package: pip install tensorboard"
                     ) from None
+            self._write_config(data_dir, init_from)  # last: a run that fails to start writes nothing
 
     @property
     def global_batch(self) -> int:
@@ -195,11 +195,20 @@ class Trainer:
             x, y = data.windows(self.train_data, starts[r * B : (r + 1) * B], T, mask)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def horizon(self) -> int:
+        """The step the LR schedule decays towards: ``max_iters``, or with a time budget the steps
+        expected to fit in it at the speed so far, so the LR reaches ``min_lr`` as time runs out."""
+        cfg = self.cfg
+        if cfg.max_minutes <= 0 or self.step < max(10, cfg.warmup_iters) or self.elapsed <= 0:
+            return cfg.max_iters
+        expected = int(self.step / self.elapsed * cfg.max_minutes * 60)
+        return max(self.step + 1, min(cfg.max_iters, expected))
+
     def train_step(self) -> tuple[float, float, bool, float]:
         """One optimizer step. Returns (train loss, grad norm before clipping, clipped?, lr)."""
         cfg = self.cfg
         lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
-                   max_iters=cfg.max_iters, schedule=cfg.lr_schedule)  # fmt: skip
+                   max_iters=self.horizon(), schedule=cfg.lr_schedule)  # fmt: skip
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
