@@ -183,3 +183,22 @@ def test_dropout_is_active_only_in_training(make_model: Factory) -> None:
     torch.testing.assert_close(model(idx)[0], model(idx)[0])  # eval: deterministic
     model.train()
     assert not torch.allclose(model(idx)[0], model(idx)[0])
+
+
+def test_fast_cpu_dropout_is_dropout() -> None:
+    """The ``auto`` path's CPU dropout zeroes a share p of elements and keeps the mean (scaling)."""
+    from minigpt2.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3, fast=True).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - 0.3) < 0.01 and abs(y.mean().item() - 1.0) < 0.02
+    y.sum().backward()  # gradients flow through the kept elements only, scaled like the values
+    assert x.grad is not None and torch.equal(x.grad, y.detach())
+    assert torch.equal(drop.eval()(x), x)  # inactive in eval mode
+    torch.manual_seed(1)
+    a = Dropout(0.3, fast=True).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(Dropout(0.3, fast=True).train()(x), a)  # seeded: same mask
