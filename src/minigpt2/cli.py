@@ -166,9 +166,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     data_dir, run_dir = recipes.default_paths(source)
     if not recipes.has_model(run_dir) or not (run_dir / "summary.json").is_file():
         print(f"training the default chatbot on {source} into {run_dir} (once; Ctrl-C stops early)")
-    args.run = str(
-        recipes.ensure_chatbot(source, data_dir, run_dir, preset=args.preset, callbacks=[_progress_bar()])
-    )
+    bar = _progress_bar()
+    try:
+        args.run = str(recipes.ensure_chatbot(source, data_dir, run_dir, preset=args.preset, callbacks=[bar]))
+    finally:
+        bar.on_end({})  # the bar's line ends before anything else is printed
     return cmd_chat(args)
 
 
@@ -250,9 +252,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(Path(args.data), Path(args.out), model_cfg, train_cfg, resume=args.resume,
                        init_from=init_from, callbacks=[bar])  # fmt: skip
-    except BaseException:
-        bar.on_end({})  # close the bar first, so that an error starts on a line of its own
-        raise
+    finally:
+        bar.on_end({})  # close the bar first, so that what follows starts on a line of its own
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     best = (

@@ -4,7 +4,7 @@ Every setting is a dataclass field with a default and a comment saying why; ``__
 ranges so a bad value fails at once with one clear line (a ``ConfigError``), not deep inside torch.
 Settings resolve in three layers: a preset, then a TOML/JSON config file, then command-line flags.
 
-Run its tests with ``pytest tests/test_config.py``.
+Tested through its users: ``pytest tests/test_train.py tests/test_hostile_input.py``.
 """
 
 from __future__ import annotations

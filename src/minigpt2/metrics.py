@@ -147,6 +147,7 @@ class ProgressBar(Callback):
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class TensorBoardCallback(Callback):

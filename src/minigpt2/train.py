@@ -268,7 +268,7 @@ class Trainer:
         reason = f"reached max_iters ({cfg.max_iters})"
         tokens_per_step = self.global_batch * cfg.grad_accum * self.model_cfg.block_size
         clock = time.perf_counter() - self.elapsed
-        with self._graceful_stop():
+        with self._graceful_stop(), contextlib.closing(metrics) if metrics else contextlib.nullcontext():
             while self.step < cfg.max_iters:
                 t0 = time.perf_counter()
                 train_loss, grad_norm, clipped, lr = self.train_step()
@@ -306,8 +306,6 @@ class Trainer:
                     reason = "interrupted; resume with --resume"
                     self._save("last")
                     break
-        if metrics:
-            metrics.close()
         return self._finish(reason)
 
     def _after_eval(self, val_loss: float) -> bool:
