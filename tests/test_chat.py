@@ -192,3 +192,8 @@ def test_single_prompt_and_errors(run_dir: Path, tmp_path: Path) -> None:
 def test_an_answer_is_never_empty_even_if_the_model_wants_to_stop_at_once() -> None:
     bot = scripted_bot([EOT_ID, *TOK.encode("ok"), EOT_ID])
     assert bot.reply("hi") == "ok"  # the first end-of-turn is banned, the second one stops
+
+
+def test_saving_to_a_missing_folder_is_a_clear_error(tiny_bot: Chatbot, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot save the conversation"):
+        tiny_bot.save(tmp_path / "no" / "such" / "dir" / "c.json")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from minigpt2.config import ModelConfig
 from minigpt2.model import GPT, KVCache, causal_mask
 
 Factory = Callable[..., GPT]
@@ -202,3 +203,17 @@ def test_fast_cpu_dropout_is_dropout() -> None:
     a = Dropout(0.3, fast=True).train()(x)
     torch.manual_seed(1)
     assert torch.equal(Dropout(0.3, fast=True).train()(x), a)  # seeded: same mask
+
+
+def test_a_batch_without_targets_has_zero_loss_not_nan() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.randint(0, 20, (2, 8))
+    _, loss = model(idx, torch.full((2, 8), -1))
+    assert loss is not None and loss.item() == 0.0
+    targets = torch.randint(0, 20, (2, 8))
+    targets[0] = -1
+    _, masked = model(idx, targets)
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[1].float(), targets[1])
+    assert masked is not None and torch.allclose(masked, expected)

@@ -237,7 +237,10 @@ class Chatbot:
             "template": dataclasses.asdict(self.template),
             "history": [dataclasses.asdict(t) for t in self.history],
         }
-        atomic_write_text(Path(path), json.dumps(doc, indent=1, ensure_ascii=False))
+        try:
+            atomic_write_text(Path(path), json.dumps(doc, indent=1, ensure_ascii=False))
+        except OSError as err:
+            raise UserError(f"cannot save the conversation to {path}: {err.strerror}") from None
 
     def load(self, path: str | Path) -> None:
         """Continue a conversation saved with ``save``."""

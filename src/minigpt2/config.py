@@ -217,6 +217,11 @@ def resolve(
     unknown = sorted(set(merged) - model_keys - train_keys)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    for cls in (ModelConfig, TrainConfig):
+        defaults = cls()
+        for k, v in merged.items():
+            if k in field_names(cls):
+                _check_type(cls.__name__, k, v, type(getattr(defaults, k)))
     try:
         model = ModelConfig(**{k: v for k, v in merged.items() if k in model_keys})
         train = TrainConfig(**{k: v for k, v in merged.items() if k in train_keys})

@@ -223,9 +223,12 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # Cross-entropy in fp32 even under autocast: a sum over the vocabulary of small numbers.
+            # Sum, then divide by the counted targets: the mean, but 0 (not NaN) for a batch with
+            # no targets at all (bot-only loss on a window of user text).
+            flat = targets.reshape(-1)
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
+                logits.float().view(-1, logits.size(-1)), flat, ignore_index=-1, reduction="sum"
+            ) / (flat != -1).sum().clamp(min=1)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -24,8 +24,10 @@ def describe_hardware(device: str = "auto", dtype: str = "auto") -> str:
     """One line: the device and the precision that training and chat will use, and why."""
     from minigpt2.precision import choose_device, choose_precision
 
-    precision = choose_precision(choose_device(device), dtype)
-    return f"device: {precision.device}, precision: {precision.name} ({precision.reason})"
+    dev = choose_device(device)
+    train, chat = choose_precision(dev, dtype), choose_precision(dev, dtype, inference=True)
+    return (f"device: {dev}; training precision: {train.name} ({train.reason});"
+            f" chat precision: {chat.name} ({chat.reason})")  # fmt: skip
 
 
 class LivePlot(Callback):

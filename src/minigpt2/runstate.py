@@ -166,7 +166,11 @@ def _fine_tune_start(dataset: data.Dataset, model_cfg: ModelConfig, init_from: P
     tok = ckpt.tokenizer.extended(dataset.tokenizer.chars)
     train, val = data.remap(dataset, tok)
     new_cfg = dataclasses.replace(
-        base, vocab_size=tok.vocab_size, block_size=model_cfg.block_size, dropout=model_cfg.dropout
+        base,
+        vocab_size=tok.vocab_size,
+        block_size=model_cfg.block_size,
+        dropout=model_cfg.dropout,
+        attn_impl=model_cfg.attn_impl,
     )
     weights = ckpt.build_model().state_dict()
     weights.pop(checkpoint.TIED, None)

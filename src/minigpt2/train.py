@@ -93,6 +93,10 @@ class Trainer:
         self.train_data, self.val_data = start.train, start.val
         self.model_cfg = start.model_cfg
         self._check_sizes()
+        if cfg.loss_on == "bot" and dataset.meta.get("kind") != "dialogue":
+            raise ConfigError(
+                "--loss-on bot needs a dialogue corpus (e.g. chatterbot); this data is plain text"
+            )
         self.masks = (
             (data.bot_mask(self.train_data), data.bot_mask(self.val_data)) if cfg.loss_on == "bot" else None
         )
@@ -233,7 +237,8 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return train_loss, grad_norm, grad_norm > max_norm, lr
+        # An infinite norm means fp16 overflow: the scaler skips this update, nothing was clipped.
+        return train_loss, grad_norm, math.isfinite(grad_norm) and grad_norm > max_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -280,6 +285,8 @@ class Trainer:
                     break
                 self.step += 1
                 self.elapsed = time.perf_counter() - clock
+                if cfg.max_minutes > 0 and self.dist.enabled:  # one clock for all: same LR horizon
+                    self.elapsed = float(distributed.mean(torch.tensor(self.elapsed), self.dist))
                 record = StepRecord(self.step, train_loss, math.nan, lr, grad_norm, clipped,
                                     tokens_per_step / (time.perf_counter() - t0), self.elapsed)  # fmt: skip
                 out_of_time = cfg.max_minutes > 0 and self.elapsed >= cfg.max_minutes * 60
@@ -383,6 +390,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.set_state(state["sampler"])
         restore_rng(state["rng"])
+        if self.dist.enabled:
+            # `last` holds rank 0's random state; give the other ranks their own dropout streams
+            # again (derived from the seed, rank and step, so a resume is repeatable).
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
         best, best_step, bad = state["early"]
         self.early = EarlyStopState(float(best), int(best_step), int(bad))
         self.records = [StepRecord(*row) for row in state["records"]]
