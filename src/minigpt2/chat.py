@@ -19,18 +19,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minigpt2.config import SampleConfig
 from minigpt2.errors import UserError
 from minigpt2.fileio import atomic_write_text
 from minigpt2.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
 
+if TYPE_CHECKING:
+    import torch
+
 ROLES = ("user", "bot")
 FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
+
+
+@dataclass
+class ReplyInfo:
+    """Filled in while ``Chatbot.answer`` streams (what an API reports as usage and finish reason)."""
+
+    prompt_tokens: int = 0  # ids fed to the model (after trimming to the context window)
+    completion_tokens: int = 0  # ids generated, the stop id not counted
+    finish_reason: str = "stop"  # "stop": the turn ended (or a stop string); "length": max_new_tokens
 
 
 @dataclass
@@ -120,7 +132,6 @@ class Chatbot:
         precision: Any = None,
         reply_room: int | None = None,
     ) -> None:
-        import torch
 
         from minigpt2.generate import make_generator
 
@@ -187,22 +198,54 @@ class Chatbot:
     def stream(self, text: str) -> Iterator[str]:
         """Add the user's message, then yield the answer piece by piece. If the caller stops early
         (Ctrl-C, closing the generator), the partial answer still enters the history."""
-        from minigpt2.generate import stream_text
-
         self.history.append(Turn("user", text))
-        budget = self.model.config.block_size - self.reply_room
-        prompt = build_prompt(self.history, self.template, self.tokenizer, max(1, budget))
         pieces: list[str] = []
         try:
-            for piece in stream_text(
-                self.model, self.tokenizer, prompt, self.sample, stop_strings=self.template.stop_strings,
-                stop_ids=self.template.stop_ids, precision=self.precision, skip_ids=(UNK_ID,),
-                generator=self._generator, min_new_tokens=1,
-            ):  # fmt: skip
+            for piece in self.answer(self.history, generator=self._generator):
                 pieces.append(piece)
                 yield piece
         finally:
             self.history.append(Turn("bot", "".join(pieces).strip()))
+
+    def answer(
+        self,
+        history: Sequence[Turn],
+        sample: SampleConfig | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        stop_strings: Sequence[str] = (),
+        info: ReplyInfo | None = None,
+    ) -> Generator[str, None, None]:
+        """Yield the bot's next turn after ``history``, piece by piece, without touching
+        ``self.history``: one ``Chatbot`` can answer many conversations at once (the HTTP server).
+
+        ``sample`` and ``generator`` default to the bot's own; ``stop_strings`` are added to the
+        template's; ``info``, if given, is filled in as the answer streams.
+        """
+        from minigpt2.generate import decode_stream, generate_ids, make_generator
+
+        sample = sample or self.sample
+        info = info if info is not None else ReplyInfo()
+        budget = self.model.config.block_size - self.reply_room
+        prompt = build_prompt(list(history), self.template, self.tokenizer, max(1, budget))
+        info.prompt_tokens = len(prompt)
+        ids = generate_ids(
+            self.model, prompt, sample, stop_ids=self.template.stop_ids, precision=self.precision,
+            generator=generator if generator is not None else make_generator(sample.seed),
+            min_new_tokens=1,
+        )  # fmt: skip
+
+        def counted() -> Iterator[int]:
+            info.finish_reason = "stop"
+            for i in ids:
+                info.completion_tokens += 1
+                yield i
+            # The model ran to the limit (rather than choosing to end its turn).
+            if info.completion_tokens >= sample.max_new_tokens:
+                info.finish_reason = "length"
+
+        stops = (*self.template.stop_strings, *(s for s in stop_strings if s))
+        yield from decode_stream(counted(), self.tokenizer, stop_strings=stops, skip_ids=(UNK_ID,))
 
     def next_char_probs(self, k: int = 10) -> list[tuple[str, float]]:
         """The model's ``k`` likeliest first characters for its last answer, with probabilities

@@ -174,6 +174,48 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return cmd_chat(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from minigpt2 import serve
+    except ImportError as err:
+        raise UserError(f"minigpt2 serve needs FastAPI and uvicorn ({err.name} is missing): "
+                        "pip install 'minigpt2[serve]'") from None  # fmt: skip
+    from minigpt2 import recipes
+    from minigpt2.chat import Chatbot
+
+    if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
+        data_dir, run_dir = recipes.default_paths()
+        if not recipes.has_model(run_dir):
+            print(f"no RUN given and no default chatbot yet: training one into {run_dir} (once)")
+        args.run = str(recipes.ensure_chatbot(recipes.DEFAULT_SOURCE, data_dir, run_dir))
+    limits = serve.ServeConfig(
+        **{name: getattr(args, name) for name in serve.LIMITS},
+        default_max_tokens=args.max_new_tokens,
+        api_key=args.api_key or os.environ.get("MINIGPT2_API_KEY") or None,
+        model_id=args.model_id or Path(args.run).resolve().name,
+    )  # fmt: skip
+    bot = Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
+                           user_name=args.user_name, bot_name=args.bot_name,
+                           sample=_sample_config(args))  # fmt: skip
+    if args.max_concurrent > 1:
+        # Answers run side by side in threads; one torch thread each keeps them off each other's cores.
+        import torch
+
+        torch.set_num_threads(1)
+    def ready(url: str) -> None:
+        if args.host not in ("127.0.0.1", "localhost", "::1") and limits.api_key is None:
+            _err(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+        print(f"serving {args.run} as {limits.model_id!r}: web chat at {url}, OpenAI API at {url}v1"
+              f"{' (API key required)' if limits.api_key else ''}; Ctrl-C stops", flush=True)  # fmt: skip
+
+    try:
+        serve.run_server(serve.create_app(bot, limits), args.host, args.port, on_ready=ready)
+    except KeyboardInterrupt:  # uvicorn has already shut down cleanly; Ctrl-C is how a server stops
+        pass
+    print("server stopped")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from minigpt2.generate import stream_text
 
@@ -362,14 +404,31 @@ def add_sampling_options(
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
 
 
-def add_chat_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+def add_chat_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
+    if prompt:
+        p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--template", choices=["dialogue", "play"], default=None,
                    help="turn format (default: the one the checkpoint names)")  # fmt: skip
     p.add_argument("--user-name", default=None, help="play template: the user's speaker name")
     p.add_argument("--bot-name", default=None, help="play template: the bot's speaker name")
     add_sampling_options(p, max_new_tokens=300, temperature=0.7, top_k=40)
     add_inference_options(p)
+
+
+def add_serve_limits(p: argparse.ArgumentParser) -> None:
+    # Named as serve.ServeConfig's fields (serve.LIMITS); --max-new-tokens is the per-answer default.
+    limits = [
+        ("max-message-chars", 4000, "characters in one message"),
+        ("max-history-chars", 32000, "characters in all messages of one request"),
+        ("max-messages", 200, "messages in one request"),
+        ("max-tokens", 1000, "characters one answer may ask for"),
+        ("max-concurrent", 2, "answers generated at the same time"),
+        ("max-queue", 32, "requests waiting for a slot; more get 429"),
+        ("max-body-bytes", 1_000_000, "request body size; larger gets 413"),
+    ]
+    group = p.add_argument_group("limits")
+    for name, default, text in limits:
+        group.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="chat", help="training preset (default chat)")
     add_chat_options(p)
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web chat page for a trained model")
+    p.add_argument("run", metavar="RUN", nargs="?", default=None,
+                   help="a run directory (default: the default chatbot, trained if missing)")  # fmt: skip
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (or set MINIGPT2_API_KEY)")  # fmt: skip
+    p.add_argument("--model-id", default=None, help="the model name the API reports (default: RUN's name)")
+    add_serve_limits(p)
+    add_chat_options(p, prompt=False)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face GPT2LMHeadModel directory")
     p.add_argument("run", metavar="RUN", help="a run directory, or RUN/best or RUN/last")

@@ -69,8 +69,10 @@ def _cpu_threads(n: int) -> Iterator[None]:
     matrix-vector products: one thread does them faster than two that must synchronise, and far
     faster when another process is busy on the other core."""
     before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
+    if not n or n == before:  # nothing to change (and nothing for a concurrent caller to race on)
+        yield
+        return
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -150,19 +152,34 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield the generated text piece by piece, ending before the first stop string or stop id.
 
-    Text that might be the start of a stop string is held back until it is clear that it is not.
-    Special tokens other than the stops are shown by their spelling, except ``skip_ids`` (generated
-    and kept in the context, but not shown).
+    ``generate_ids`` feeding ``decode_stream``: see both for the rules.
     """
-    hidden = set(skip_ids)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:  # an empty prompt starts from a line break, or the end of a turn
         ids = tokenizer.encode("\n") if "\n" in tokenizer.chars else [EOT_ID]
+    new_ids = generate_ids(model, ids, cfg, stop_ids=stop_ids, use_cache=use_cache, precision=precision,
+                           generator=generator, min_new_tokens=min_new_tokens)  # fmt: skip
+    return decode_stream(new_ids, tokenizer, stop_strings=stop_strings, skip_ids=skip_ids)
+
+
+def decode_stream(
+    ids: Iterable[int],
+    tokenizer: CharTokenizer,
+    *,
+    stop_strings: Sequence[str] = (),
+    skip_ids: Iterable[int] = (),
+) -> Iterator[str]:
+    """Turn a stream of new ids into text pieces, ending before the first stop string.
+
+    Text that might be the start of a stop string is held back until it is clear that it is not.
+    Special tokens are shown by their spelling, except ``skip_ids`` (generated and kept in the
+    context, but not shown). Stops as soon as a stop string is complete, without asking ``ids`` for
+    more, so a generator behind ``ids`` does no extra work.
+    """
+    hidden = set(skip_ids)
     held = ""
     longest = max((len(s) for s in stop_strings), default=0)
-    for i in generate_ids(model, ids, cfg, stop_ids=stop_ids, use_cache=use_cache,
-                          precision=precision, generator=generator,
-                          min_new_tokens=min_new_tokens):  # fmt: skip
+    for i in ids:
         if i in hidden:
             continue
         held += tokenizer.decode([i])
