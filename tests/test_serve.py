@@ -24,10 +24,10 @@ import httpx
 import openai
 import pytest
 
-from minigpt2 import checkpoint, serve
-from minigpt2.chat import Chatbot, ReplyInfo, Turn
-from minigpt2.config import SampleConfig
 from helpers_serve import running, tiny_chatbot
+from minigpt2 import checkpoint, serve
+from minigpt2.chat import ReplyInfo, Turn
+from minigpt2.config import SampleConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -35,8 +35,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     """One server for the read-only tests of this module (default limits, no API key)."""
-    with running(tiny_chatbot(), serve.ServeConfig(max_tokens=200, max_message_chars=500,
-                                                   max_history_chars=2000, max_messages=20)) as base:  # fmt: skip
+    limits = serve.ServeConfig(max_tokens=200, max_message_chars=500, max_history_chars=2000, max_messages=20)
+    with running(tiny_chatbot(), limits) as base:
         yield base
 
 
@@ -85,7 +85,7 @@ def test_openai_client_streams_the_same_reply_in_pieces(url: str) -> None:
             max_tokens=40,
             stream=True,
             stream_options={"include_usage": True},
-        )  # fmt: skip
+        )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
@@ -268,9 +268,9 @@ def test_busy_server_answers_429_when_the_queue_is_full() -> None:
 def test_waiting_requests_queue_and_all_get_answers() -> None:
     bot, slow = tiny_chatbot(), Slow(delay=0.005)
     bot.answer = slow  # type: ignore[method-assign]
-    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=10)) as base:
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            replies = list(pool.map(lambda _: ask(base, max_tokens=20), range(6)))
+    limits = serve.ServeConfig(max_concurrent=1, max_queue=10)
+    with running(bot, limits) as base, concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: ask(base, max_tokens=20), range(6)))
     assert [r.status_code for r in replies] == [200] * 6
     assert all(r.json()["choices"][0]["message"]["content"] == "a" * 20 for r in replies)
 
@@ -281,11 +281,15 @@ def test_a_client_that_disconnects_stops_its_generation(stream: bool) -> None:
     bot.answer = slow  # type: ignore[method-assign]
     with running(bot, serve.ServeConfig(max_tokens=1000)) as base:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": stream}
-        with pytest.raises(httpx.ReadTimeout):  # not streaming: give up waiting after a while
-            with httpx.stream("POST", base + "v1/chat/completions", json=body, timeout=0.5) as response:
-                for i, _ in enumerate(response.iter_lines()):
-                    if i == 5:
-                        raise httpx.ReadTimeout("the client leaves")
+        endpoint = base + "v1/chat/completions"
+        # Streaming: leave after a few events. Not streaming: give up waiting after half a second.
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            httpx.stream("POST", endpoint, json=body, timeout=0.5) as response,
+        ):
+            for i, _ in enumerate(response.iter_lines()):
+                if i == 5:
+                    raise httpx.ReadTimeout("the client leaves")
         deadline = time.monotonic() + 10
         while httpx.get(base + "health").json()["active"] and time.monotonic() < deadline:
             time.sleep(0.05)

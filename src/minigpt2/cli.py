@@ -10,6 +10,7 @@ Tests: ``pytest tests/test_cli.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import os
@@ -202,16 +203,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(1)
+
     def ready(url: str) -> None:
         if args.host not in ("127.0.0.1", "localhost", "::1") and limits.api_key is None:
             _err(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
         print(f"serving {args.run} as {limits.model_id!r}: web chat at {url}, OpenAI API at {url}v1"
               f"{' (API key required)' if limits.api_key else ''}; Ctrl-C stops", flush=True)  # fmt: skip
 
-    try:
+    # uvicorn shuts down cleanly on Ctrl-C, then re-raises it; for a server it is the normal way out.
+    with contextlib.suppress(KeyboardInterrupt):
         serve.run_server(serve.create_app(bot, limits), args.host, args.port, on_ready=ready)
-    except KeyboardInterrupt:  # uvicorn has already shut down cleanly; Ctrl-C is how a server stops
-        pass
     print("server stopped")
     return 0
 
