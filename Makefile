@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-done
 # `make chat LANG=italian`: LANG counts only when given on the command line (it is also the locale).
 CHAT_LANG ?= $(if $(filter command line,$(origin LANG)),$(LANG),english)
 
-.PHONY: setup test lint chat notebook clean
+.PHONY: setup test lint chat serve notebook clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test: lint
 # Prepares chatterbot-corpus, trains the default chatbot once (< 10 minutes on a 2-core CPU), then chats.
 chat: setup
 	$(BIN)/minigpt2 quickstart --lang $(CHAT_LANG)
+
+# The default chatbot (or `make serve RUN=runs/mine`) over HTTP: a web chat at http://127.0.0.1:8000/
+# and an OpenAI-compatible API at /v1.
+serve: setup
+	$(BIN)/minigpt2 serve $(RUN)
 
 notebook: setup
 	$(BIN)/python -m pip install --quiet -e ".[notebook]"
