@@ -161,18 +161,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+
+    args.run = _default_chatbot(args.source or f"chatterbot:{args.lang}", args.preset)
+    return cmd_chat(args)
+
+
+def _default_chatbot(source: str, preset: str = "chat") -> str:
+    """The run directory of the default chatbot for ``source``, trained first if needed."""
     from minigpt2 import recipes
 
-    source = args.source or f"chatterbot:{args.lang}"
     data_dir, run_dir = recipes.default_paths(source)
     if not recipes.has_model(run_dir) or not (run_dir / "summary.json").is_file():
         print(f"training the default chatbot on {source} into {run_dir} (once; Ctrl-C stops early)")
     bar = _progress_bar()
     try:
-        args.run = str(recipes.ensure_chatbot(source, data_dir, run_dir, preset=args.preset, callbacks=[bar]))
+        return str(recipes.ensure_chatbot(source, data_dir, run_dir, preset=preset, callbacks=[bar]))
     finally:
         bar.on_end({})  # the bar's line ends before anything else is printed
-    return cmd_chat(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -181,14 +186,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UserError(f"minigpt2 serve needs FastAPI and uvicorn ({err.name} is missing): "
                         "pip install 'minigpt2[serve]'") from None  # fmt: skip
-    from minigpt2 import recipes
     from minigpt2.chat import Chatbot
+    from minigpt2.recipes import DEFAULT_SOURCE
 
     if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
-        data_dir, run_dir = recipes.default_paths()
-        if not recipes.has_model(run_dir):
-            print(f"no RUN given and no default chatbot yet: training one into {run_dir} (once)")
-        args.run = str(recipes.ensure_chatbot(recipes.DEFAULT_SOURCE, data_dir, run_dir))
+        args.run = _default_chatbot(DEFAULT_SOURCE)
     limits = serve.ServeConfig(
         **{name: getattr(args, name) for name in serve.LIMITS},
         default_max_tokens=args.max_new_tokens,
