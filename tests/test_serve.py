@@ -100,6 +100,9 @@ def test_openai_client_streams_the_same_reply_in_pieces(url: str) -> None:
 def test_models_endpoints(url: str) -> None:
     models = client(url).models.list()
     assert [m.id for m in models.data] == ["minigpt2"]
+    card = httpx.get(url + "v1/models").json()["data"][0]  # what the web page starts its controls from
+    assert card["limits"]["max_tokens"] == 200 and card["defaults"]["max_tokens"] == 200
+    assert card["defaults"]["temperature"] == 1.0
     assert client(url).models.retrieve("minigpt2").id == "minigpt2"
     with pytest.raises(openai.NotFoundError):
         client(url).models.retrieve("gpt-4")

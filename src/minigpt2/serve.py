@@ -336,7 +336,14 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            code="invalid_api_key")  # fmt: skip
 
-    model_card = {"id": limits.model_id, "object": "model", "created": created, "owned_by": "minigpt2"}
+    # OpenAI's model object, plus what the web page needs to start its controls from: the sampling
+    # defaults and the limits this server was started with (clients ignore unknown fields).
+    model_card = {
+        "id": limits.model_id, "object": "model", "created": created, "owned_by": "minigpt2",
+        "defaults": {"temperature": bot.sample.temperature, "top_k": bot.sample.top_k,
+                     "top_p": bot.sample.top_p, "max_tokens": limits.default_max_tokens},
+        "limits": {name: getattr(limits, name) for name in LIMITS},
+    }  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:

@@ -1,0 +1,203 @@
+"""End-to-end tests of the web chat page of ``minigpt2 serve``, in headless Chromium via Playwright.
+
+A real uvicorn server (``helpers_serve.running``) serves a tiny untrained model; the page is driven
+like a user would: Enter sends (a non-ASCII message, to prove UTF-8 survives both ways), Shift+Enter
+starts a new line, the answer streams in several chunks and the model name comes from /v1/models;
+Regenerate replaces the last answer and Reset clears the transcript; Stop ends the answer in the page
+and its generation on the server; an API key is asked for on a 401 (a wrong one shows the error); and
+a server error (max_tokens over the limit) is shown without leaving an empty bot bubble.
+
+Needs Debian's Chromium at /usr/bin/chromium (Playwright's own browser download is not used); without
+it the module is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
+
+from helpers_serve import running, tiny_chatbot
+from minigpt2.chat import Chatbot, Turn
+from minigpt2.config import SampleConfig
+from minigpt2.generate import make_generator
+from minigpt2.serve import ServeConfig
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+TIMEOUT = 20_000  # ms, for every auto-waiting expect and action
+
+expect.set_options(timeout=TIMEOUT)
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page in its own context (so no API key is left in sessionStorage)."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT)
+    yield context.new_page()
+    context.close()
+
+
+def bot(seed: int = 0) -> Chatbot:
+    chatbot = tiny_chatbot()
+    chatbot.sample = SampleConfig(max_new_tokens=40, temperature=1.0, seed=seed)
+    return chatbot
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#input").fill(text)
+    page.locator("#input").press("Enter")
+
+
+def finished_reply(page: Page) -> str:
+    """Waits for the one bot bubble to finish streaming and returns its text."""
+    reply = page.locator(".msg.assistant")
+    expect(reply).to_have_count(1)
+    expect(reply).to_have_attribute("data-state", "done")
+    expect(page.locator("body")).to_have_attribute("data-busy", "no")
+    return reply.evaluate("el => el.textContent")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def test_enter_sends_and_the_reply_streams_in_utf8(page: Page) -> None:
+    chatbot = bot(seed=0)
+    message = "ciao, città è bella"
+    with running(chatbot, ServeConfig(model_id="tiny-test")) as url:
+        page.goto(url)
+        expect(page.locator("#model")).to_have_text("tiny-test")
+        send(page, message)
+        expect(page.locator(".msg.user")).to_have_js_property("textContent", message)
+        expect(page.locator("#input")).to_have_value("")
+        text = finished_reply(page)
+        chunks = int(page.locator(".msg.assistant").get_attribute("data-chunks") or 0)
+    # The page starts from the server's defaults: the bot's temperature 1.0 and top-k 0 (all), and
+    # ServeConfig's 300 characters; the bot's seed makes it repeatable.
+    sample = SampleConfig(max_new_tokens=300, temperature=1.0, top_k=0, seed=0)
+    expected = "".join(chatbot.answer([Turn("user", message)], sample, generator=make_generator(0)))
+    assert text == expected.strip() and text
+    assert chunks > 1, f"the reply came in {chunks} chunk(s), not streamed"
+    assert page.locator("#error").text_content() == ""
+
+
+def test_shift_enter_starts_a_new_line(page: Page) -> None:
+    with running(bot()) as url:
+        page.goto(url)
+        box = page.locator("#input")
+        box.fill("first line")
+        box.press("Shift+Enter")
+        box.press_sequentially("second line")
+        expect(box).to_have_value("first line\nsecond line")
+        expect(page.locator(".msg")).to_have_count(0)
+        box.press("Enter")
+        expect(page.locator(".msg.user")).to_have_js_property("textContent", "first line\nsecond line")
+        finished_reply(page)
+
+
+def test_regenerate_replaces_the_answer_and_reset_clears(page: Page) -> None:
+    with running(bot(seed=0)) as url:
+        page.goto(url)
+        send(page, "ciao")
+        finished_reply(page)
+        page.locator(".msg.assistant").evaluate("el => { el.dataset.old = 'yes'; }")
+        with page.expect_request("**/v1/chat/completions") as request:
+            page.locator("#regenerate").click()
+        # The old answer is not sent back: the model is asked again for the user's turn alone.
+        assert request.value.post_data_json["messages"] == [{"role": "user", "content": "ciao"}]
+        finished_reply(page)
+        expect(page.locator(".msg.assistant[data-old]")).to_have_count(0)
+        expect(page.locator(".msg.user")).to_have_count(1)
+        page.locator("#reset").click()
+        expect(page.locator("#transcript .msg")).to_have_count(0)
+        expect(page.locator("#regenerate")).to_be_disabled()
+
+
+def test_stop_ends_the_answer_in_the_page_and_on_the_server(page: Page) -> None:
+    chatbot = bot()
+    produced, closed = [], threading.Event()
+
+    def slow_answer(history: Any, sample: SampleConfig, **kwargs: Any) -> Generator[str, None, None]:
+        try:
+            for _ in range(sample.max_new_tokens):
+                time.sleep(0.02)
+                produced.append("a")
+                yield "a"
+        finally:
+            closed.set()
+
+    chatbot.answer = slow_answer  # type: ignore[method-assign]
+    with running(chatbot) as url:
+        page.goto(url)
+        page.locator("#max-tokens").fill("1000")
+        send(page, "talk for long")
+        reply = page.locator(".msg.assistant")
+        expect(reply).to_have_attribute("data-state", "streaming")
+        expect(reply).not_to_have_attribute("data-chunks", "0")
+        expect(page.locator("#stop")).to_be_enabled()
+        page.locator("#stop").click()
+        expect(reply).to_have_attribute("data-state", "stopped")
+        expect(page.locator("body")).to_have_attribute("data-busy", "no")
+        assert closed.wait(10), "the server kept generating after the page stopped reading"
+        deadline = time.monotonic() + 10
+        while (health := get_json(url + "health"))["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert health["active"] == 0, health
+    assert 0 < len(produced) < 1000
+    expect(reply).to_have_text(re.compile(r"^a+"))  # what had arrived stays
+
+
+def test_api_key_is_asked_for_and_a_wrong_one_is_shown(page: Page) -> None:
+    keys = iter(["wrong", "wrong again", "sekret"])
+    prompts: list[str] = []
+
+    def answer(dialog: Dialog) -> None:
+        prompts.append(dialog.message)
+        dialog.accept(next(keys))
+
+    page.on("dialog", answer)
+    with running(bot(), ServeConfig(api_key="sekret", model_id="keyed")) as url:
+        page.goto(url)  # the page asks for the model at once: the first prompt
+        expect(page.locator("#model")).to_contain_text("API key")
+        send(page, "first try")  # a second prompt, answered wrongly again
+        expect(page.locator("#error")).to_contain_text("API key")
+        expect(page.locator("body")).to_have_attribute("data-busy", "no")
+        expect(page.locator(".msg.assistant")).to_have_count(0)
+        send(page, "second try")  # the third prompt gets the right key
+        finished_reply(page)
+        expect(page.locator("#error")).to_have_text("")
+        expect(page.locator("#model")).to_have_text("keyed")  # named once the key is known
+    assert len(prompts) == 3 and all("API key" in p for p in prompts), prompts
+
+
+def test_server_error_is_shown_and_no_empty_bubble_stays(page: Page) -> None:
+    with running(bot(), ServeConfig(max_tokens=50, default_max_tokens=50)) as url:
+        page.goto(url)
+        expect(page.locator("#max-tokens")).to_have_value("50")  # the server's default, not the page's
+        page.locator("#max-tokens").fill("500")
+        send(page, "ciao")
+        expect(page.locator("#error")).to_have_text("max_tokens must be in [1, 50], got 500")
+        expect(page.locator("body")).to_have_attribute("data-busy", "no")
+        expect(page.locator(".msg.assistant")).to_have_count(0)
+        expect(page.locator(".msg.user")).to_have_count(1)
