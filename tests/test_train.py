@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import corpus_text, main, meta, prepare, rows, summary, tiny, train_args, trainer
+from helpers_train import BLOCK, corpus_text, main, meta, prepare, rows, summary, tiny, train_args, trainer
 from minigpt2 import checkpoint, cli, data, train
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.metrics import COLUMNS
@@ -139,6 +139,31 @@ def test_grad_accum_sees_the_same_batch(tmp_path: Path) -> None:
     assert torch.equal(out[4][0], out[8][0])
     for a, b in zip(out[4][1:], out[8][1:], strict=True):
         assert a[0] == pytest.approx(b[0], abs=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("pass_tokens", [3 * BLOCK, 4 * BLOCK, BLOCK])
+def test_passes_of_a_batch_give_the_same_step(tmp_path: Path, pass_tokens: int) -> None:
+    """A batch of 8 run as passes of 3 + 3 + 2, 4 + 4 or 1 x 8 sequences (``max_pass_tokens``)
+    gives the one-pass loss, gradient norm and weights, up to float rounding."""
+    d = prepare(tmp_path)
+    results = {}
+    for tokens in (8 * BLOCK, pass_tokens):
+        with trainer(d, tmp_path / f"run{tokens}", batch_size=8, dropout=0.0, max_pass_tokens=tokens) as t:
+            assert t.pass_size == (8 if tokens == 8 * BLOCK else tokens // BLOCK)
+            steps = [t.train_step()[:2] for _ in range(2)]
+            results[tokens] = (steps, torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]))
+    (one_pass, w1), (pieces, w2) = results[8 * BLOCK], results[pass_tokens]
+    for a, b in zip(one_pass, pieces, strict=True):
+        assert a[0] == pytest.approx(b[0], abs=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
+    assert torch.allclose(w1, w2, atol=1e-6)
+
+
+def test_max_pass_tokens_auto_cuts_big_cpu_batches_only(tmp_path: Path) -> None:
+    d = prepare(tmp_path)
+    with trainer(d, tmp_path / "small", batch_size=8) as t:  # 8 x 16 tokens: well under 4096
+        assert t.pass_size == 8
+    with trainer(d, tmp_path / "big", batch_size=300) as t:  # 4,800 tokens: 256 per pass
+        assert t.pass_size == 4096 // BLOCK
 
 
 def test_bf16_autocast_is_active_on_cpu() -> None:

@@ -77,6 +77,10 @@ class TrainConfig:
     max_iters: int = 3000  # optimizer steps (each one sees batch_size * grad_accum sequences)
     batch_size: int = 32  # sequences per micro-batch (per process under DDP)
     grad_accum: int = 1  # micro-batches summed per optimizer step (a bigger batch in less memory)
+    # The most tokens one forward/backward pass holds: a bigger micro-batch runs in pieces whose
+    # gradients add up to the same step. 0 = auto: 4096 on a CPU (faster there, and a quarter of
+    # the activation memory at batch 64 x 256: docs/performance.md), no limit on a GPU.
+    max_pass_tokens: int = 0
     lr: float = 2e-3  # peak learning rate, reached at the end of warm-up
     min_lr: float = 2e-4  # floor of the decay; nanoGPT's rule of thumb is lr / 10
     lr_schedule: str = "cosine"  # "cosine", "linear" or "constant" after warm-up
@@ -103,6 +107,9 @@ class TrainConfig:
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")
+        _check(
+            self.max_pass_tokens >= 0, f"max_pass_tokens must be >= 0 (0 = auto), got {self.max_pass_tokens}"
+        )
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         _check(

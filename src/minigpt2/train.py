@@ -38,6 +38,9 @@ from minigpt2.runstate import RunLock, TrainResult, load_start, restore_rng, rng
 from minigpt2.schedule import EarlyStopState, early_stop_update, lr_at
 
 log = logging.getLogger(__name__)
+# Tokens per forward/backward pass on a CPU when max_pass_tokens is 0 (auto): at batch 64 x 256,
+# passes of 16 sequences trained faster than one pass of 64 and peaked at 1.5 instead of 3.7 GiB.
+CPU_PASS_TOKENS = 4096
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -140,6 +143,14 @@ class Trainer:
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.dist.world_size
 
+    @property
+    def pass_size(self) -> int:
+        """Sequences per forward/backward pass: the micro-batch, or pieces of it (``max_pass_tokens``)."""
+        limit = self.cfg.max_pass_tokens or (CPU_PASS_TOKENS if self.device.type == "cpu" else 0)
+        if not limit:
+            return self.cfg.batch_size
+        return max(1, min(self.cfg.batch_size, limit // self.model_cfg.block_size))
+
     def _check_sizes(self) -> None:
         T = self.model_cfg.block_size
         for name, split in (("train", self.train_data), ("val", self.val_data)):
@@ -199,6 +210,15 @@ class Trainer:
             x, y = data.windows(self.train_data, starts[r * B : (r + 1) * B], T, mask)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _passes(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float, bool]]:
+        """The step's forward/backward passes: each micro-batch cut into ``pass_size`` pieces.
+        Yields (x, y, weight = share of the step's sequences, last pass of the step?)."""
+        size, accum = self.pass_size, self.cfg.grad_accum
+        for i, (x, y) in enumerate(self._micro_batches()):
+            pieces = list(zip(torch.split(x, size), torch.split(y, size), strict=True))
+            for j, (xp, yp) in enumerate(pieces):
+                yield xp, yp, len(xp) / (len(x) * accum), i == accum - 1 and j == len(pieces) - 1
+
     def horizon(self) -> int:
         """The step the LR schedule decays towards: ``max_iters``, or with a time budget the steps
         expected to fit in it at the speed so far, so the LR reaches ``min_lr`` as time runs out."""
@@ -217,16 +237,17 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(self._micro_batches()):
-            # DDP averages gradients across processes once, on the last micro-batch.
-            last = i == cfg.grad_accum - 1
+        for x, y, weight, last in self._passes():
+            # DDP averages gradients across processes once, on the last pass.
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()  # type: ignore[operator]
             with sync:
                 with self.precision.autocast():
                     _, loss = self.model(x, y)
                 assert loss is not None
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
+                # Each pass's mean loss, weighted by its share of the step's sequences: the
+                # gradients add up to those of the mean over the whole batch.
+                self.scaler.scale(loss * weight).backward()
+            total += loss.detach() * weight
         train_loss = float(distributed.mean(total, self.dist))
         if not math.isfinite(train_loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -267,6 +288,10 @@ class Trainer:
         )
         if self.dist.enabled:
             self._message(f"DDP: {self.dist.world_size} processes, global batch {self.global_batch}")
+        if self.pass_size < cfg.batch_size:
+            passes = -(-cfg.batch_size // self.pass_size)
+            self._message(f"batch {cfg.batch_size} runs as {passes} passes of up to {self.pass_size} "
+                          "sequences (max_pass_tokens: less memory, same gradients)")  # fmt: skip
         for cb in self.callbacks:
             cb.on_start(cfg.max_iters, self.step)
         metrics = MetricsFile(self.run_dir / "metrics.csv", self.records) if self.dist.is_main else None
