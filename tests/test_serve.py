@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,7 +110,10 @@ def test_models_endpoints(url: str) -> None:
     assert httpx.get(url + "health").json()["status"] == "ok"
     page = httpx.get(url)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "<script" in page.text and "http://" not in page.text.split("<script", 1)[1]  # no external assets
+    assert "<script>" in page.text and "<style>" in page.text  # inline: no build step
+    assert not re.search(
+        r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(""", page.text
+    )  # nothing external
 
 
 def test_max_tokens_ends_with_length_and_seed_repeats(url: str) -> None:
@@ -118,8 +122,24 @@ def test_max_tokens_ends_with_length_and_seed_repeats(url: str) -> None:
     assert first["choices"][0]["message"] == again["choices"][0]["message"]
     if first["usage"]["completion_tokens"] == 3:
         assert first["choices"][0]["finish_reason"] == "length"
-    long = ask(url, max_completion_tokens=200, seed=2, temperature=0).json()
-    assert long["usage"]["completion_tokens"] <= 200
+    # max_completion_tokens (the newer name) wins over max_tokens
+    short = ask(url, max_completion_tokens=2, max_tokens=100, seed=2, temperature=2).json()
+    assert short["usage"]["completion_tokens"] <= 2 and len(short["choices"][0]["message"]["content"]) <= 2
+
+
+def test_top_p_zero_is_greedy_and_a_negative_seed_is_random(url: str) -> None:
+    greedy = ask(url, top_p=0, temperature=1.5, seed=1, max_tokens=20).json()["choices"][0]["message"]
+    assert greedy == ask(url, temperature=0, seed=99, max_tokens=20).json()["choices"][0]["message"]
+    assert ask(url, seed=-1, max_tokens=5).status_code == 200
+
+
+def test_stop_strings_end_the_reply(url: str) -> None:
+    full = ask(url, seed=6, temperature=2, max_tokens=60).json()["choices"][0]["message"]["content"]
+    cut = next((c for c in full[3:] if c.strip()), None)
+    assert cut is not None, full
+    stopped = ask(url, seed=6, temperature=2, max_tokens=60, stop=[cut, "zzzz"]).json()
+    assert stopped["choices"][0]["message"]["content"] == full[: full.index(cut)].strip()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
 def test_system_messages_are_dropped_and_history_is_used(url: str) -> None:
@@ -135,6 +155,9 @@ def test_content_parts_and_unknown_characters(url: str) -> None:
     parts = [{"type": "text", "text": "ciao "}, {"type": "text", "text": "☃ 日本 🎉"}]
     reply = ask(url, messages=[{"role": "user", "content": parts}], seed=1)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    same = ask(url, messages=[{"role": "user", "content": "ciao ☃ 日本 🎉"}], seed=1)
+    assert same.json()["choices"] == reply.json()["choices"]  # the parts were joined, not dropped
+    assert same.json()["usage"]["prompt_tokens"] == len("ciao ☃ 日本 🎉") + 3
 
 
 def test_raw_event_stream_is_valid_utf8_sse(url: str) -> None:
@@ -158,12 +181,17 @@ def test_raw_event_stream_is_valid_utf8_sse(url: str) -> None:
 BAD = [
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 201}, "max_tokens"),
-    ({"seed": -1}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"stop": "x" * 65}, "stop"),
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"n": 2}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": []}, "messages"),
@@ -195,6 +223,11 @@ def test_bad_request_through_the_openai_client(url: str) -> None:
 
 def test_broken_json_and_oversized_bodies(url: str) -> None:
     endpoint = url + "v1/chat/completions"
+    for content, kind in ((b"messages=hi", "application/x-www-form-urlencoded"), (b"[]", "application/json")):
+        wrong = httpx.post(endpoint, content=content, headers={"content-type": kind})
+        assert (
+            wrong.status_code == 400 and "Content-Type: application/json" in wrong.json()["error"]["message"]
+        )
     broken = httpx.post(endpoint, content=b'{"messages": [', headers={"content-type": "application/json"})
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     big = json.dumps({"messages": [{"role": "user", "content": "x" * 1_100_000}]}).encode()
@@ -221,11 +254,20 @@ def test_api_key_guards_the_api_but_not_the_page() -> None:
                 client(base, key or "x").models.list()
         no_header = httpx.post(base + "v1/chat/completions", json={"messages": []})
         assert no_header.status_code == 401 and no_header.json()["error"]["code"] == "invalid_api_key"
+        odd = httpx.get(base + "v1/models", headers={"Authorization": "Bearer caf\u00e9".encode()})
+        assert odd.status_code == 401  # a non-ASCII key is just a wrong key, not a crash
         good = client(base, "sekret").chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
         )
         assert good.choices[0].message.content
         assert httpx.get(base).status_code == 200 and httpx.get(base + "health").status_code == 200
+
+
+def test_only_loopback_host_names_when_asked() -> None:
+    """DNS rebinding: a page on another site that renames itself to 127.0.0.1 sends its own Host."""
+    with running(tiny_chatbot(), serve.ServeConfig(allowed_hosts=("127.0.0.1", "localhost"))) as base:
+        assert httpx.get(base + "health").status_code == 200
+        assert httpx.get(base + "v1/models", headers={"Host": "evil.example"}).status_code == 400
 
 
 # --- concurrency, queueing, disconnects, load ---------------------------------------------------
@@ -276,6 +318,58 @@ def test_waiting_requests_queue_and_all_get_answers() -> None:
         replies = list(pool.map(lambda _: ask(base, max_tokens=20), range(6)))
     assert [r.status_code for r in replies] == [200] * 6
     assert all(r.json()["choices"][0]["message"]["content"] == "a" * 20 for r in replies)
+
+
+def test_a_burst_cannot_slip_past_the_queue_limit() -> None:
+    """12 requests released at once against 1 slot + 2 queue places: 3 answered, 9 refused."""
+    bot, slow = tiny_chatbot(), Slow(delay=0.01)
+    bot.answer = slow  # type: ignore[method-assign]
+    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=2)) as base:
+        barrier = threading.Barrier(12)
+
+        def burst(_: int) -> int:
+            barrier.wait()
+            return ask(base, max_tokens=30).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = sorted(pool.map(burst, range(12)))
+    assert codes == [200] * 3 + [429] * 9
+
+
+def test_a_client_that_leaves_the_queue_frees_its_place() -> None:
+    bot, slow = tiny_chatbot(), Slow(delay=0.02)
+    bot.answer = slow  # type: ignore[method-assign]
+    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=1, max_tokens=1000)) as base:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", base + "v1/chat/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()
+            next(lines)  # the only slot is busy for ~2 s
+            with pytest.raises(httpx.ReadTimeout):  # the second waits in the queue, then gives up
+                httpx.post(base + "v1/chat/completions", json=body, timeout=0.5)
+            deadline = time.monotonic() + 5
+            while httpx.get(base + "health").json()["waiting"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert httpx.get(base + "health").json()["waiting"] == 0  # its place is free again...
+            with httpx.stream("POST", base + "v1/chat/completions", json=body, timeout=30) as third:
+                assert third.status_code == 200  # ...so a new request queues instead of a 429
+
+
+def test_an_internal_error_is_a_json_error_not_a_crash() -> None:
+    bot = tiny_chatbot()
+
+    def broken(*args: Any, **kw: Any) -> Generator[str, None, None]:
+        yield "a"
+        raise RuntimeError("the model fell over")
+
+    bot.answer = broken  # type: ignore[method-assign]
+    with running(bot) as base:
+        plain = ask(base)
+        assert plain.status_code == 500 and "fell over" in plain.json()["error"]["message"]
+        with httpx.stream("POST", base + "v1/chat/completions", json={"messages": [
+                {"role": "user", "content": "x"}], "stream": True}, timeout=30) as response:  # fmt: skip
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert "fell over" in json.loads(events[-1].removeprefix("data: "))["error"]["message"]
+        assert httpx.get(base + "health").json()["active"] == 0
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -387,6 +481,10 @@ def test_serve_command_runs_and_stops_on_ctrl_c(tmp_path: Path, one_line_error: 
         (["mybot", "--max-queue", "-1"], "max_queue must be >= 0"),
         (["missing-run"], "missing-run"),
         (["mybot", "--host", "no-such-host.invalid"], "cannot listen on"),
+        (["mybot", "--port", "70000"], "port must be in [0, 65535]"),
+        (["mybot", "--api-key", ""], "api_key is empty"),
+        (["mybot", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--max-concurrent", "0"], "max_concurrent must be >= 1"),  # before training a default bot
     ],
 )
 def test_serve_command_bad_options_are_one_line_errors(
@@ -394,4 +492,5 @@ def test_serve_command_bad_options_are_one_line_errors(
 ) -> None:
     bot = tiny_chatbot()
     checkpoint.save(tmp_path / "mybot" / "best", bot.model, bot.tokenizer, {"chat_template": "dialogue"})
-    assert expected in one_line_error(cli("serve", *args, "--port", "0", timeout=60))
+    port = [] if "--port" in args else ["--port", "0"]
+    assert expected in one_line_error(cli("serve", *args, *port, timeout=60))

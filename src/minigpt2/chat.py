@@ -120,6 +120,21 @@ def build_prompt(history: list[Turn], template: Template, tok: CharTokenizer, bu
     return [i for ids in reversed(kept) for i in ids] + prefix
 
 
+def strip_ends(pieces: Iterator[str]) -> Iterator[str]:
+    """The stream of ``pieces`` without whitespace at its start or end: leading whitespace is
+    dropped, and trailing whitespace is held back until something visible follows it."""
+    started, pending = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield pending + body
+            pending = ""
+        pending += piece[len(body) :]
+
+
 class Chatbot:
     """A conversation with a trained model. History is a list of ``Turn``; answers are streamed."""
 
@@ -219,8 +234,10 @@ class Chatbot:
         """Yield the bot's next turn after ``history``, piece by piece, without touching
         ``self.history``: one ``Chatbot`` can answer many conversations at once (the HTTP server).
 
-        ``sample`` and ``generator`` default to the bot's own; ``stop_strings`` are added to the
-        template's; ``info``, if given, is filled in as the answer streams.
+        ``sample`` defaults to the bot's own, ``generator`` to a fresh one seeded from
+        ``sample.seed``; ``stop_strings`` are added to the template's; ``info``, if given, is
+        filled in as the answer streams. Spaces and line breaks at either end are left out, so
+        the streamed answer is exactly the one the history keeps.
         """
         from minigpt2.generate import decode_stream, generate_ids, make_generator
 
@@ -245,7 +262,9 @@ class Chatbot:
                 info.finish_reason = "length"
 
         stops = (*self.template.stop_strings, *(s for s in stop_strings if s))
-        yield from decode_stream(counted(), self.tokenizer, stop_strings=stops, skip_ids=(UNK_ID,))
+        yield from strip_ends(
+            decode_stream(counted(), self.tokenizer, stop_strings=stops, skip_ids=(UNK_ID,))
+        )
 
     def next_char_probs(self, k: int = 10) -> list[tuple[str, float]]:
         """The model's ``k`` likeliest first characters for its last answer, with probabilities

@@ -189,25 +189,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from minigpt2.chat import Chatbot
     from minigpt2.recipes import DEFAULT_SOURCE
 
-    if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
-        args.run = _default_chatbot(DEFAULT_SOURCE)
+    loopback = args.host in LOOPBACK
+    sample = _sample_config(args)  # options are checked before anything is trained or loaded
     limits = serve.ServeConfig(
         **{name: getattr(args, name) for name in serve.LIMITS},
         default_max_tokens=args.max_new_tokens,
-        api_key=args.api_key or os.environ.get("MINIGPT2_API_KEY") or None,
-        model_id=args.model_id or Path(args.run).resolve().name,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("MINIGPT2_API_KEY"),
+        # (IPv6 is left out: Starlette's host check cannot parse "[::1]:8000".)
+        allowed_hosts=("127.0.0.1", "localhost") if args.host in ("127.0.0.1", "localhost") else (),
     )  # fmt: skip
+    if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
+        args.run = _default_chatbot(DEFAULT_SOURCE)
+    limits.model_id = args.model_id or Path(args.run).resolve().name
     bot = Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
-                           user_name=args.user_name, bot_name=args.bot_name,
-                           sample=_sample_config(args))  # fmt: skip
+                           user_name=args.user_name, bot_name=args.bot_name, sample=sample)  # fmt: skip
     if args.max_concurrent > 1:
-        # Answers run side by side in threads; one torch thread each keeps them off each other's cores.
+        # Answers run side by side in threads: share the cores out rather than oversubscribe them.
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
 
     def ready(url: str) -> None:
-        if args.host not in ("127.0.0.1", "localhost", "::1") and limits.api_key is None:
+        if not loopback and limits.api_key is None:
             _err(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
         print(f"serving {args.run} as {limits.model_id!r}: web chat at {url}, OpenAI API at {url}v1"
               f"{' (API key required)' if limits.api_key else ''}; Ctrl-C stops", flush=True)  # fmt: skip
@@ -217,6 +220,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.run_server(serve.create_app(bot, limits), args.host, args.port, on_ready=ready)
     print("server stopped")
     return 0
+
+
+# Host names that reach only this machine; a server on one of them accepts only these Host headers.
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -63,22 +63,6 @@ def next_token(logits: Tensor, cfg: SampleConfig, context: Tensor, generator: to
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int) -> Iterator[None]:
-    """Run the block on ``n`` CPU threads (0: leave as is). A one-token step is a handful of tiny
-    matrix-vector products: one thread does them faster than two that must synchronise, and far
-    faster when another process is busy on the other core."""
-    before = torch.get_num_threads()
-    if not n or n == before:  # nothing to change (and nothing for a concurrent caller to race on)
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def make_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
@@ -122,7 +106,7 @@ def generate_ids(
                 cache.reset()
         fed = start + (cache.pos if cache is not None else 0)  # ids already in the cache end here
         idx = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)  # (1, T)
-        with autocast, _cpu_threads(1 if idx.size(1) == 1 and device.type == "cpu" else 0):
+        with autocast:
             logits, _ = model(idx, cache=cache)  # (1, T, V)
         last = logits[0, -1]
         if len(tokens) - len(prompt) < min_new_tokens and stops:
@@ -189,8 +173,10 @@ def decode_stream(
                 yield held[: min(hits)]
             return
         # Everything except a tail that could still begin a stop string is safe to show.
-        safe = len(held) - max((n for n in range(1, longest) if _ends_with_prefix(held, stop_strings, n)),
-                               default=0)  # fmt: skip
+        could_begin = (
+            n for n in range(1, min(longest, len(held) + 1)) if _ends_with_prefix(held, stop_strings, n)
+        )
+        safe = len(held) - max(could_begin, default=0)
         if safe > 0:
             yield held[:safe]
             held = held[safe:]

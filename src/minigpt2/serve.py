@@ -22,13 +22,15 @@ and ``tests/test_serve_browser.py`` (headless Chromium, driven by Playwright).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minigpt2.chat import Chatbot, ReplyInfo, Turn
@@ -64,6 +67,9 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000  # request bodies larger than this get 413
     api_key: str | None = None  # when set, /v1 needs "Authorization: Bearer <api_key>"
     model_id: str = "minigpt2"  # the name /v1/models reports
+    # Host headers accepted ("*" or empty: any). `minigpt2 serve` on loopback accepts only loopback
+    # names, so a web page on another site cannot reach the server through DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (*LIMITS, "default_max_tokens"):
@@ -76,9 +82,13 @@ class ServeConfig:
             raise ConfigError("api_key is empty; give a key or leave it out")
 
 
+log = logging.getLogger(__name__)
 # The ServeConfig fields that are plain integer limits (command-line options of the same name).
 LIMITS = ("max_message_chars", "max_history_chars", "max_messages", "max_tokens", "max_concurrent",
           "max_queue", "max_body_bytes")  # fmt: skip
+
+
+MAX_STOP_CHARS = 64  # per stop string; each generated character is checked against every one
 
 
 class ApiError(Exception):
@@ -128,9 +138,13 @@ class ChatRequest(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # not in OpenAI's API; llama.cpp and vLLM accept it too
     repetition_penalty: float | None = None  # likewise
-    seed: int | None = None
+    seed: int | None = None  # a negative seed (some clients send -1) means none: a fresh draw
     stop: str | list[str] | None = None
     n: int | None = None
+    # Not supported: accepted only when they ask for nothing (a 400 otherwise, not a silent "no").
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -174,32 +188,48 @@ def sampling(request: ChatRequest, bot: Chatbot, limits: ServeConfig) -> SampleC
     """The request's sampling options over the bot's defaults, range-checked as OpenAI does."""
     if request.n not in (None, 1):
         raise ApiError(400, "n must be 1: this server returns one choice", "n")
-    asked = (request.max_completion_tokens, request.max_tokens)  # the newer name wins
-    max_tokens = next((n for n in asked if n is not None), limits.default_max_tokens)
+    plain_text = (request.response_format or {}).get("type", "text") == "text"
+    unsupported = [("logprobs", bool(request.logprobs)), ("tools", bool(request.tools)),
+                   ("response_format", not plain_text)]  # fmt: skip
+    for name, wanted in unsupported:
+        if wanted:
+            raise ApiError(400, f"{name} is not supported by this server", name)
+    # The newer name wins; errors name the field the request used.
+    length_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, length_field)
+    max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
     checks: list[tuple[str, Any, bool, str]] = [
-        ("max_tokens", max_tokens, 1 <= max_tokens <= limits.max_tokens, f"in [1, {limits.max_tokens}]"),
+        (length_field, max_tokens, 1 <= max_tokens <= limits.max_tokens, f"in [1, {limits.max_tokens}]"),
         ("temperature", request.temperature, request.temperature is None or 0 <= request.temperature <= 2,
          "in [0, 2]"),
-        ("top_p", request.top_p, request.top_p is None or 0 < request.top_p <= 1, "in (0, 1]"),
+        ("top_p", request.top_p, request.top_p is None or 0 <= request.top_p <= 1, "in [0, 1]"),
         ("top_k", request.top_k, request.top_k is None or request.top_k >= 0, ">= 0 (0 keeps all)"),
         ("repetition_penalty", request.repetition_penalty,
          request.repetition_penalty is None or 0 < request.repetition_penalty <= 10, "in (0, 10]"),
-        ("seed", request.seed, request.seed is None or 0 <= request.seed < 2**63, "in [0, 2**63)"),
+        ("seed", request.seed, request.seed is None or request.seed < 2**63, "below 2**63"),
     ]  # fmt: skip
     for name, value, ok, allowed in checks:
         if not ok:
             raise ApiError(400, f"{name} must be {allowed}, got {value}", name)
     given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
              "repetition_penalty": request.repetition_penalty, "seed": request.seed}  # fmt: skip
-    options = {k: v for k, v in given.items() if v is not None}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if request.top_p == 0:  # OpenAI allows 0: only the likeliest character, i.e. greedy
+        options.update(top_p=1.0, temperature=0.0)
+    if request.seed is not None and request.seed < 0:
+        options["seed"] = None
     return SampleConfig(**{**vars(bot.sample), **options, "max_new_tokens": max_tokens})
 
 
 def stop_strings(request: ChatRequest) -> list[str]:
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stops) > 4:
-        raise ApiError(400, "stop may hold at most 4 strings", "stop")
+    if len(stops) > 4 or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop may hold at most 4 strings of at most {MAX_STOP_CHARS} characters", "stop")
     return stops
+
+
+class ClientGoneError(Exception):
+    """The client disconnected while its request waited for a slot."""
 
 
 class Gate:
@@ -207,20 +237,28 @@ class Gate:
 
     def __init__(self, slots: int, queue: int) -> None:
         self.slots, self.queue = slots, queue
-        self.active = self.waiting = 0
+        # Requests let in (running or waiting). Counted before any await, so a burst of requests
+        # arriving together cannot slip past the limit while the semaphore hands slots over.
+        self.admitted = self.active = 0
         self._free = anyio.Semaphore(slots)
         self.limiter = anyio.CapacityLimiter(slots)  # worker threads for the model
 
-    async def enter(self) -> Callable[[], None]:
-        """Wait for a slot; returns the function that frees it (safe to call more than once)."""
-        if self.active >= self.slots and self.waiting >= self.queue:
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.active
+
+    async def enter(self, gone: Callable[[], Awaitable[bool]] | None = None) -> Callable[[], None]:
+        """Wait for a slot; returns the function that frees it (safe to call more than once).
+        ``gone`` is polled while waiting: a client that has left gives up its place in the queue."""
+        if self.admitted >= self.slots + self.queue:
             raise ApiError(429, f"the server is busy ({self.active} answers running, {self.waiting} "
                            "waiting); try again shortly", code="server_busy")  # fmt: skip
-        self.waiting += 1
+        self.admitted += 1
         try:
-            await self._free.acquire()
-        finally:
-            self.waiting -= 1
+            await self._acquire(gone)
+        except BaseException:
+            self.admitted -= 1
+            raise
         self.active += 1
         freed = False
 
@@ -229,14 +267,40 @@ class Gate:
             if not freed:
                 freed = True
                 self.active -= 1
+                self.admitted -= 1
                 self._free.release()
 
         return leave
 
+    async def _acquire(self, gone: Callable[[], Awaitable[bool]] | None) -> None:
+        if gone is None:
+            await self._free.acquire()
+            return
+        got = False
+        async with anyio.create_task_group() as group:
 
-async def pieces(answer: Generator[str, None, None], limiter: anyio.CapacityLimiter) -> AsyncIterator[str]:
+            async def take() -> None:
+                nonlocal got
+                await self._free.acquire()
+                got = True
+                group.cancel_scope.cancel()
+
+            async def watch() -> None:
+                while not await gone():
+                    await anyio.sleep(0.2)
+                group.cancel_scope.cancel()
+
+            group.start_soon(take)
+            group.start_soon(watch)
+        if not got:
+            raise ClientGoneError
+
+
+async def pieces(
+    answer: Generator[str, None, None], limiter: anyio.CapacityLimiter
+) -> AsyncGenerator[str, None]:
     """The pieces of ``answer``, each computed in a worker thread. Closing this async generator
-    (the client went away) closes ``answer`` at once, so no more tokens are generated."""
+    (``contextlib.aclosing``: the client went away) closes ``answer``: no more tokens are made."""
     try:
         while True:
             piece = await anyio.to_thread.run_sync(next, answer, None, limiter=limiter)
@@ -309,6 +373,8 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
                   docs_url="/docs", redoc_url=None)  # fmt: skip
     app.state.gate = gate
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    if limits.allowed_hosts:  # a web page elsewhere cannot reach a loopback server by renaming it
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(limits.allowed_hosts))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -320,8 +386,15 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
         if first.get("type") == "json_invalid":
             return ApiError(400, "the request body is not valid JSON").response()
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else "the request body is missing"
-        return ApiError(400, message, where).response()
+        if where is None:  # the body as a whole: missing, not an object, or not sent as JSON
+            return ApiError(400, "send a JSON object with Content-Type: application/json").response()
+        return ApiError(400, f"{where}: {first.get('msg', 'invalid value')}", where).response()
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse({"error": {"message": f"internal error: {err}", "type": "server_error",
+                                       "param": None, "code": None}}, status_code=500)  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -332,7 +405,8 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
         if limits.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), limits.api_key):
+        given, wanted = token.strip().encode(), limits.api_key.encode()  # bytes: any characters
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, wanted):
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            code="invalid_api_key")  # fmt: skip
 
@@ -375,7 +449,10 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
         info = ReplyInfo()
         answer = bot.answer(turns, sample, generator=make_generator(sample.seed),
                             stop_strings=stop_strings(body), info=info)  # fmt: skip
-        leave = await gate.enter()
+        try:
+            leave = await gate.enter(request.is_disconnected)
+        except ClientGoneError:  # nobody will read this; the slot it waited for goes to the next request
+            return JSONResponse({"error": {"message": "the client went away", "type": "client_gone"}}, 408)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": limits.model_id}
         usage: dict[str, int] = {}  # filled in once the answer is complete
 
@@ -395,8 +472,14 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
                     return sse({**chunk, "choices": [choice]})
 
                 yield event({"role": "assistant", "content": ""})
-                async for piece in pieces(answer, gate.limiter):
-                    yield event({"content": piece})
+                try:
+                    async with contextlib.aclosing(pieces(answer, gate.limiter)) as stream:
+                        async for piece in stream:
+                            yield event({"content": piece})
+                except Exception as err:  # the headers are sent: report it in the stream, then end
+                    log.exception("generation failed")
+                    yield sse({"error": {"message": f"internal error: {err}", "type": "server_error"}})
+                    return
                 yield event({}, info.finish_reason)
                 if with_usage:
                     yield sse({**chunk, "choices": [], "usage": fill_usage()})
@@ -406,13 +489,14 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
 
         text = []
         try:
-            async for piece in pieces(answer, gate.limiter):
-                text.append(piece)
-                if await request.is_disconnected():  # nobody is waiting for the rest
-                    break
+            async with contextlib.aclosing(pieces(answer, gate.limiter)) as stream:
+                async for piece in stream:
+                    text.append(piece)
+                    if await request.is_disconnected():  # nobody is waiting for the rest
+                        break
         finally:
             leave()
-        message = {"role": "assistant", "content": "".join(text).strip()}
+        message = {"role": "assistant", "content": "".join(text)}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": info.finish_reason}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
                              "usage": fill_usage(), "system_fingerprint": None})  # fmt: skip
@@ -425,8 +509,12 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if not 0 <= port <= 65535:
+        sock.close()
+        raise UserError(f"port must be in [0, 65535] (0 picks a free one), got {port}")
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # now, so the address given to on_ready already accepts connections
     except OSError as err:
         sock.close()
         if err.errno == errno.EADDRINUSE:
