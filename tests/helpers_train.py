@@ -48,7 +48,7 @@ def prepare(tmp: Path, name: str = "data", text: str | None = None, **kwargs: An
 
 def tiny(**overrides: Any) -> tuple[config.ModelConfig, config.TrainConfig]:
     """Preset "tiny" at context 16, fp32 on CPU, with ``overrides``."""
-    values = dict(block_size=BLOCK, dtype="fp32", device="cpu", **overrides)
+    values = {"block_size": BLOCK, "dtype": "fp32", "device": "cpu", **overrides}
     return config.resolve("tiny", overrides=values)
 
 
