@@ -13,6 +13,7 @@ batch 12, fp32) for the same time, in the same script. Writes val loss against w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from common import emit, print_table, shakespeare_prefix_data
 from minigpt2 import config
 from minigpt2.fileio import atomic_write_bytes
 from minigpt2.metrics import png_bytes, read_metrics
+from minigpt2.precision import choose_device
 from minigpt2.train import train
 
 REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dtype="fp32", dropout=0.0,
@@ -39,8 +41,14 @@ def run(name: str, preset: str, minutes: float, overrides: dict[str, Any]) -> di
         rows = read_metrics(Path(tmp) / "run" / "metrics.csv")
     curve = [(r["elapsed_s"], r["val_loss"]) for r in rows if r["val_loss"] == r["val_loss"]]
     return {"name": name, "best_val_loss": result.best_val_loss, "steps": result.steps,
+            "device": choose_device(train_cfg.device).type,
             "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows), "curve": curve,
             "precision": result.precision}  # fmt: skip
+
+
+def seconds_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Training seconds until val loss first reached ``target`` (None: never)."""
+    return next((t for t, v in curve if v <= target), None)
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -52,7 +60,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.plot([t / 60 for t, _ in r["curve"]], [v for _, v in r["curve"]], "o-", ms=3, label=r["name"])
     ax.set_xlabel("wall time (minutes)")
     ax.set_ylabel("val loss (nats/char)")
-    ax.set_title("Shakespeare (1,115,394 chars), 2-core CPU")
+    where = "one GPU" if results[0]["device"].startswith("cuda") else f"{os.cpu_count()}-core CPU"
+    ax.set_title(f"Shakespeare (1,115,394 chars), {where}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -68,16 +77,23 @@ def main() -> None:
     parser.add_argument("--with-reference", action="store_true")
     parser.add_argument("--plot", default=str(Path(__file__).parents[1] / "docs" / "val_loss_vs_time.png"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
+    parser.add_argument("--target", type=float, default=None, help="also report when val loss reached this")
     args = parser.parse_args()
     overrides = {k: _parse(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     results = [run(f"{args.preset} preset (default path)", args.preset, args.minutes, overrides)]
     if args.with_reference:
         results.append(run("reference: 4x128, ctx 64, batch 12, fp32", "cpu", args.minutes, REFERENCE))
-    print_table(results, ["name", "precision", "steps", "tokens_per_s", "best_val_loss"])
+    for r in results:
+        r["seconds_to_target"] = seconds_to(r["curve"], args.target) if args.target else None
+    print_table(results, ["name", "device", "precision", "steps", "tokens_per_s", "best_val_loss",
+                          "seconds_to_target"])  # fmt: skip
     if args.plot:
         plot(results, Path(args.plot))
     figures: dict[str, Any] = {"minutes": args.minutes, "preset": args.preset, "overrides": overrides}
-    figures.update(best_val_loss=results[0]["best_val_loss"], steps=results[0]["steps"])
+    figures.update(best_val_loss=results[0]["best_val_loss"], steps=results[0]["steps"],
+                   tokens_per_s=results[0]["tokens_per_s"], device=results[0]["device"])  # fmt: skip
+    if args.target:
+        figures.update(target=args.target, seconds_to_target=results[0]["seconds_to_target"])
     if args.with_reference:
         figures["reference_best_val_loss"] = results[1]["best_val_loss"]
     emit(figures)

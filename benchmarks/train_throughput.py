@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, matmul_tflops, print_table, shakespeare_prefix_data
+from common import emit, matmul_tflops, print_table, shakespeare_prefix_data, sync
 
 from minigpt2 import config
 from minigpt2.train import Trainer
@@ -58,9 +58,11 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
             trainer.train_step()
         # Time forward+backward alone on one fixed batch, to split compute from overhead.
         passes = list(trainer._passes())
+        sync(trainer.device)
         start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
+        sync(trainer.device)
         step_s = (time.perf_counter() - start) / steps
         start = time.perf_counter()
         for _ in range(steps):
@@ -69,6 +71,7 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
                     _, loss = trainer.model(x, y)
                 assert loss is not None
                 (loss * weight).backward()
+        sync(trainer.device)
         compute_s = (time.perf_counter() - start) / steps
         trainer.optimizer.zero_grad(set_to_none=True)
         tokens = trainer.global_batch * train_cfg.grad_accum * model_cfg.block_size
@@ -83,6 +86,7 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "precision": trainer.precision.name,
         "params": trainer.raw_model.num_params(),
+        "device": trainer.device.type,
     }
 
 
@@ -109,14 +113,15 @@ def main() -> None:
             cmd += ["--batch-size", str(args.batch_size)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append({"path": path, **json.loads(out.strip().splitlines()[-1])})
-    peak = matmul_tflops(torch.bfloat16)
+    peak = matmul_tflops(torch.bfloat16, rows[0]["device"])
     for r in rows:
         r["mfu_vs_bf16_matmul"] = r["model_tflops"] / peak
     ref = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / ref
     print(
-        f"preset {args.preset}, batch {args.batch_size or 'preset'}; bf16 matmul peak here {peak:.2f} TFLOP/s"
+        f"preset {args.preset}, batch {args.batch_size or 'preset'}, {rows[0]['device']};"
+        f" bf16 matmul peak here {peak:.2f} TFLOP/s"
     )
     print_table(rows, ["path", "precision", "tokens_per_s", "speedup", "step_s", "overhead_share",
                        "model_tflops", "mfu_vs_bf16_matmul", "peak_rss_gib"])  # fmt: skip
