@@ -128,9 +128,12 @@ class CausalSelfAttention(nn.Module):
         # Scaling q rather than the scores gives the same numbers on a tensor Tk/hs times smaller.
         att = (q * (1.0 / math.sqrt(hs))) @ k.transpose(-2, -1)  # (B, nh, T, Tk) similarity scores
         att = att.masked_fill(~causal_mask(T, Tk, q.device), float("-inf"))  # no peeking ahead
-        # Each row: how much each query attends to each key. Softmax runs in fp32 under autocast;
-        # its result goes back to v's dtype at once, so dropout and the product move half the bytes.
-        att = F.softmax(att, dim=-1).to(v.dtype)
+        # Each row: how much each query attends to each key. The softmax runs in the scores' own
+        # dtype: under autocast that is bf16, whose kernels sum in fp32 and round once (the same
+        # numbers as an fp32 softmax rounded to bf16), while the fp32 softmax autocast would pick
+        # costs two extra copies of the (B, nh, T, Tk) scores, forward and backward.
+        with torch.autocast(q.device.type, enabled=False):
+            att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs): weighted average of the values
 
