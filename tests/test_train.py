@@ -178,6 +178,10 @@ def test_bf16_autocast_is_active_on_cpu() -> None:
     with pytest.raises(ConfigError):
         choose_precision(cpu, "fp16")
     assert (choose_precision(cpu, "auto").name == "bf16") == cpu_has_native_bf16()
+    # auto and a tiny run (too little work per pass): fp32; a real one: bf16 where the CPU has it
+    assert choose_precision(cpu, "auto", work=8 * 32 * 32**2).name == "fp32"
+    assert (choose_precision(cpu, "auto", work=32 * 128 * 256**2).name == "bf16") == cpu_has_native_bf16()
+    assert choose_precision(cpu, "bf16", work=1).name == "bf16"  # asked for: given
     fp16 = choose_precision(torch.device("cuda"), "fp16")  # no GPU needed to resolve it
     assert fp16.use_scaler and fp16.dtype == torch.float16
 

@@ -71,12 +71,22 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
-def choose_precision(device: torch.device, dtype: str = "auto", inference: bool = False) -> Precision:
+# bf16 autocast casts every weight and activation it touches; with too little matrix work per
+# forward pass (tokens x width^2) the casts cost more than bf16 saves. Measured on a 2-core CPU:
+# width 32 x 4,096 tokens (4M): even; the tiny preset (width 32 x 256 tokens): bf16 0.5x; width 64 x
+# 4,096 tokens (17M): bf16 1.6x.
+CPU_BF16_MIN_WORK = 8_000_000
+
+
+def choose_precision(
+    device: torch.device, dtype: str = "auto", inference: bool = False, work: int | None = None
+) -> Precision:
     """Resolve ``--dtype`` (auto, bf16, fp16, fp32) for ``device``; refuse combinations that fail.
 
     With ``inference`` (one sequence, one character at a time), ``auto`` on a CPU stays in fp32:
     the matrices are too small to gain from bf16, and autocast's casts on every call cost more than
     they save (measured by benchmarks/generation.py). On GPUs it is the same choice as training.
+    ``work`` (tokens per forward pass x width squared) does the same for tiny training runs.
     """
     if dtype not in ("auto", *DTYPES):
         raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
@@ -88,6 +98,8 @@ def choose_precision(device: torch.device, dtype: str = "auto", inference: bool 
             return Precision(device, "fp16", "auto: CUDA GPU without bf16, fp16 with a GradScaler")
         if kind == "cpu" and inference:
             return Precision(device, "fp32", "auto: fp32 is fastest for one-sequence generation on a CPU")
+        if kind == "cpu" and work is not None and work < CPU_BF16_MIN_WORK:
+            return Precision(device, "fp32", "auto: too little work per pass for bf16 to pay on a CPU")
         if kind == "cpu" and cpu_has_native_bf16():
             return Precision(device, "bf16", "auto: this CPU has native bf16 (AVX512-BF16/AMX)")
         return Precision(device, "fp32", f"auto: no fast mixed precision on {kind}")

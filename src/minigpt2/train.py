@@ -58,6 +58,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def pass_size(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> int:
+    """Sequences per forward/backward pass: the micro-batch, or pieces of it (``max_pass_tokens``)."""
+    limit = cfg.max_pass_tokens or (CPU_PASS_TOKENS if device.type == "cpu" else 0)
+    if not limit:
+        return cfg.batch_size
+    return max(1, min(cfg.batch_size, limit // model_cfg.block_size))
+
+
 class Trainer:
     """One training run into ``run_dir``. Build it, then call ``run()``."""
 
@@ -76,7 +84,8 @@ class Trainer:
         device = choose_device(cfg.device)
         self.dist = distributed.init(device)
         self.device = distributed.process_device(device, self.dist)
-        self.precision = choose_precision(self.device, cfg.dtype)
+        work = pass_size(cfg, model_cfg, self.device) * model_cfg.block_size * model_cfg.n_embd**2
+        self.precision = choose_precision(self.device, cfg.dtype, work=work)
         self.callbacks = list(callbacks) if self.dist.is_main else []
         self.lock = RunLock(run_dir) if self.dist.is_main else None
         try:
@@ -145,11 +154,7 @@ class Trainer:
 
     @property
     def pass_size(self) -> int:
-        """Sequences per forward/backward pass: the micro-batch, or pieces of it (``max_pass_tokens``)."""
-        limit = self.cfg.max_pass_tokens or (CPU_PASS_TOKENS if self.device.type == "cpu" else 0)
-        if not limit:
-            return self.cfg.batch_size
-        return max(1, min(self.cfg.batch_size, limit // self.model_cfg.block_size))
+        return pass_size(self.cfg, self.model_cfg, self.device)
 
     def _check_sizes(self) -> None:
         T = self.model_cfg.block_size

@@ -1,0 +1,122 @@
+"""Load on ``minigpt2 serve``: N concurrent streaming clients against one client alone, same script.
+
+    python benchmarks/serve_load.py                 # cpu preset (random weights), 20 clients, 10 s
+    python benchmarks/serve_load.py --clients 50 --seconds 20 --max-concurrent 4
+
+A real uvicorn server on loopback; each client streams answers of ``--tokens`` characters in a
+loop (the official ``openai`` client) until the time is up. The reference is one client alone in
+the same script. Reports characters/s served, time to first character (median and 95th
+percentile), requests refused (429) and failed, and whether every answer arrived whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from common import emit, print_table
+
+from helpers_serve import running
+from minigpt2 import config, serve
+from minigpt2.chat import Chatbot
+from minigpt2.config import SampleConfig
+from minigpt2.model import GPT
+from minigpt2.tokenizer import CharTokenizer
+
+VOCAB = sorted(set("\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+
+
+def client_loop(base: str, tokens: int, until: float, seed: int) -> dict[str, Any]:
+    """Stream answers back to back until ``until``; returns counts and first-character latencies."""
+    api = openai.OpenAI(base_url=base + "v1", api_key="x", max_retries=0, timeout=120)
+    out: dict[str, Any] = {"chars": 0, "answers": 0, "whole": 0, "refused": 0, "failed": 0, "ttfc": []}
+    while time.monotonic() < until:
+        start = time.monotonic()
+        try:
+            stream = api.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"tell me a story {seed}"}],
+                max_tokens=tokens, stream=True, seed=seed, temperature=1.0,
+            )  # fmt: skip
+            text, finish = "", None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    if not text:
+                        out["ttfc"].append(time.monotonic() - start)
+                    text += chunk.choices[0].delta.content
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+            out["answers"] += 1
+            out["chars"] += len(text)
+            out["whole"] += finish is not None
+        except openai.RateLimitError:
+            out["refused"] += 1
+            time.sleep(0.5)
+        except openai.APIError:
+            out["failed"] += 1
+    return out
+
+
+def measure(
+    bot: Chatbot, clients: int, seconds: float, tokens: int, limits: serve.ServeConfig
+) -> dict[str, Any]:
+    with running(bot, limits) as base:
+        client_loop(base, 5, time.monotonic() + 0.5, 0)  # warm up
+        until = time.monotonic() + seconds
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda i: client_loop(base, tokens, until, i), range(clients)))
+        took = time.monotonic() - start
+    ttfc = sorted(t for r in results for t in r["ttfc"])
+    total = {k: sum(r[k] for r in results) for k in ("chars", "answers", "whole", "refused", "failed")}
+    return {
+        "clients": clients, **total, "chars_per_s": total["chars"] / took,
+        "ttfc_median_ms": 1000 * statistics.median(ttfc) if ttfc else None,
+        "ttfc_p95_ms": 1000 * ttfc[int(0.95 * (len(ttfc) - 1))] if ttfc else None,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--tokens", type=int, default=100, help="characters per answer")
+    parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--max-queue", type=int, default=32)
+    args = parser.parse_args()
+    tok = CharTokenizer(VOCAB)
+    model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    bot = Chatbot(GPT(model_cfg).eval(), tok, sample=SampleConfig(max_new_tokens=args.tokens))
+    if args.max_concurrent > 1:  # as `minigpt2 serve` does
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
+    limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    rows = [measure(bot, 1, args.seconds, args.tokens, limits)]
+    rows.append(measure(bot, args.clients, args.seconds, args.tokens, limits))
+    for r in rows:
+        r["vs_one_client"] = r["chars_per_s"] / rows[0]["chars_per_s"]
+    print(f"preset {args.preset}, {args.tokens} characters per answer, max_concurrent {args.max_concurrent},"
+          f" max_queue {args.max_queue}, {threading.active_count()} threads")  # fmt: skip
+    print_table(rows, ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
+                       "ttfc_median_ms", "ttfc_p95_ms"])  # fmt: skip
+    load = rows[1]
+    emit({"clients": args.clients, "chars_per_s": load["chars_per_s"], "ratio": load["vs_one_client"],
+          "answers": load["answers"], "whole": load["whole"], "refused": load["refused"],
+          "failed": load["failed"], "ttfc_p95_ms": load["ttfc_p95_ms"]})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
