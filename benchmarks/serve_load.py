@@ -3,20 +3,23 @@
     python benchmarks/serve_load.py                 # cpu preset (random weights), 20 clients, 10 s
     python benchmarks/serve_load.py --clients 50 --seconds 20 --max-concurrent 4
 
-A real uvicorn server on loopback; each client streams answers of ``--tokens`` characters in a
-loop (the official ``openai`` client) until the time is up. The reference is one client alone in
-the same script. Reports characters/s served, time to first character (median and 95th
-percentile), requests refused (429) and failed, and whether every answer arrived whole.
+A real uvicorn server on loopback, in its own process; each client streams answers of ``--tokens``
+characters in a loop (the official ``openai`` client) until the time is up. The reference is one
+client alone in the same script. Reports characters/s served, time to first character (median and
+95th percentile), requests refused (429) and failed, and whether every answer arrived whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import signal
 import statistics
+import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,10 @@ import openai
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from common import emit, print_table
 
-from helpers_serve import running
 from minigpt2 import config, serve
-from minigpt2.chat import Chatbot
+from minigpt2.chat import Chatbot, DialogueTemplate
 from minigpt2.config import SampleConfig
 from minigpt2.model import GPT
 from minigpt2.tokenizer import CharTokenizer
@@ -67,16 +68,44 @@ def client_loop(base: str, tokens: int, until: float, seed: int) -> dict[str, An
     return out
 
 
-def measure(
-    bot: Chatbot, clients: int, seconds: float, tokens: int, limits: serve.ServeConfig
-) -> dict[str, Any]:
-    with running(bot, limits) as base:
-        client_loop(base, 5, time.monotonic() + 0.5, 0)  # warm up
-        until = time.monotonic() + seconds
-        start = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(lambda i: client_loop(base, tokens, until, i), range(clients)))
-        took = time.monotonic() - start
+@contextlib.contextmanager
+def server(args: argparse.Namespace) -> Iterator[str]:
+    """This script with ``--serve``, in its own process: clients must not share its interpreter."""
+    cmd = [sys.executable, __file__, "--serve", "--preset", args.preset, "--tokens", str(args.tokens),
+           "--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.max_queue)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def serve_forever(args: argparse.Namespace) -> None:
+    """The server side: random weights, and no stop tokens (random weights would end most answers
+    after a few characters; a load test wants full-length answers). Prints its address."""
+    tok = CharTokenizer(VOCAB)
+    model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    sample = SampleConfig(max_new_tokens=args.tokens)
+    bot = Chatbot(GPT(model_cfg).eval(), tok, DialogueTemplate(stop_ids=()), sample=sample)
+    if args.max_concurrent > 1:  # as `minigpt2 serve` does
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
+    limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve.run_server(
+            serve.create_app(bot, limits), "127.0.0.1", 0, on_ready=lambda url: print(url, flush=True)
+        )
+
+
+def measure(base: str, clients: int, seconds: float, tokens: int) -> dict[str, Any]:
+    client_loop(base, 5, time.monotonic() + 0.5, 0)  # warm up
+    until = time.monotonic() + seconds
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: client_loop(base, tokens, until, i), range(clients)))
+    took = time.monotonic() - start
     ttfc = sorted(t for r in results for t in r["ttfc"])
     total = {k: sum(r[k] for r in results) for k in ("chars", "answers", "whole", "refused", "failed")}
     return {
@@ -96,20 +125,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100, help="characters per answer")
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # internal: the server
     args = parser.parse_args()
-    tok = CharTokenizer(VOCAB)
-    model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
-    torch.manual_seed(0)
-    bot = Chatbot(GPT(model_cfg).eval(), tok, sample=SampleConfig(max_new_tokens=args.tokens))
-    if args.max_concurrent > 1:  # as `minigpt2 serve` does
-        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
-    limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue)
-    rows = [measure(bot, 1, args.seconds, args.tokens, limits)]
-    rows.append(measure(bot, args.clients, args.seconds, args.tokens, limits))
+    if args.serve:
+        serve_forever(args)
+        return
+    with server(args) as base:
+        rows = [measure(base, 1, args.seconds, args.tokens)]
+        rows.append(measure(base, args.clients, args.seconds, args.tokens))
     for r in rows:
         r["vs_one_client"] = r["chars_per_s"] / rows[0]["chars_per_s"]
     print(f"preset {args.preset}, {args.tokens} characters per answer, max_concurrent {args.max_concurrent},"
-          f" max_queue {args.max_queue}, {threading.active_count()} threads")  # fmt: skip
+          f" max_queue {args.max_queue}; the server runs in its own process")  # fmt: skip
     print_table(rows, ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
                        "ttfc_median_ms", "ttfc_p95_ms"])  # fmt: skip
     load = rows[1]
