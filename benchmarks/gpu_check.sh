@@ -29,7 +29,12 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-"$PY" -c 'import torch; print("torch", torch.__version__, "on", torch.cuda.get_device_name())'
+# Fail at once, not minutes in: the package must import and the corpus must have come along.
+"$PY" -c 'import torch, minigpt2.train; print("torch", torch.__version__, "on", torch.cuda.get_device_name())'
+if [ ! -f "$MINIGPT2_BENCH_DIR/shakespeare-1115394/meta.json" ]; then
+    echo "no prepared corpus in .gpu-data: run 'bash benchmarks/gpu_check.sh --prepare' here and carry .gpu-data" >&2
+    exit 2
+fi
 
 echo "== 1. GPU tests"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt" || echo "(GPU tests failed)"

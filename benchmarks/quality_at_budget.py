@@ -13,6 +13,7 @@ batch 12, fp32) for the same time, in the same script. Writes val loss against w
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
     parser.add_argument("--target", type=float, default=None, help="also report when val loss reached this")
     args = parser.parse_args()
+    # The trainer's messages (precision, "torch.compile: on" or why it fell back) on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: _parse(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     results = [run(f"{args.preset} preset (default path)", args.preset, args.minutes, overrides)]
     if args.with_reference:

@@ -87,6 +87,8 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         "precision": trainer.precision.name,
         "params": trainer.raw_model.num_params(),
         "device": trainer.device.type,
+        # False when torch.compile was asked for but failed and the trainer fell back to eager.
+        "compiled": trainer.model is not trainer.raw_model,
     }
 
 
@@ -111,8 +113,15 @@ def main() -> None:
                "--warmup", str(args.warmup)]  # fmt: skip
         if args.batch_size:
             cmd += ["--batch-size", str(args.batch_size)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append({"path": path, **json.loads(out.strip().splitlines()[-1])})
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # report it, keep the other paths' rows
+            print(
+                f"path {path} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-15:]), file=sys.stderr
+            )
+            continue
+        rows.append({"path": path, **json.loads(done.stdout.strip().splitlines()[-1])})
+    if not rows:
+        raise SystemExit("every path failed")
     peak = matmul_tflops(torch.bfloat16, rows[0]["device"])
     for r in rows:
         r["mfu_vs_bf16_matmul"] = r["model_tflops"] / peak
@@ -123,7 +132,7 @@ def main() -> None:
         f"preset {args.preset}, batch {args.batch_size or 'preset'}, {rows[0]['device']};"
         f" bf16 matmul peak here {peak:.2f} TFLOP/s"
     )
-    print_table(rows, ["path", "precision", "tokens_per_s", "speedup", "step_s", "overhead_share",
+    print_table(rows, ["path", "precision", "compiled", "tokens_per_s", "speedup", "step_s", "overhead_share",
                        "model_tflops", "mfu_vs_bf16_matmul", "peak_rss_gib"])  # fmt: skip
     best = max(rows, key=lambda r: r["tokens_per_s"])
     emit({"preset": args.preset, "reference_tokens_per_s": ref, "tokens_per_s": best["tokens_per_s"],

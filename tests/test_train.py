@@ -141,14 +141,22 @@ def test_grad_accum_sees_the_same_batch(tmp_path: Path) -> None:
         assert a[0] == pytest.approx(b[0], abs=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
 
 
-@pytest.mark.parametrize("pass_tokens", [3 * BLOCK, 4 * BLOCK, BLOCK])
-def test_passes_of_a_batch_give_the_same_step(tmp_path: Path, pass_tokens: int) -> None:
+@pytest.mark.parametrize(
+    ("pass_tokens", "loss_on"), [(3 * BLOCK, "all"), (4 * BLOCK, "all"), (BLOCK, "all"), (3 * BLOCK, "bot")]
+)
+def test_passes_of_a_batch_give_the_same_step(tmp_path: Path, pass_tokens: int, loss_on: str) -> None:
     """A batch of 8 run as passes of 3 + 3 + 2, 4 + 4 or 1 x 8 sequences (``max_pass_tokens``)
-    gives the one-pass loss, gradient norm and weights, up to float rounding."""
-    d = prepare(tmp_path)
+    gives the one-pass loss, gradient norm and weights, up to float rounding; with the bot-only loss
+    too, where pieces count different numbers of targets."""
+    if loss_on == "bot":
+        d = tmp_path / "dialogue"
+        data.prepare("chatterbot:italian", d, block_size=BLOCK)
+    else:
+        d = prepare(tmp_path)
     results = {}
     for tokens in (8 * BLOCK, pass_tokens):
-        with trainer(d, tmp_path / f"run{tokens}", batch_size=8, dropout=0.0, max_pass_tokens=tokens) as t:
+        with trainer(d, tmp_path / f"run{tokens}", batch_size=8, dropout=0.0, max_pass_tokens=tokens,
+                     loss_on=loss_on) as t:  # fmt: skip
             assert t.pass_size == (8 if tokens == 8 * BLOCK else tokens // BLOCK)
             steps = [t.train_step()[:2] for _ in range(2)]
             results[tokens] = (steps, torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]))

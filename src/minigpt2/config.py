@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from minigpt2.errors import ConfigError
 
@@ -78,8 +77,9 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (per process under DDP)
     grad_accum: int = 1  # micro-batches summed per optimizer step (a bigger batch in less memory)
     # The most tokens one forward/backward pass holds: a bigger micro-batch runs in pieces whose
-    # gradients add up to the same step. 0 = auto: 4096 on a CPU (faster there, and a quarter of
-    # the activation memory at batch 64 x 256: docs/performance.md), no limit on a GPU.
+    # gradients add up to the same step (each weighted by its share of the counted targets).
+    # 0 = auto: 4096 on a CPU (faster there, and a quarter of the activation memory at batch
+    # 64 x 256: docs/performance.md), no limit on a GPU.
     max_pass_tokens: int = 0
     lr: float = 2e-3  # peak learning rate, reached at the end of warm-up
     min_lr: float = 2e-4  # floor of the decay; nanoGPT's rule of thumb is lr / 10

@@ -28,7 +28,7 @@ def causal_mask(T: int, Tk: int, device: torch.device) -> Tensor:
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with a faster mask in CPU training when ``fast`` (``attn_impl="auto"``).
 
-    torch's CPU ``bernoulli_`` costs ~9 ns per element, and dropout masks are the biggest random
+    torch's CPU ``bernoulli_`` costs ~9-15 ns per element, and dropout masks are the biggest random
     draws in training (the attention mask alone is B * nh * T * T per layer): with dropout 0.2 it was
     38% of a CPU training step. Reading 64-bit random integers as four uniform 16-bit numbers
     costs ~1.5 ns (torch draws a 64-bit integer about as fast as a 32-bit one). The result is the
@@ -129,9 +129,9 @@ class CausalSelfAttention(nn.Module):
         att = (q * (1.0 / math.sqrt(hs))) @ k.transpose(-2, -1)  # (B, nh, T, Tk) similarity scores
         att = att.masked_fill(~causal_mask(T, Tk, q.device), float("-inf"))  # no peeking ahead
         # Each row: how much each query attends to each key. The softmax runs in the scores' own
-        # dtype: under autocast that is bf16, whose kernels sum in fp32 and round once (the same
-        # numbers as an fp32 softmax rounded to bf16), while the fp32 softmax autocast would pick
-        # costs two extra copies of the (B, nh, T, Tk) scores, forward and backward.
+        # dtype: under autocast that is bf16, whose kernels sum in fp32 and round once (forward: the
+        # same numbers as an fp32 softmax rounded to bf16; backward: within bf16 rounding), while
+        # the fp32 softmax autocast would pick costs two extra copies of the (B, nh, T, Tk) scores.
         with torch.autocast(q.device.type, enabled=False):
             att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)

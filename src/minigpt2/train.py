@@ -39,7 +39,7 @@ from minigpt2.schedule import EarlyStopState, early_stop_update, lr_at
 
 log = logging.getLogger(__name__)
 # Tokens per forward/backward pass on a CPU when max_pass_tokens is 0 (auto): at batch 64 x 256,
-# passes of 16 sequences trained faster than one pass of 64 and peaked at 1.5 instead of 3.7 GiB.
+# passes of 16 sequences trained faster than one pass of 64 and peaked at 1.5 instead of 3.7-4.3 GiB.
 CPU_PASS_TOKENS = 4096
 
 
@@ -84,8 +84,6 @@ class Trainer:
         device = choose_device(cfg.device)
         self.dist = distributed.init(device)
         self.device = distributed.process_device(device, self.dist)
-        work = pass_size(cfg, model_cfg, self.device) * model_cfg.block_size * model_cfg.n_embd**2
-        self.precision = choose_precision(self.device, cfg.dtype, work=work)
         self.callbacks = list(callbacks) if self.dist.is_main else []
         self.lock = RunLock(run_dir) if self.dist.is_main else None
         try:
@@ -104,6 +102,8 @@ class Trainer:
         self.tokenizer, self.data_meta = start.tokenizer, dataset.meta
         self.train_data, self.val_data = start.train, start.val
         self.model_cfg = start.model_cfg
+        work = self.pass_size * self.model_cfg.block_size * self.model_cfg.n_embd**2
+        self.precision = choose_precision(self.device, cfg.dtype, work=work)
         self._check_sizes()
         if cfg.loss_on == "bot" and dataset.meta.get("kind") != "dialogue":
             raise ConfigError(
@@ -184,7 +184,7 @@ class Trainer:
         """``torch.compile(model)``, tried once on a batch of the real shape (compilation is lazy, so
         that is where it fails: no C++ compiler, an unsupported platform). Compiling is an
         optimisation, so a failure falls back to eager with a warning instead of ending the run."""
-        T, B = self.model_cfg.block_size, self.cfg.batch_size
+        T, B = self.model_cfg.block_size, self.pass_size  # the shape every pass will have
         trial = data.random_starts(len(self.train_data), B, T, torch.Generator().manual_seed(0))
         x, y = data.windows(self.train_data, trial, T)
         try:
@@ -215,14 +215,18 @@ class Trainer:
             x, y = data.windows(self.train_data, starts[r * B : (r + 1) * B], T, mask)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _passes(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float, bool]]:
+    def _passes(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
         """The step's forward/backward passes: each micro-batch cut into ``pass_size`` pieces.
-        Yields (x, y, weight = share of the step's sequences, last pass of the step?)."""
+        Yields (x, y, weight, last pass of the step?). A piece's weight is its share of the
+        micro-batch's counted targets (all of them, or only the bot's with ``loss_on="bot"``) over
+        ``grad_accum``, so the pieces' weighted mean losses add up to the micro-batch's mean loss."""
         size, accum = self.pass_size, self.cfg.grad_accum
         for i, (x, y) in enumerate(self._micro_batches()):
+            counted = (y != -1).sum().clamp(min=1)  # a tensor: no wait for the device
             pieces = list(zip(torch.split(x, size), torch.split(y, size), strict=True))
             for j, (xp, yp) in enumerate(pieces):
-                yield xp, yp, len(xp) / (len(x) * accum), i == accum - 1 and j == len(pieces) - 1
+                weight = (yp != -1).sum() / counted / accum
+                yield xp, yp, weight, i == accum - 1 and j == len(pieces) - 1
 
     def horizon(self) -> int:
         """The step the LR schedule decays towards: ``max_iters``, or with a time budget the steps
@@ -249,8 +253,8 @@ class Trainer:
                 with self.precision.autocast():
                     _, loss = self.model(x, y)
                 assert loss is not None
-                # Each pass's mean loss, weighted by its share of the step's sequences: the
-                # gradients add up to those of the mean over the whole batch.
+                # Each pass's mean loss, weighted by its share of the counted targets: the
+                # gradients add up to those of the mean over the whole micro-batch.
                 self.scaler.scale(loss * weight).backward()
             total += loss.detach() * weight
         train_loss = float(distributed.mean(total, self.dist))
