@@ -147,7 +147,6 @@ class Chatbot:
         precision: Any = None,
         reply_room: int | None = None,
     ) -> None:
-
         from minigpt2.generate import make_generator
 
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
