@@ -494,3 +494,24 @@ def test_serve_command_bad_options_are_one_line_errors(
     checkpoint.save(tmp_path / "mybot" / "best", bot.model, bot.tokenizer, {"chat_template": "dialogue"})
     port = [] if "--port" in args else ["--port", "0"]
     assert expected in one_line_error(cli("serve", *args, *port, timeout=60))
+
+
+def test_serve_and_quickstart_without_a_run_use_the_default_chatbot(tmp_path: Path, cli: Any) -> None:
+    """`make serve` / `make chat` on a machine that already trained the default chatbot: no
+    training, the run under runs/ is served (and chatted with) at once."""
+    bot = tiny_chatbot()
+    run = tmp_path / "runs" / "chat-chatterbot-english"
+    checkpoint.save(run / "best", bot.model, bot.tokenizer, {"chat_template": "dialogue"})
+    (run / "summary.json").write_text("{}", encoding="utf-8")  # training had finished
+    chat = cli("quickstart", "--prompt", "ciao", "--max-new-tokens", "5", timeout=60)
+    assert chat.returncode == 0 and "training" not in chat.stdout, chat.stdout + chat.stderr
+    proc = serve_cli("--port", "0", cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "as 'chat-chatterbot-english'" in line and "training" not in line, line
+        base = line.split("web chat at ")[1].split(",")[0]
+        assert httpx.get(base + "health").json()["model"] == "chat-chatterbot-english"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
