@@ -217,3 +217,26 @@ def test_a_batch_without_targets_has_zero_loss_not_nan() -> None:
     logits, _ = model(idx)
     expected = torch.nn.functional.cross_entropy(logits[1].float(), targets[1])
     assert masked is not None and torch.allclose(masked, expected)
+
+
+def test_fast_cpu_training_path_agrees_with_the_reference_within_bf16() -> None:
+    """The default CPU training path (bf16 autocast; ``attn_impl="auto"``: the manual attention in
+    bf16 with a bf16 softmax) against the readable reference (fp32, manual attention): the same loss
+    and gradients within bf16 rounding (dropout 0, so both are deterministic)."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    fast = GPT(ModelConfig(**shape, attn_impl="auto")).train()
+    reference = GPT(ModelConfig(**shape, attn_impl="manual")).train()
+    reference.load_state_dict(fast.state_dict())
+    idx, targets = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fast_loss = fast(idx, targets)
+    _, ref_loss = reference(idx, targets)
+    assert fast_loss is not None and ref_loss is not None
+    fast_loss.backward()
+    ref_loss.backward()
+    assert abs(fast_loss.item() - ref_loss.item()) < 0.01 * ref_loss.item()
+    for (name, p_fast), p_ref in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        assert p_fast.grad is not None and p_ref.grad is not None
+        error = (p_fast.grad.float() - p_ref.grad).norm() / p_ref.grad.norm().clamp(min=1e-12)
+        assert error < 0.05, (name, float(error))
