@@ -13,7 +13,9 @@
 # 3. The speed run: the shakespeare preset with bf16 autocast and torch.compile for 60 s of training
 #    on the prefix: best val loss (target <= 1.47) and when 1.47 was first reached.
 # Extra `--set KEY=VALUE` settings for the speed run can be given in SPEEDRUN_SET. A failed step is
-# reported and the next one still runs: device time is scarce.
+# reported and the next one still runs: device time is scarce. A dry run of the whole script on a
+# CPU, before spending GPU time on it (about 2 minutes):
+#   PRESET=tiny MINUTES=0.1 STEPS=2 WARMUP=1 bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MINIGPT2_BENCH_DIR="$PWD/.gpu-data"
@@ -26,11 +28,13 @@ from common import shakespeare_prefix_data; print("prepared", shakespeare_prefix
 fi
 
 PY="${PYTHON:-python3}"
+PRESET="${PRESET:-shakespeare}" MINUTES="${MINUTES:-1}" STEPS="${STEPS:-30}" WARMUP="${WARMUP:-10}"
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Fail at once, not minutes in: the package must import and the corpus must have come along.
-"$PY" -c 'import torch, minigpt2.train; print("torch", torch.__version__, "on", torch.cuda.get_device_name())'
+"$PY" -c 'import torch, minigpt2.train
+print("torch", torch.__version__, "on", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)")'
 if [ ! -f "$MINIGPT2_BENCH_DIR/shakespeare-1115394/meta.json" ]; then
     echo "no prepared corpus in .gpu-data: run 'bash benchmarks/gpu_check.sh --prepare' here and carry .gpu-data" >&2
     exit 2
@@ -39,12 +43,12 @@ fi
 echo "== 1. GPU tests"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt" || echo "(GPU tests failed)"
 
-echo "== 2. throughput, shakespeare preset, batch 64"
-"$PY" benchmarks/train_throughput.py --preset shakespeare --batch-size 64 --steps 30 --warmup 10 \
+echo "== 2. throughput, $PRESET preset, batch 64"
+"$PY" benchmarks/train_throughput.py --preset "$PRESET" --batch-size 64 --steps "$STEPS" --warmup "$WARMUP" \
     --paths fast,fast+compile 2>&1 | tee "$OUT/throughput.txt" || echo "(throughput failed)"
 
-echo "== 3. speed run: 60 s of training, bf16 + torch.compile"
+echo "== 3. speed run: $MINUTES minute(s) of training, bf16 + torch.compile"
 # shellcheck disable=SC2086 # SPEEDRUN_SET holds several KEY=VALUE words
-"$PY" benchmarks/quality_at_budget.py --preset shakespeare --minutes 1 --target 1.47 \
+"$PY" benchmarks/quality_at_budget.py --preset "$PRESET" --minutes "$MINUTES" --target 1.47 \
     --set compile=true eval_interval=100 eval_iters=20 ${SPEEDRUN_SET:-} \
     --plot "$OUT/val_loss_vs_time_gpu.png" 2>&1 | tee "$OUT/speedrun.txt" || echo "(speed run failed)"
