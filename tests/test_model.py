@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minigpt2.config import ModelConfig
-from minigpt2.model import GPT, KVCache, causal_mask
+from minigpt2.model import GPT, KVCache, causal_bias, causal_mask
 
 Factory = Callable[..., GPT]
 
@@ -82,6 +82,14 @@ def test_manual_and_sdpa_attention_agree(make_model: Factory, train_mode: bool) 
     sdpa.train(train_mode)
     idx = torch.randint(50, (2, 16))
     torch.testing.assert_close(manual(idx)[0], sdpa(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_bias_is_the_mask_as_an_addition() -> None:
+    for T, Tk in ((4, 4), (2, 5), (1, 3)):
+        bias = causal_bias(T, Tk, torch.bfloat16, torch.device("cpu"))
+        assert bias.dtype == torch.bfloat16
+        assert torch.equal(bias == 0, causal_mask(T, Tk, torch.device("cpu")))
+        assert torch.equal(bias != 0, bias == float("-inf"))
 
 
 def test_causal_mask_shape_and_offset() -> None:
@@ -186,23 +194,27 @@ def test_dropout_is_active_only_in_training(make_model: Factory) -> None:
     assert not torch.allclose(model(idx)[0], model(idx)[0])
 
 
-def test_fast_cpu_dropout_is_dropout() -> None:
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_fast_cpu_dropout_is_dropout(p: float) -> None:
     """The ``auto`` path's CPU dropout zeroes a share p of elements and keeps the mean (scaling)."""
     from minigpt2.model import Dropout
 
     torch.manual_seed(0)
-    drop = Dropout(0.3, fast=True).train()
-    x = torch.ones(200_000, requires_grad=True)
+    drop = Dropout(p, fast=True).train()
+    x = torch.ones(400_001, requires_grad=True)  # not a multiple of 4: the last 64-bit draw is cut
     y = drop(x)
     zeroed = (y == 0).float().mean().item()
-    assert abs(zeroed - 0.3) < 0.01 and abs(y.mean().item() - 1.0) < 0.02
+    assert abs(zeroed - p) < 0.005 and abs(y.mean().item() - 1.0) < 0.02
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))  # kept elements are scaled
+    assert abs((y[:200_000] == 0).float().mean().item() - (y[200_000:] == 0).float().mean().item()) < 0.01
     y.sum().backward()  # gradients flow through the kept elements only, scaled like the values
     assert x.grad is not None and torch.equal(x.grad, y.detach())
     assert torch.equal(drop.eval()(x), x)  # inactive in eval mode
     torch.manual_seed(1)
-    a = Dropout(0.3, fast=True).train()(x)
+    a = Dropout(p, fast=True).train()(x)
     torch.manual_seed(1)
-    assert torch.equal(Dropout(0.3, fast=True).train()(x), a)  # seeded: same mask
+    assert torch.equal(Dropout(p, fast=True).train()(x), a)  # seeded: same mask
+    assert not torch.equal(Dropout(p, fast=True).train()(x), a)  # and a new mask on each call
 
 
 def test_a_batch_without_targets_has_zero_loss_not_nan() -> None:
