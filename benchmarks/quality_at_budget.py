@@ -83,7 +83,12 @@ def main() -> None:
     # The trainer's messages (precision, "torch.compile: on" or why it fell back) on stderr.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: _parse(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    results = [run(f"{args.preset} preset (default path)", args.preset, args.minutes, overrides)]
+    # The label names the settings that change training; compile and evaluation settings do not.
+    changed = [
+        f"{k}={v}" for k, v in overrides.items() if k not in ("compile", "eval_interval", "eval_iters")
+    ]
+    label = f"{args.preset} preset" + (f" + {', '.join(changed)}" if changed else " (default path)")
+    results = [run(label, args.preset, args.minutes, overrides)]
     if args.with_reference:
         results.append(run("reference: 4x128, ctx 64, batch 12, fp32", "cpu", args.minutes, REFERENCE))
     for r in results:
