@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,24 +57,26 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         trainer = Trainer(data_dir, Path(run_dir), model_cfg, train_cfg)
         for _ in range(warmup):
             trainer.train_step()
-        # Time forward+backward alone on one fixed batch, to split compute from overhead.
+        # Forward+backward alone on one fixed batch, timed right after each whole step (the speed of
+        # this machine drifts by the minute), splits compute from overhead: medians of both.
         passes = list(trainer._passes())
-        sync(trainer.device)
-        start = time.perf_counter()
+        step_times, compute_times = [], []
         for _ in range(steps):
-            trainer.train_step()
-        sync(trainer.device)
-        step_s = (time.perf_counter() - start) / steps
-        start = time.perf_counter()
-        for _ in range(steps):
+            sync(trainer.device)
+            start = time.perf_counter()
+            trainer.train_step()  # ends with the gradients set to None, as before a real step
+            sync(trainer.device)
+            step_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
             for x, y, weight, _last in passes:
                 with trainer.precision.autocast():
                     _, loss = trainer.model(x, y)
                 assert loss is not None
                 (loss * weight).backward()
-        sync(trainer.device)
-        compute_s = (time.perf_counter() - start) / steps
-        trainer.optimizer.zero_grad(set_to_none=True)
+            sync(trainer.device)
+            compute_times.append(time.perf_counter() - start)
+            trainer.optimizer.zero_grad(set_to_none=True)
+        step_s, compute_s = statistics.median(step_times), statistics.median(compute_times)
         tokens = trainer.global_batch * train_cfg.grad_accum * model_cfg.block_size
         flops_per_token = trainer.raw_model.flops_per_token()
         if trainer.lock:

@@ -52,9 +52,10 @@ class Dropout(nn.Dropout):
         self.fast = fast
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = self.fast and self.training and self.p > 0 and x.device.type == "cpu"
-        if not fast or torch.compiler.is_compiling():  # compiled code makes its own fast masks
-            return super().forward(x)
+        if not self.training or self.p == 0:
+            return x  # what nn.Dropout returns too, without its calls (they add up in decoding)
+        if not self.fast or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)  # compiled code makes its own fast masks
         n = x.numel()
         seed = int(torch.randint(2**63 - 1, ()))  # from torch's seeded generator
         bits = np.random.SFC64(seed).random_raw((n + 3) // 4)  # (n / 4,) uint64, all bits random

@@ -117,6 +117,7 @@ class Trainer:
         if start.weights is not None:
             self.raw_model.load_state_dict(start.weights, strict=False)
         self.raw_model.to(self.device)
+        self.params = list(self.raw_model.parameters())  # once: listing them walks every module
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.model = self._wrap(self.raw_model)
@@ -219,17 +220,18 @@ class Trainer:
             x, y = data.windows(self.train_data, starts[r * B : (r + 1) * B], T, mask)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _passes(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+    def _passes(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, bool]]:
         """The step's forward/backward passes: each micro-batch cut into ``pass_size`` pieces.
         Yields (x, y, weight, last pass of the step?). A piece's weight is its share of the
         micro-batch's counted targets (all of them, or only the bot's with ``loss_on="bot"``) over
         ``grad_accum``, so the pieces' weighted mean losses add up to the micro-batch's mean loss."""
         size, accum = self.pass_size, self.cfg.grad_accum
         for i, (x, y) in enumerate(self._micro_batches()):
-            counted = (y != -1).sum().clamp(min=1)  # a tensor: no wait for the device
+            # Without a loss mask every target counts: the shares are plain numbers (no tensor ops).
+            counted = (y != -1).sum().clamp(min=1) if self.masks else y.numel()  # tensor: no wait
             pieces = list(zip(torch.split(x, size), torch.split(y, size), strict=True))
             for j, (xp, yp) in enumerate(pieces):
-                weight = (yp != -1).sum() / counted / accum
+                weight = ((yp != -1).sum() if self.masks else yp.numel()) / counted / accum
                 yield xp, yp, weight, i == accum - 1 and j == len(pieces) - 1
 
     def horizon(self) -> int:
@@ -248,7 +250,8 @@ class Trainer:
                    max_iters=self.horizon(), schedule=cfg.lr_schedule)  # fmt: skip
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        if not self.raw_model.training:  # only after an evaluation: walking all modules costs
+            self.model.train()  # ~0.1 ms, and a tiny model's whole step is a few ms
         total = torch.zeros((), device=self.device)
         for x, y, weight, last in self._passes():
             # DDP averages gradients across processes once, on the last pass.
@@ -267,7 +270,7 @@ class Trainer:
             return train_loss, math.nan, False, lr
         self.scaler.unscale_(self.optimizer)  # clip true gradients, not fp16-scaled ones
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
