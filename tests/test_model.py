@@ -217,6 +217,15 @@ def test_fast_cpu_dropout_is_dropout(p: float) -> None:
     assert not torch.equal(Dropout(p, fast=True).train()(x), a)  # and a new mask on each call
 
 
+@pytest.mark.parametrize("p", [1e-7, 0.9999999])
+def test_fast_cpu_dropout_takes_any_p_in_range(p: float) -> None:
+    """A p too close to 0 or 1 for 16-bit steps still works (the nearest step: 1/65536 from the end)."""
+    from minigpt2.model import Dropout
+
+    zeroed = (Dropout(p, fast=True).train()(torch.ones(100_000)) == 0).float().mean().item()
+    assert abs(zeroed - p) < 0.001
+
+
 def test_a_batch_without_targets_has_zero_loss_not_nan() -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=1, n_embd=8))

@@ -60,7 +60,8 @@ class Dropout(nn.Dropout):
         seed = int(torch.randint(2**63 - 1, ()))  # from torch's seeded generator
         bits = np.random.SFC64(seed).random_raw((n + 3) // 4)  # (n / 4,) uint64, all bits random
         uniform16 = torch.from_numpy(bits.view(np.int16)[:n]).view(x.shape)  # in [-32768, 32767]
-        cut = -32768 + round(self.p * 65536)  # drop where uniform16 < cut: probability p
+        # Drop where uniform16 < cut: probability p, in steps of 1/65536 (kept inside int16's range).
+        cut = -32768 + min(max(round(self.p * 65536), 1), 65535)
         # Clamping to [cut - 1, cut] and shifting gives 0 (drop) or 1 (keep), with no bool tensor.
         keep = uniform16.clamp(cut - 1, cut).sub_(cut - 1).to(x.dtype)
         return x * keep.mul_(1.0 / (1.0 - self.p))
