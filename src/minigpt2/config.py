@@ -168,8 +168,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0, batch_size=8,
                  max_iters=50, eval_interval=10, eval_iters=2, warmup_iters=5, lr=3e-3),
     # The laptop-CPU default: sized so a few minutes of bf16 training gives readable text (192 wide
-    # beat 256 and 128 in 5-minute runs on a 2-core CPU; docs/performance.md section 3).
-    "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, batch_size=32,
+    # and batch 24 did best in 5-minute runs on a 2-core CPU; docs/performance.md section 3).
+    "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, batch_size=24,
                 max_iters=3000, eval_interval=250, lr=2e-3, min_lr=2e-4, warmup_iters=100),
     # The default chatbot (`make chat`): trained from scratch on chatterbot-corpus in under 10 minutes
     # on a 2-core CPU; early stopping ends it once the small corpus starts to be memorised.
