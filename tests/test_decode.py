@@ -1,0 +1,107 @@
+"""Tests for ``minigpt2.decode``: the flat one-token step against the model it flattens.
+
+The step must give the model's logits at every position (fp32: to rounding; bf16 autocast: within
+bf16 tolerance), leave the cache as the model would, refuse what it cannot do, and follow the
+weights as they train. Generation through it is checked token for token against the cache-free
+path in ``tests/test_generate.py``. Run with ``pytest tests/test_decode.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from minigpt2.config import SampleConfig
+from minigpt2.decode import Decoder
+from minigpt2.generate import generate_ids
+from minigpt2.model import GPT, KVCache
+
+Factory = Callable[..., GPT]
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("prefill", [1, 6])
+def test_step_gives_the_model_logits_at_every_position(
+    make_model: Factory, attn_impl: str, prefill: int
+) -> None:
+    model = make_model(attn_impl=attn_impl, block_size=16, n_head=4, spread=0.3)
+    idx = torch.randint(50, (1, 16), generator=torch.Generator().manual_seed(prefill))
+    with torch.inference_mode():
+        full, _ = model(idx)  # (1, 16, V): the cache-free reference
+        cache, reference_cache = KVCache(model.config), KVCache(model.config)
+        model(idx[:, :prefill], cache=cache)
+        model(idx[:, :prefill], cache=reference_cache)
+        decoder = Decoder(model)
+        for t in range(prefill, 16):
+            logits = decoder.step(int(idx[0, t]), cache)  # (V,)
+            torch.testing.assert_close(logits, full[0, t], atol=1e-5, rtol=1e-5)
+            model(idx[:, t : t + 1], cache=reference_cache)
+            assert cache.pos == reference_cache.pos == t + 1
+    assert cache.k is not None and reference_cache.k is not None
+    assert cache.v is not None and reference_cache.v is not None
+    torch.testing.assert_close(cache.k, reference_cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v, reference_cache.v, atol=1e-5, rtol=1e-5)
+
+
+def test_step_under_bf16_autocast_is_within_bf16_of_fp32(make_model: Factory) -> None:
+    model = make_model(block_size=16, spread=0.1)
+    idx = torch.randint(50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        cache = KVCache(model.config)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx[:, :4], cache=cache)
+            decoder = Decoder(model)
+            steps = torch.stack([decoder.step(int(idx[0, t]), cache).float() for t in range(4, 12)])
+    assert cache.k is not None and cache.k.dtype == torch.bfloat16
+    torch.testing.assert_close(steps, full[0, 4:12], atol=0.1, rtol=0.05)
+
+
+def test_step_refuses_an_empty_or_full_or_batched_cache(make_model: Factory) -> None:
+    model = make_model(block_size=8)
+    decoder = Decoder(model)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="filled by the model"):
+            decoder.step(1, KVCache(model.config))
+        batched = KVCache(model.config, batch_size=2)
+        model(torch.zeros(2, 3, dtype=torch.long), cache=batched)
+        with pytest.raises(ValueError, match="batch-1"):
+            decoder.step(1, batched)
+        cache = KVCache(model.config)
+        model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="context window"):
+            decoder.step(1, cache)
+        assert cache.pos == 8  # a refused step leaves the cache as it was
+
+
+def test_step_follows_the_weights_as_they_change(make_model: Factory) -> None:
+    """The decoder shares the model's tensors: a step after an update (training in the notebook,
+    ``load_state_dict``) uses the new weights, as the model does."""
+    model = make_model(block_size=8, spread=0.2)
+    decoder = Decoder(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.inference_mode():
+        full, _ = model(idx)
+        cache = KVCache(model.config)
+        model(idx[:, :4], cache=cache)
+        torch.testing.assert_close(decoder.step(5, cache), full[0, 4], atol=1e-5, rtol=1e-5)
+
+
+def test_generation_from_a_model_in_training_mode_uses_the_model(make_model: Factory) -> None:
+    """With dropout active (a model left in ``train()``), steps go through the model, which applies
+    it; the flat step has no dropout. Greedy ids then differ from run to run only through dropout."""
+    model = make_model(block_size=8, spread=0.3, dropout=0.5).train()
+    cfg = SampleConfig(max_new_tokens=20, temperature=0.0)
+    torch.manual_seed(0)
+    first = list(generate_ids(model, [1, 2], cfg))
+    torch.manual_seed(1)
+    second = list(generate_ids(model, [1, 2], cfg))
+    assert len(first) == len(second) == 20
+    assert first != second  # dropout was applied: the model's forward ran
+    model.eval()
+    assert list(generate_ids(model, [1, 2], cfg)) == list(generate_ids(model, [1, 2], cfg, use_cache=False))
