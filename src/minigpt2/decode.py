@@ -75,7 +75,8 @@ class Decoder:
         pos, C, nh, hs = cache.pos, self.n_embd, self.n_head, self.hs
         if pos >= self.wpe.size(0):
             raise ValueError(f"{pos + 1} positions exceed the context window of {self.wpe.size(0)}")
-        x = self.wte[token] + self.wpe[pos]  # (C,) the residual stream of the one new position
+        # (1, C): the residual stream of the one new position (2-D, so each linear is one addmm).
+        x = (self.wte[token] + self.wpe[pos]).view(1, C)
         for layer, w in enumerate(self.blocks):
             # Attention: q, k, v as (1, nh, 1, hs); this position's k and v join the cache.
             qkv = F.linear(F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b), w.attn_w, w.attn_b)
@@ -86,9 +87,9 @@ class Decoder:
             values[:, :, pos:] = v
             # One query over the past needs no mask: every cached position is visible.
             y = F.scaled_dot_product_attention(q, keys, values)  # (1, nh, 1, hs)
-            x = x + F.linear(y.view(C), w.attn_proj_w, w.attn_proj_b)
+            x = x + F.linear(y.view(1, C), w.attn_proj_w, w.attn_proj_b)
             # MLP: C -> 4C -> GELU (tanh) -> C.
             h = F.linear(F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b), w.fc_w, w.fc_b)
             x = x + F.linear(F.gelu(h, approximate="tanh"), w.mlp_proj_w, w.mlp_proj_b)
         cache.pos = pos + 1
-        return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.wte)  # (V,), the tied head
+        return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.wte)[0]  # (V,), the tied head
