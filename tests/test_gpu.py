@@ -1,8 +1,9 @@
 """The GPU code paths: skipped without CUDA (CI has none); run by ``benchmarks/gpu_check.sh``.
 
 What only a GPU exercises: SDPA's fused kernels against the readable manual attention, bf16
-autocast and fp16 with a GradScaler in real training steps, the KV cache on the device, and a
-checkpoint written from the GPU that loads on the CPU with the same outputs.
+autocast and fp16 with a GradScaler in real training steps, the KV cache and the flat one-token
+decode step on the device, and a checkpoint written from the GPU that loads on the CPU with the
+same outputs.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from helpers_train import prepare, trainer
 from minigpt2 import checkpoint
 from minigpt2.config import ModelConfig, SampleConfig
+from minigpt2.decode import Decoder
 from minigpt2.generate import generate_ids
-from minigpt2.model import GPT
+from minigpt2.model import GPT, KVCache
 from minigpt2.tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,6 +60,20 @@ def test_kv_cache_on_the_gpu_matches_the_reference_path() -> None:
     cached = list(generate_ids(model, [1, 2, 3], cfg, use_cache=True))
     uncached = list(generate_ids(model, [1, 2, 3], cfg, use_cache=False))
     assert cached == uncached and len(cached) == 150
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_flat_decode_step_on_the_gpu_gives_the_model_logits(dtype: torch.dtype) -> None:
+    model = gpt()
+    idx = torch.randint(0, 60, (1, 40), device=CUDA)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        full, _ = model(idx)
+        cache = KVCache(model.config)
+        model(idx[:, :10], cache=cache)
+        decoder = Decoder(model)
+        steps = torch.stack([decoder.step(int(idx[0, t]), cache).float() for t in range(10, 40)])
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(steps, full[0, 10:40].float(), atol=tol, rtol=tol)
 
 
 def test_a_gpu_checkpoint_loads_on_the_cpu(tmp_path: Path) -> None:
