@@ -7,7 +7,7 @@
 #                                            # results in $OUT (default /tmp/gpu-check)
 #
 # 1. tests/test_gpu.py: the CUDA code paths (SDPA against manual attention, bf16 and fp16 training
-#    steps, the KV cache, a GPU checkpoint loaded on the CPU).
+#    steps, the KV cache, the flat decode step, a GPU checkpoint loaded on the CPU).
 # 2. Throughput of the shakespeare preset at batch 64: eager bf16 against bf16 + torch.compile, with
 #    model FLOP utilisation against a bf16 matmul measured in the same run.
 # 3. The speed runs: the shakespeare preset with bf16 autocast and torch.compile for 60 s of training

@@ -23,10 +23,11 @@ Factory = Callable[..., GPT]
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
 @pytest.mark.parametrize("prefill", [1, 6])
+@pytest.mark.parametrize("n_embd", [32, 36])  # head sizes 8 and 9
 def test_step_gives_the_model_logits_at_every_position(
-    make_model: Factory, attn_impl: str, prefill: int
+    make_model: Factory, attn_impl: str, prefill: int, n_embd: int
 ) -> None:
-    model = make_model(attn_impl=attn_impl, block_size=16, n_head=4, spread=0.3)
+    model = make_model(attn_impl=attn_impl, block_size=16, n_head=4, n_embd=n_embd, spread=0.3)
     idx = torch.randint(50, (1, 16), generator=torch.Generator().manual_seed(prefill))
     with torch.inference_mode():
         full, _ = model(idx)  # (1, 16, V): the cache-free reference
@@ -45,18 +46,24 @@ def test_step_gives_the_model_logits_at_every_position(
     torch.testing.assert_close(cache.v, reference_cache.v, atol=1e-5, rtol=1e-5)
 
 
-def test_step_under_bf16_autocast_is_within_bf16_of_fp32(make_model: Factory) -> None:
+def test_step_under_bf16_autocast_is_the_model_under_bf16_autocast(make_model: Factory) -> None:
     model = make_model(block_size=16, spread=0.1)
     idx = torch.randint(50, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         full, _ = model(idx)
-        cache = KVCache(model.config)
+        cache, reference_cache = KVCache(model.config), KVCache(model.config)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(idx[:, :4], cache=cache)
+            model(idx[:, :4], cache=reference_cache)
             decoder = Decoder(model)
-            steps = torch.stack([decoder.step(int(idx[0, t]), cache).float() for t in range(4, 12)])
-    assert cache.k is not None and cache.k.dtype == torch.bfloat16
-    torch.testing.assert_close(steps, full[0, 4:12], atol=0.1, rtol=0.05)
+            steps = torch.stack([decoder.step(int(idx[0, t]), cache) for t in range(4, 12)])
+            reference = torch.cat(
+                [model(idx[:, t : t + 1], cache=reference_cache)[0][0] for t in range(4, 12)]
+            )
+    assert steps.dtype == reference.dtype == torch.bfloat16  # the step ran under autocast too
+    torch.testing.assert_close(steps, reference, atol=1e-2, rtol=1e-2)  # same ops: rounding apart
+    torch.testing.assert_close(cache.k, reference_cache.k, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(steps.float(), full[0, 4:12], atol=0.1, rtol=0.05)  # bf16 of fp32
 
 
 def test_step_refuses_an_empty_or_full_or_batched_cache(make_model: Factory) -> None:
@@ -92,16 +99,64 @@ def test_step_follows_the_weights_as_they_change(make_model: Factory) -> None:
         torch.testing.assert_close(decoder.step(5, cache), full[0, 4], atol=1e-5, rtol=1e-5)
 
 
-def test_generation_from_a_model_in_training_mode_uses_the_model(make_model: Factory) -> None:
+def _count_steps(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[int]:
+    """Record (or refuse) every ``Decoder.step`` call; returns the list the calls append to."""
+    calls: list[int] = []
+    real = Decoder.step
+
+    def step(self: Decoder, token: int, cache: KVCache) -> torch.Tensor:
+        if fail:
+            raise AssertionError("the flat step must not run here")
+        calls.append(token)
+        return real(self, token, cache)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    return calls
+
+
+def test_generation_goes_through_the_step_between_refills(
+    make_model: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model(block_size=8, spread=0.3)
+    calls = _count_steps(monkeypatch)
+    refills = 0
+    real_forward = GPT.forward
+
+    def forward(self: GPT, *args: object, **kwargs: object) -> object:
+        nonlocal refills
+        refills += 1
+        return real_forward(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    ids = list(generate_ids(model, [1, 2, 3], SampleConfig(max_new_tokens=30, temperature=0.0)))
+    assert len(ids) == 30
+    # The prompt, then a refill each time the 8-id window is full (keeping 4): 1 + 5 forwards.
+    assert refills == 6 and len(calls) == 30 - refills
+    assert set(calls) <= set(ids)  # each step feeds the id generated before it
+
+
+def test_generation_with_manual_attention_uses_the_model(
+    make_model: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model(block_size=8, spread=0.3, attn_impl="manual")
+    _count_steps(monkeypatch, fail=True)
+    assert len(list(generate_ids(model, [1, 2], SampleConfig(max_new_tokens=20, temperature=0.0)))) == 20
+
+
+def test_generation_from_a_model_in_training_mode_uses_the_model(
+    make_model: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With dropout active (a model left in ``train()``), steps go through the model, which applies
     it; the flat step has no dropout. Greedy ids then differ from run to run only through dropout."""
     model = make_model(block_size=8, spread=0.3, dropout=0.5).train()
     cfg = SampleConfig(max_new_tokens=20, temperature=0.0)
+    _count_steps(monkeypatch, fail=True)
     torch.manual_seed(0)
     first = list(generate_ids(model, [1, 2], cfg))
     torch.manual_seed(1)
     second = list(generate_ids(model, [1, 2], cfg))
     assert len(first) == len(second) == 20
     assert first != second  # dropout was applied: the model's forward ran
+    monkeypatch.undo()
     model.eval()
     assert list(generate_ids(model, [1, 2], cfg)) == list(generate_ids(model, [1, 2], cfg, use_cache=False))

@@ -121,6 +121,14 @@ def test_cached_and_uncached_greedy_agree_past_the_window(
     assert len(set(cached)) > 1  # the model is not stuck on one id, so the comparison means something
 
 
+def test_a_prompt_longer_than_the_window_starts_from_its_last_window(make_model: Factory) -> None:
+    model = make_model(block_size=8, spread=0.5)
+    prompt = torch.randint(50, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    cached = _greedy(model, prompt, 20, use_cache=True)
+    assert cached == _greedy(model, prompt, 20, use_cache=False)
+    assert cached == _greedy(model, prompt[-8:], 20, use_cache=True)
+
+
 def test_sampling_is_reproducible_by_seed(make_model: Factory) -> None:
     model = make_model(spread=0.3)
 

@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def gpt(attn_impl: str = "sdpa", dropout: float = 0.0) -> GPT:
+def gpt(attn_impl: str = "sdpa", dropout: float = 0.0, n_embd: int = 64) -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=60, block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=dropout,
+    config = ModelConfig(vocab_size=60, block_size=64, n_layer=2, n_head=4, n_embd=n_embd, dropout=dropout,
                          attn_impl=attn_impl)  # fmt: skip
     return GPT(config).to(CUDA).eval()
 
@@ -63,8 +63,9 @@ def test_kv_cache_on_the_gpu_matches_the_reference_path() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_flat_decode_step_on_the_gpu_gives_the_model_logits(dtype: torch.dtype) -> None:
-    model = gpt()
+@pytest.mark.parametrize("n_embd", [64, 36])  # head size 9: SDPA pads it on the GPU
+def test_the_flat_decode_step_on_the_gpu_gives_the_model_logits(dtype: torch.dtype, n_embd: int) -> None:
+    model = gpt(n_embd=n_embd)
     idx = torch.randint(0, 60, (1, 40), device=CUDA)
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         full, _ = model(idx)

@@ -177,9 +177,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  max_iters=2500, eval_interval=100, eval_iters=10, patience=4, lr=2e-3, min_lr=2e-4,
                  warmup_iters=100, max_minutes=8.0),
     # The classic char-level Shakespeare model (nanoGPT's shakespeare_char): a GPU or a long CPU run.
-    # Dropout 0.3, not nanoGPT's 0.2: a GPU goes over the classic 1.1M characters dozens of times in
-    # a minute, and 0.3 reached val loss 1.464-1.471 in 60-s runs where 0.2 stopped at 1.479-1.490
-    # (docs/performance.md, section 7).
+    # Dropout 0.3, not nanoGPT's 0.2, tuned for a minute on one GPU: that goes over the classic 1.1M
+    # characters dozens of times, and 0.3 reached val loss 1.464-1.471 in 60-s runs where 0.2
+    # stopped at 1.479-1.490 (docs/performance.md, section 7). On 5x more text, try --dropout 0.2.
     "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.3,
                         batch_size=64, max_iters=5000, eval_interval=250, lr=1e-3, min_lr=1e-4,
                         warmup_iters=100),

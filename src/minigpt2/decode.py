@@ -4,10 +4,11 @@ Decoding one character at batch 1 is ~24 matrix-vector products (over all the we
 small operations. In ``model.py``'s readable form each small operation also pays for module calls,
 dropout checks, head reshapes and cache bookkeeping, and on a CPU that overhead was as large as the
 products themselves (a step of the ``shakespeare`` preset: 4.5 ms through the modules, 2.4 ms here,
-same numbers). ``Decoder.step`` does the same arithmetic as ``model.py`` with the same kernels
-(layer norm, linear, SDPA, tanh-GELU), straight over the weights, and writes into the same
-``KVCache``; ``model.py`` stays the reference, and ``tests/test_decode.py`` checks that both give
-the same logits and the same tokens.
+same numbers, in one run). ``Decoder.step`` does the same arithmetic as ``model.py`` with the same
+kernels as its default attention (layer norm, linear, SDPA, tanh-GELU), straight over the weights,
+and writes into the same ``KVCache``. ``model.py`` stays the reference: ``generate_ids`` uses the
+model itself for ``attn_impl="manual"`` and for a model in training mode (dropout), and
+``tests/test_decode.py`` checks that both give the same logits and the same tokens.
 """
 
 from __future__ import annotations
@@ -54,14 +55,18 @@ class Decoder:
     """One-token steps for batch-1 generation with ``model``'s weights (shared, not copied).
 
     Fill the cache first with the model itself (``model(idx, cache=cache)`` for the prompt), then
-    call ``step`` once per new token. Inference only: no dropout, no gradients.
+    call ``step`` once per new token. Inference only: no dropout, no gradients. The tensors are
+    taken when the decoder is made: in-place updates (training, ``load_state_dict``) show, but
+    build a new decoder after ``model.to(...)`` (``generate_ids`` makes one per call).
     """
 
     def __init__(self, model: GPT) -> None:
         c = model.config
         self.n_embd, self.n_head, self.hs = c.n_embd, c.n_head, c.n_embd // c.n_head
         t = model.transformer
+        self.eps = t.ln_f.eps  # every LayerNorm of GPT-2 has the same
         self.wte, self.wpe = t.wte.weight.detach(), t.wpe.weight.detach()  # (V, C), (block_size, C)
+        self.head = model.lm_head.weight.detach()  # (V, C): wte itself, as the weights are tied
         self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
         self.blocks = [_block_weights(b) for b in t.h]
 
@@ -72,14 +77,14 @@ class Decoder:
         it advances by one."""
         if cache.k is None or cache.v is None or cache.batch_size != 1:
             raise ValueError("Decoder.step needs a batch-1 cache filled by the model first")
-        pos, C, nh, hs = cache.pos, self.n_embd, self.n_head, self.hs
+        pos, C, nh, hs, eps = cache.pos, self.n_embd, self.n_head, self.hs, self.eps
         if pos >= self.wpe.size(0):
             raise ValueError(f"{pos + 1} positions exceed the context window of {self.wpe.size(0)}")
         # (1, C): the residual stream of the one new position (2-D, so each linear is one addmm).
         x = (self.wte[token] + self.wpe[pos]).view(1, C)
         for layer, w in enumerate(self.blocks):
             # Attention: q, k, v as (1, nh, 1, hs); this position's k and v join the cache.
-            qkv = F.linear(F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b), w.attn_w, w.attn_b)
+            qkv = F.linear(F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b, eps), w.attn_w, w.attn_b)
             q, k, v = qkv.view(3, 1, nh, 1, hs)
             keys = cache.k[layer, :, :, : pos + 1]  # (1, nh, Tk, hs), a view into the cache
             values = cache.v[layer, :, :, : pos + 1]
@@ -87,9 +92,10 @@ class Decoder:
             values[:, :, pos:] = v
             # One query over the past needs no mask: every cached position is visible.
             y = F.scaled_dot_product_attention(q, keys, values)  # (1, nh, 1, hs)
-            x = x + F.linear(y.view(1, C), w.attn_proj_w, w.attn_proj_b)
+            # reshape, not view: on a GPU, SDPA may return a slice of a padded head dimension.
+            x = x + F.linear(y.reshape(1, C), w.attn_proj_w, w.attn_proj_b)
             # MLP: C -> 4C -> GELU (tanh) -> C.
-            h = F.linear(F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b), w.fc_w, w.fc_b)
+            h = F.linear(F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b, eps), w.fc_w, w.fc_b)
             x = x + F.linear(F.gelu(h, approximate="tanh"), w.mlp_proj_w, w.mlp_proj_b)
         cache.pos = pos + 1
-        return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.wte)[0]  # (V,), the tied head
+        return F.linear(F.layer_norm(x, (C,), *self.ln_f, eps), self.head)[0]  # (V,)

@@ -5,9 +5,12 @@ Both are generators, so callers print (or display) each character as soon as it 
 
 Past the context window the window slides: when it is full, generation keeps the newest
 ``block_size // 2`` ids and refills the KV cache from them, so long outputs cost one refill (a
-forward pass over half a window) per ``block_size // 2`` characters; keeping 3/4 of the window made
-refills a fifth of the decoding time. The cache-free reference path (``use_cache=False``) slides the window
-at the same points, so both give the same tokens. Tests: ``pytest tests/test_generate.py``.
+forward pass over half a window) about every ``block_size // 2`` characters. Keeping 3/4 of the
+window kept more context but made refills a fifth of the decoding time (``shakespeare`` preset on a
+CPU: 0.43 s per 1,000 characters, against 0.13 s now). A prompt longer than the window starts from
+its last ``block_size`` ids. The cache-free reference path (``use_cache=False``) slides the window
+at the same points, so both give the same tokens.
+Tests: ``pytest tests/test_generate.py tests/test_decode.py``.
 """
 
 from __future__ import annotations
@@ -99,11 +102,13 @@ def generate_ids(
     device = next(model.parameters()).device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     tokens = list(prompt)
-    start = 0  # the window is tokens[start:]
+    start = max(0, len(tokens) - block)  # the window is tokens[start:]
     cache = KVCache(model.config) if use_cache else None
     # One new token at a time goes through the flat step (same numbers, a fraction of the
-    # per-operation overhead); prompts and refills go through the model. Dropout needs the model.
-    decoder = Decoder(model) if use_cache and not model.training else None
+    # per-operation overhead); prompts and refills go through the model, and so does everything
+    # when dropout is on (training mode) or the readable manual attention was asked for.
+    flat = use_cache and not model.training and model.config.attn_impl != "manual"
+    decoder = Decoder(model) if flat else None
     for _ in range(cfg.max_new_tokens):
         if len(tokens) - start > block:  # window full: slide it, refill the cache
             start = len(tokens) - keep
