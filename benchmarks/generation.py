@@ -5,7 +5,8 @@
 Weights are random (speed does not depend on them); the vocabulary is the Shakespeare source's.
 Reports characters/s over 1,000 new characters (well past the 256-character window, so the window
 slides and the cache refills), the speed-up of the cache, and the time to the first character of
-a chat reply after a 256-character history.
+a chat reply after a 256-character history. The paths take turns for ``--rounds`` rounds (median
+of each; every round's figure is shown).
 """
 
 from __future__ import annotations
@@ -59,18 +60,25 @@ def main() -> None:
     parser.add_argument("--preset", default="shakespeare")
     parser.add_argument("--new-chars", type=int, default=1000)
     parser.add_argument("--reference-chars", type=int, default=200, help="fewer: the reference is slow")
+    parser.add_argument("--rounds", type=int, default=3, help="the paths take turns this many times")
     args = parser.parse_args()
     tok = CharTokenizer(VOCAB)
     model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
     torch.manual_seed(0)
     model = GPT(model_cfg).eval()
     chars_per_s(model, 50, True, "fp32")  # warm-up
-    rows = [{"path": "reference (no cache, fp32)",
-             "chars_per_s": chars_per_s(model, args.reference_chars, False, "fp32")}]  # fmt: skip
-    for dtype in ("fp32", "bf16"):
-        rows.append(
-            {"path": f"KV cache, {dtype}", "chars_per_s": chars_per_s(model, args.new_chars, True, dtype)}
-        )
+    # The paths take turns, round after round, and each reports its median: this machine's speed
+    # drifts within a minute, and back-to-back runs compared one path's good minute with another's
+    # bad one (ratios of 5x to 9x for the same code).
+    paths = {"reference (no cache, fp32)": (args.reference_chars, False, "fp32"),
+             "KV cache, fp32": (args.new_chars, True, "fp32"),
+             "KV cache, bf16": (args.new_chars, True, "bf16")}  # fmt: skip
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, (n, use_cache, dtype) in paths.items():
+            speeds[name].append(chars_per_s(model, n, use_cache, dtype))
+    rows = [{"path": name, "chars_per_s": statistics.median(v), "rounds": " ".join(f"{x:.0f}" for x in v)}
+            for name, v in speeds.items()]  # fmt: skip
     ref = rows[0]["chars_per_s"]
     for r in rows:
         r["speedup"] = r["chars_per_s"] / ref
@@ -82,7 +90,7 @@ def main() -> None:
     )
     ttfc = first_char_ms(bot, 256)
     print(f"preset {args.preset}: {model.num_params():,} parameters, context {model_cfg.block_size}")
-    print_table(rows, ["path", "chars_per_s", "speedup"])
+    print_table(rows, ["path", "chars_per_s", "speedup", "rounds"])
     print(f"time to first character of a chat reply after a 256-character history: {ttfc:.1f} ms")
     emit({"preset": args.preset, "chars_per_s": best["chars_per_s"], "reference_chars_per_s": ref,
           "ratio": best["speedup"], "best_path": best["path"], "first_char_ms": ttfc})  # fmt: skip
