@@ -176,12 +176,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "chat": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1, batch_size=32,
                  max_iters=2500, eval_interval=100, eval_iters=10, patience=4, lr=2e-3, min_lr=2e-4,
                  warmup_iters=100, max_minutes=8.0),
-    # The classic char-level Shakespeare model (nanoGPT's shakespeare_char): a GPU or a long CPU run.
-    # Dropout 0.3, not nanoGPT's 0.2, tuned for a minute on one GPU: that goes over the classic 1.1M
-    # characters dozens of times, and 0.3 reached val loss 1.464-1.471 in 60-s runs where 0.2
-    # stopped at 1.479-1.490 (docs/performance.md, section 7). On 5x more text, try --dropout 0.2.
+    # The classic char-level Shakespeare model (nanoGPT's shakespeare_char shape): a GPU or a long
+    # CPU run. Tuned for a minute on one GPU, which goes over the classic 1.1M characters dozens of
+    # times: batch 128, lr 2e-3 and dropout 0.3 reached val loss 1.464 twice (H100, H200; below 1.47
+    # after 23-25 s), where nanoGPT's batch 64, lr 1e-3, dropout 0.2 stopped at 1.479-1.490
+    # (docs/performance.md, section 7). On 5x more text (the whole works), try --dropout 0.2.
     "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.3,
-                        batch_size=64, max_iters=5000, eval_interval=250, lr=1e-3, min_lr=1e-4,
+                        batch_size=128, max_iters=5000, eval_interval=250, lr=2e-3, min_lr=1e-4,
                         warmup_iters=100),
     # GPT-2 small's shape (124M parameters with GPT-2's vocabulary): for GPUs.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
