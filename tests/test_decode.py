@@ -119,19 +119,19 @@ def test_generation_goes_through_the_step_between_refills(
 ) -> None:
     model = make_model(block_size=8, spread=0.3)
     calls = _count_steps(monkeypatch)
-    refills = 0
+    forwards = 0
     real_forward = GPT.forward
 
     def forward(self: GPT, *args: object, **kwargs: object) -> object:
-        nonlocal refills
-        refills += 1
+        nonlocal forwards
+        forwards += 1
         return real_forward(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(GPT, "forward", forward)
     ids = list(generate_ids(model, [1, 2, 3], SampleConfig(max_new_tokens=30, temperature=0.0)))
     assert len(ids) == 30
     # The prompt, then a refill each time the 8-id window is full (keeping 4): 1 + 5 forwards.
-    assert refills == 6 and len(calls) == 30 - refills
+    assert forwards == 6 and len(calls) == 30 - forwards
     assert set(calls) <= set(ids)  # each step feeds the id generated before it
 
 
