@@ -5,16 +5,17 @@ small operations. In ``model.py``'s readable form each small operation also pays
 dropout checks, head reshapes and cache bookkeeping, and on a CPU that overhead was as large as the
 products themselves (a step of the ``shakespeare`` preset: 4.5 ms through the modules, 2.4 ms here,
 same numbers, in one run). ``Decoder.step`` does the same arithmetic as ``model.py`` with the same
-kernels as its default attention (layer norm, linear, SDPA, tanh-GELU), straight over the weights,
-and writes into the same ``KVCache``. ``model.py`` stays the reference: ``generate_ids`` uses the
-model itself for ``attn_impl="manual"`` and for a model in training mode (dropout), and
-``tests/test_decode.py`` checks that both give the same logits and the same tokens.
+kernels as its default attention (layer norm, the addmm behind each linear layer, SDPA, tanh-GELU),
+straight over the weights, and writes into the same ``KVCache``. ``model.py`` stays the reference:
+``generate_ids`` uses the model itself for ``attn_impl="manual"`` and for a model in training mode
+(dropout), and ``tests/test_decode.py`` checks that both give the same logits and the same tokens.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,19 +23,21 @@ from minigpt2.model import GPT, KVCache
 
 
 class _BlockWeights(NamedTuple):
-    """One ``Block``'s parameters, as plain tensors (no ``nn.Parameter`` dispatch)."""
+    """One ``Block``'s parameters as plain tensors (no ``nn.Parameter`` dispatch), the linear
+    layers' weights transposed to (in, out): ``torch.addmm(b, x, w_t)`` is what ``F.linear(x, w, b)``
+    runs, without the transpose and dispatch each call (~5% of a step)."""
 
     ln_1_w: Tensor
     ln_1_b: Tensor
-    attn_w: Tensor  # (3C, C): q, k, v for all heads at once
+    attn_w_t: Tensor  # (C, 3C): q, k, v for all heads at once
     attn_b: Tensor
-    attn_proj_w: Tensor  # (C, C)
+    attn_proj_w_t: Tensor  # (C, C)
     attn_proj_b: Tensor
     ln_2_w: Tensor
     ln_2_b: Tensor
-    fc_w: Tensor  # (4C, C)
+    fc_w_t: Tensor  # (C, 4C)
     fc_b: Tensor
-    mlp_proj_w: Tensor  # (C, 4C)
+    mlp_proj_w_t: Tensor  # (4C, C)
     mlp_proj_b: Tensor
 
 
@@ -48,7 +51,9 @@ _BLOCK_PARAMS = tuple(
 
 def _block_weights(block: nn.Module) -> _BlockWeights:
     params = dict(block.named_parameters())  # "ln_1.weight", "attn.c_attn.bias", ...
-    return _BlockWeights(*(params[name].detach() for name in _BLOCK_PARAMS))
+    tensors = (params[name].detach() for name in _BLOCK_PARAMS)
+    # The 2-D ones are the linear weights; .t() is a view, so the model's memory is still shared.
+    return _BlockWeights(*(t.t() if t.dim() == 2 else t for t in tensors))
 
 
 class Decoder:
@@ -66,7 +71,7 @@ class Decoder:
         t = model.transformer
         self.eps = t.ln_f.eps  # every LayerNorm of GPT-2 has the same
         self.wte, self.wpe = t.wte.weight.detach(), t.wpe.weight.detach()  # (V, C), (block_size, C)
-        self.head = model.lm_head.weight.detach()  # (V, C): wte itself, as the weights are tied
+        self.head_t = model.lm_head.weight.detach().t()  # (C, V): wte, as the weights are tied
         self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
         self.blocks = [_block_weights(b) for b in t.h]
 
@@ -75,7 +80,7 @@ class Decoder:
 
         The cache must already hold the earlier positions (batch 1) and have room for one more;
         it advances by one."""
-        if cache.k is None or cache.v is None or cache.batch_size != 1:
+        if cache.kv is None or cache.batch_size != 1:
             raise ValueError("Decoder.step needs a batch-1 cache filled by the model first")
         pos, C, nh, hs, eps = cache.pos, self.n_embd, self.n_head, self.hs, self.eps
         if pos >= self.wpe.size(0):
@@ -83,19 +88,18 @@ class Decoder:
         # (1, C): the residual stream of the one new position (2-D, so each linear is one addmm).
         x = (self.wte[token] + self.wpe[pos]).view(1, C)
         for layer, w in enumerate(self.blocks):
-            # Attention: q, k, v as (1, nh, 1, hs); this position's k and v join the cache.
-            qkv = F.linear(F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b, eps), w.attn_w, w.attn_b)
-            q, k, v = qkv.view(3, 1, nh, 1, hs)
-            keys = cache.k[layer, :, :, : pos + 1]  # (1, nh, Tk, hs), a view into the cache
-            values = cache.v[layer, :, :, : pos + 1]
-            keys[:, :, pos:] = k
-            values[:, :, pos:] = v
+            # Attention: q, k, v for all heads, (1, 3C); this position's k and v join the cache in
+            # one copy (the cache keeps both in one buffer for that).
+            qkv = torch.addmm(w.attn_b, F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b, eps), w.attn_w_t)
+            kv = cache.kv[layer, :, :, :, : pos + 1]  # (2, 1, nh, Tk, hs), a view into the cache
+            kv.select(3, pos).copy_(qkv[:, C:].view(2, 1, nh, hs))
+            q = qkv[:, :C].view(1, nh, 1, hs)
             # One query over the past needs no mask: every cached position is visible.
-            y = F.scaled_dot_product_attention(q, keys, values)  # (1, nh, 1, hs)
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (1, nh, 1, hs)
             # reshape, not view: on a GPU, SDPA may return a slice of a padded head dimension.
-            x = x + F.linear(y.reshape(1, C), w.attn_proj_w, w.attn_proj_b)
+            x = torch.addmm(w.attn_proj_b, y.reshape(1, C), w.attn_proj_w_t).add_(x)
             # MLP: C -> 4C -> GELU (tanh) -> C.
-            h = F.linear(F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b, eps), w.fc_w, w.fc_b)
-            x = x + F.linear(F.gelu(h, approximate="tanh"), w.mlp_proj_w, w.mlp_proj_b)
+            h = torch.addmm(w.fc_b, F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b, eps), w.fc_w_t)
+            x = torch.addmm(w.mlp_proj_b, F.gelu(h, approximate="tanh"), w.mlp_proj_w_t).add_(x)
         cache.pos = pos + 1
-        return F.linear(F.layer_norm(x, (C,), *self.ln_f, eps), self.head)[0]  # (V,)
+        return torch.mm(F.layer_norm(x, (C,), *self.ln_f, eps), self.head_t)[0]  # (V,)

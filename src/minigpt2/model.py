@@ -70,27 +70,36 @@ class Dropout(nn.Dropout):
 class KVCache:
     """Keys and values of the positions already processed, for fast one-token-at-a-time decoding.
 
-    ``k`` and ``v`` are (n_layer, B, nh, block_size, hs) buffers, allocated on first use in the
+    ``kv`` is one (n_layer, 2, B, nh, block_size, hs) buffer (keys at index 0 of the second axis,
+    values at 1, so that one copy stores both: ``decode.py`` does), allocated on first use in the
     dtype the model computes in (bf16 under autocast); ``pos`` is how many positions are filled.
+    ``k`` and ``v`` are views of it, (n_layer, B, nh, block_size, hs) each.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int = 1) -> None:
         self.config, self.batch_size = config, batch_size
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+        self.kv: Tensor | None = None
         self.pos = 0
+
+    @property
+    def k(self) -> Tensor | None:
+        return None if self.kv is None else self.kv[:, 0]
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self.kv is None else self.kv[:, 1]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new k, v (B, nh, T, hs) and return all keys/values so far (B, nh, Tk, hs)."""
         T = k.size(2)
-        if self.k is None or self.v is None:
+        if self.kv is None:
             c = self.config
-            shape = (c.n_layer, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+            shape = (c.n_layer, 2, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+            self.kv = torch.zeros(shape, dtype=k.dtype, device=k.device)
+        kv = self.kv[layer, :, :, :, : self.pos + T]  # (2, B, nh, Tk, hs)
+        kv[0, :, :, self.pos :] = k
+        kv[1, :, :, self.pos :] = v
+        return kv[0], kv[1]
 
     def reset(self) -> None:
         self.pos = 0
