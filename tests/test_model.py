@@ -261,3 +261,77 @@ def test_fast_cpu_training_path_agrees_with_the_reference_within_bf16() -> None:
         assert p_fast.grad is not None and p_ref.grad is not None
         error = (p_fast.grad.float() - p_ref.grad).norm() / p_ref.grad.norm().clamp(min=1e-12)
         assert error < 0.05, (name, float(error))
+
+
+def _gpt2_gelu_fp64(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU in float64: the exact values to measure both bf16 versions against."""
+    x = x.double()
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def test_compiled_gelu_is_gpt2s_tanh_gelu_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast CPU training path's GELU (compiled ``x * sigmoid(2z)``): forward and backward
+    within bf16 rounding of GPT-2's GELU computed in float64 everywhere, and equal to
+    ``F.gelu(tanh)`` above x = -2.9 (below, where GELU is under 0.006 in size, F.gelu's bf16 result
+    loses digits to the cancellation in ``1 + tanh(z)``: up to all of them, where this form keeps
+    bf16 rounding). fp32, eval mode and the reference path use ``F.gelu`` itself."""
+    from torch.nn.functional import gelu
+
+    import minigpt2.model as model_module
+    from minigpt2.model import GELU, gelu_tanh_via_sigmoid
+
+    calls = []
+    real = model_module._compiled_gelu
+
+    def counting() -> Callable[[torch.Tensor], torch.Tensor]:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(model_module, "_compiled_gelu", counting)
+    monkeypatch.setattr(GELU, "broken", False)
+    torch.manual_seed(0)
+    # Values from -12 to 12 (tails, where GELU is ~0 or ~x) and a dense middle; an odd size.
+    x = torch.cat([torch.linspace(-12, 12, 20_001), torch.randn(30_011) * 2]).bfloat16()
+    x.requires_grad_()
+    fast = GELU(fast=True).train()
+    y = fast(x)
+    assert calls, "the compiled GELU was not used"
+    exact = _gpt2_gelu_fp64(x.detach())
+    bf16_rounding = exact.abs() * 2**-8 + 1e-6  # a bf16 step is 2^-8 to 2^-7 of the value
+    assert ((y.detach().double() - exact).abs() <= bf16_rounding).all()
+    expected = gelu(x.detach(), approximate="tanh")
+    assert (y.detach() != expected)[x.detach() > -2.9].float().mean() < 1e-4
+    grad_out = torch.randn(x.shape).bfloat16()
+    (grad,) = torch.autograd.grad(y, x, grad_out)
+    x64 = x.detach().double().requires_grad_()
+    (grad_exact,) = torch.autograd.grad(_gpt2_gelu_fp64(x64), x64, grad_out.double())
+    assert ((grad.double() - grad_exact).abs() <= grad_exact.abs() * 2**-7 + 1e-5).all()
+    # fp32 (as the function itself: within fp32 rounding), eval mode, the reference: F.gelu exactly.
+    xf = torch.linspace(-12, 12, 1001)
+    torch.testing.assert_close(gelu_tanh_via_sigmoid(xf), gelu(xf, approximate="tanh"), atol=2e-6, rtol=0)
+    calls.clear()
+    assert torch.equal(fast(xf), gelu(xf, approximate="tanh"))
+    assert torch.equal(fast.eval()(x.detach()), expected)
+    assert torch.equal(GELU(fast=False).train()(x.detach()), expected)
+    assert not calls
+
+
+def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import minigpt2.model as model_module
+    from minigpt2.model import GELU
+
+    def no_compiler() -> Callable[[torch.Tensor], torch.Tensor]:
+        def fail(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(model_module, "_compiled_gelu", no_compiler)
+    monkeypatch.setattr(GELU, "broken", False)
+    x = torch.randn(1000).bfloat16()
+    with caplog.at_level("WARNING", logger="minigpt2.model"):
+        y = GELU(fast=True).train()(x)
+    assert torch.equal(y, torch.nn.functional.gelu(x, approximate="tanh"))
+    assert GELU.broken and "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text

@@ -10,7 +10,10 @@ where GPT-2's ``Conv1D`` stores (in, out). No I/O, no printing. Tests: ``pytest 
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt2.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def causal_mask(T: int, Tk: int, device: torch.device) -> Tensor:
@@ -164,13 +169,74 @@ class CausalSelfAttention(nn.Module):
         return att @ v  # (B, nh, T, hs): weighted average of the values
 
 
+# GPT-2's GELU: 0.5 x (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3). Since 1 + tanh(z) = 2 sigmoid(2z),
+# it is also x * sigmoid(2z) = x * sigmoid(x (A + B x^2)) with these two constants.
+_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_B = _GELU_A * 0.044715
+
+
+def gelu_tanh_via_sigmoid(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU written as ``x * sigmoid(2z)``: the same function, computed in fp32 and
+    rounded once to ``x``'s dtype. Shape-preserving. ``GELU`` compiles it into one loop."""
+    xf = x.float()
+    return (xf * torch.sigmoid(xf * (_GELU_A + _GELU_B * xf * xf))).to(x.dtype)
+
+
+@functools.cache
+def _compiled_gelu() -> Callable[[Tensor], Tensor]:
+    # Built on first use: torch.compile imports its compiler stack (seconds), which only training
+    # on a CPU in bf16 needs. dynamic=True: one kernel for every batch and pass shape.
+    return torch.compile(gelu_tanh_via_sigmoid, dynamic=True)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU(approximate="tanh")``, with one compiled loop in bf16 CPU training when ``fast``.
+
+    PyTorch's CPU tanh (accurate to 1 ulp, and slow) makes its tanh GELU about 4x slower than its
+    erf GELU; forward and backward were 14-18% of a bf16 CPU training step. In that case (``fast``,
+    i.e. ``attn_impl="auto"``; bf16 input on a CPU; training) this runs ``gelu_tanh_via_sigmoid``
+    compiled by ``torch.compile`` into one loop for the forward and one for the backward (~2.5x
+    faster together; the whole step 5-6%), after ~8 s of compiling once per machine (the compiled
+    code is cached on disk). Its bf16 results equal ``F.gelu``'s above x = -2.9 and are within
+    bf16 rounding of the exact GELU everywhere; below -2.9, where GELU is under 0.006 in size,
+    ``F.gelu``'s ``1 + tanh(z)`` loses digits to cancellation (in bf16, up to all of them). If
+    compiling fails (no C++ compiler), it warns once and uses ``F.gelu``.
+    """
+
+    broken = False  # set for the whole process once compiling has failed
+
+    def __init__(self, fast: bool = False) -> None:
+        super().__init__(approximate="tanh")
+        self.fast = fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.fast
+            and not GELU.broken
+            and x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and self.training
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # a compiled model fuses F.gelu itself
+        ):
+            try:
+                return _compiled_gelu()(x)
+            except Exception as err:  # no compiler, an unsupported platform: stay correct, go slower
+                GELU.broken = True
+                log.warning(
+                    "the compiled GELU failed (%s); training goes on with F.gelu (slower)",
+                    str(err).splitlines()[0][:200],
+                )
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation, as GPT-2) -> C."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = GELU(fast=config.attn_impl == "auto")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = Dropout(config.dropout, fast=config.attn_impl == "auto")
 
