@@ -5,7 +5,8 @@
     python benchmarks/train_throughput.py --preset tiny
 
 Both paths run the real ``Trainer`` (data sampling, LR schedule, clipping, optimizer) on the
-first 1,115,394 characters of Shakespeare. Reference: fp32, eager, manual attention. Fast: the
+first 1,115,394 characters of Shakespeare, with freed memory kept for reuse on a CPU as its loop
+does (``cpu_memory.py``). Reference: fp32, eager, manual attention. Fast: the
 defaults (``--dtype auto``: bf16 autocast on this CPU; ``attn_impl="auto"`` with the fast CPU
 dropout; fused AdamW; batches cut into passes of at most 4,096 tokens on a CPU). Each configuration runs
 in its own process so that peak memory (RSS) is its own. Reports tokens/s, the speed-up, model FLOP
@@ -16,6 +17,7 @@ utilisation against a bf16 matmul measured here, the share of step time outside 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, matmul_tflops, print_table, shakespeare_prefix_data, sync
 
 from minigpt2 import config
+from minigpt2.cpu_memory import keep_freed_memory
 from minigpt2.train import Trainer
 
 ONE_PASS = 10**9  # max_pass_tokens that never cuts a batch
@@ -53,8 +56,11 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         overrides["batch_size"] = batch_size
     model_cfg, train_cfg = config.resolve(preset, overrides=overrides)
     data_dir = shakespeare_prefix_data(model_cfg.block_size)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(data_dir, Path(run_dir), model_cfg, train_cfg)
+        # As in Trainer.run, for both paths: on a CPU, freed activations are kept for reuse.
+        memory = keep_freed_memory() if trainer.device.type == "cpu" else contextlib.nullcontext()
+        stack.enter_context(memory)
         for _ in range(warmup):
             trainer.train_step()
         # Forward+backward alone on one fixed batch, timed right after each whole step (the speed of

@@ -29,6 +29,7 @@ from torch import nn
 
 from minigpt2 import checkpoint, data, distributed
 from minigpt2.config import ModelConfig, TrainConfig, to_dict
+from minigpt2.cpu_memory import keep_freed_memory
 from minigpt2.errors import ConfigError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
 from minigpt2.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback, plot_losses, png_bytes
@@ -314,7 +315,13 @@ class Trainer:
         reason = f"reached max_iters ({cfg.max_iters})"
         tokens_per_step = self.global_batch * cfg.grad_accum * self.model_cfg.block_size
         clock = time.perf_counter() - self.elapsed
-        with self._graceful_stop(), contextlib.closing(metrics) if metrics else contextlib.nullcontext():
+        # On a CPU, freed activations stay in the process for the next step (cpu_memory.py).
+        memory = keep_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext()
+        with (
+            self._graceful_stop(),
+            memory,
+            contextlib.closing(metrics) if metrics else contextlib.nullcontext(),
+        ):
             while self.step < cfg.max_iters:
                 t0 = time.perf_counter()
                 train_loss, grad_norm, clipped, lr = self.train_step()
