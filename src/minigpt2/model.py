@@ -225,7 +225,7 @@ class GELU(nn.GELU):
                 GELU.broken = True
                 log.warning(
                     "the compiled GELU failed (%s); training goes on with F.gelu (slower)",
-                    str(err).splitlines()[0][:200],
+                    (str(err).splitlines() or [type(err).__name__])[0][:200],
                 )
         return super().forward(x)
 
