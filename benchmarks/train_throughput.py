@@ -9,7 +9,8 @@ first 1,115,394 characters of Shakespeare, with freed memory kept for reuse on a
 does (``cpu_memory.py``). Reference: fp32, eager, manual attention. Fast: the
 defaults (``--dtype auto``: bf16 autocast on this CPU; ``attn_impl="auto"`` with the fast CPU
 dropout; fused AdamW; batches cut into passes of at most 4,096 tokens on a CPU). Each configuration runs
-in its own process so that peak memory (RSS) is its own. Reports tokens/s, the speed-up, model FLOP
+in its own process so that peak memory (RSS) is its own, and the paths take turns for ``--rounds``
+rounds (medians; each round's tokens/s is shown). Reports tokens/s, the speed-up, model FLOP
 utilisation against a bf16 matmul measured here, the share of step time outside forward/backward
 (Python overhead), and peak RSS.
 """
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,6 +103,18 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
     }
 
 
+def _row(path: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's table row: the medians of its rounds (peak RSS: the largest), and each round's
+    tokens/s. A round's MFU is against the bf16 matmul peak measured in that round."""
+    row: dict[str, Any] = {"path": path, **runs[-1]}
+    for key in ("tokens_per_s", "step_s", "overhead_share", "model_tflops"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["mfu_vs_bf16_matmul"] = statistics.median(r["model_tflops"] / r["peak_tflops"] for r in runs)
+    row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    row["rounds"] = " ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,39 +124,49 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--paths", default="reference,fast")
+    parser.add_argument("--rounds", type=int, default=3, help="the paths take turns this many times")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one path, print JSON
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.one:
         print(json.dumps(measure(args.preset, args.one, args.batch_size, args.steps, args.warmup)))
         return
-    rows = []
-    for path in args.paths.split(","):
-        cmd = [sys.executable, __file__, "--one", path, "--preset", args.preset, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]  # fmt: skip
-        if args.batch_size:
-            cmd += ["--batch-size", str(args.batch_size)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:  # report it, keep the other paths' rows
-            print(
-                f"path {path} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-15:]), file=sys.stderr
-            )
-            continue
-        rows.append({"path": path, **json.loads(done.stdout.strip().splitlines()[-1])})
+    # The paths take turns for --rounds rounds, each run in its own process, and each reports its
+    # medians: this machine's speed drifts by the minute (one path's good minute against another's
+    # bad one read 3.0x and 4.5x for the same code, two minutes apart).
+    paths = args.paths.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
+    peaks = []
+    for _ in range(args.rounds):
+        this_round: dict[str, dict[str, Any]] = {}
+        for path in paths:
+            cmd = [sys.executable, __file__, "--one", path, "--preset", args.preset,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+            if args.batch_size:
+                cmd += ["--batch-size", str(args.batch_size)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:  # report it, keep the other paths' rows
+                print(f"path {path} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-15:]),
+                      file=sys.stderr)  # fmt: skip
+                continue
+            this_round[path] = json.loads(done.stdout.strip().splitlines()[-1])
+        if this_round:  # the bf16 matmul peak of this round, for its MFU figures
+            peaks.append(matmul_tflops(torch.bfloat16, next(iter(this_round.values()))["device"]))
+        for path, result in this_round.items():
+            runs[path].append({**result, "peak_tflops": peaks[-1]})
+    rows = [_row(path, found) for path, found in runs.items() if found]
     if not rows:
         raise SystemExit("every path failed")
-    peak = matmul_tflops(torch.bfloat16, rows[0]["device"])
-    for r in rows:
-        r["mfu_vs_bf16_matmul"] = r["model_tflops"] / peak
+    peak = statistics.median(peaks)
     ref = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / ref
     print(
         f"preset {args.preset}, batch {args.batch_size or 'preset'}, {rows[0]['device']};"
-        f" bf16 matmul peak here {peak:.2f} TFLOP/s"
+        f" bf16 matmul peak here {peak:.2f} TFLOP/s (median of {len(peaks)} rounds)"
     )
     print_table(rows, ["path", "precision", "compiled", "tokens_per_s", "speedup", "step_s", "overhead_share",
-                       "model_tflops", "mfu_vs_bf16_matmul", "peak_rss_gib"])  # fmt: skip
+                       "model_tflops", "mfu_vs_bf16_matmul", "peak_rss_gib", "rounds"])  # fmt: skip
     best = max(rows, key=lambda r: r["tokens_per_s"])
     emit({"preset": args.preset, "reference_tokens_per_s": ref, "tokens_per_s": best["tokens_per_s"],
           "ratio": best["speedup"], "mfu": best["mfu_vs_bf16_matmul"], "bf16_matmul_tflops": peak,
