@@ -5,7 +5,8 @@ By default glibc's malloc hands large freed blocks back to the kernel (``munmap`
 top of the heap), so the next step's allocations fault them back in one 4 KiB page at a time, each
 page zeroed by the kernel first: ~20,000 page faults a step for the ``cpu`` preset and ~90,000 for
 ``shakespeare`` at batch 64 on the 2-core machine of docs/performance.md, where keeping the memory
-made the ``cpu`` preset's steps ~1.4x faster (six pairs of runs, each pair in turn).
+made the ``cpu`` preset's steps 1.1x-1.9x faster (six pairs of runs taking turns) and its 5-minute
+benchmark ran 2,239-2,301 steps instead of ~1,650.
 
 ``keep_freed_memory`` raises glibc's two thresholds (``mallopt``) while training, so that freed
 blocks of up to 32 MiB stay in the process for the next step, and puts glibc's default values back

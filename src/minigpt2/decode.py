@@ -97,11 +97,11 @@ class Decoder:
             # One query over the past needs no mask: every cached position is visible.
             y = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (1, nh, 1, hs)
             # reshape, not view: on a GPU, SDPA may return a slice of a padded head dimension.
-            # x + ..., not an in-place add on the product: under autocast the product is bf16 and
-            # the residual stream stays fp32, as in the model.
-            x = x + torch.addmm(w.attn_proj_b, y.reshape(1, C), w.attn_proj_w_t)
+            # Added in place into x (a fresh tensor of this step), not into the product: under
+            # autocast the product is bf16, and the residual stream stays fp32, as in the model.
+            x.add_(torch.addmm(w.attn_proj_b, y.reshape(1, C), w.attn_proj_w_t))
             # MLP: C -> 4C -> GELU (tanh) -> C.
             h = torch.addmm(w.fc_b, F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b, eps), w.fc_w_t)
-            x = x + torch.addmm(w.mlp_proj_b, F.gelu(h, approximate="tanh"), w.mlp_proj_w_t)
+            x.add_(torch.addmm(w.mlp_proj_b, F.gelu(h, approximate="tanh"), w.mlp_proj_w_t))
         cache.pos = pos + 1
         return torch.mm(F.layer_norm(x, (C,), *self.ln_f, eps), self.head_t)[0]  # (V,)
