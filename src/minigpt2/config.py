@@ -88,6 +88,10 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay, applied to 2-D weights only (not biases, not LayerNorm)
     beta1: float = 0.9
     beta2: float = 0.99  # GPT-2 used 0.95 for huge batches; 0.99 is steadier for small char models
+    # "adamw" (GPT-2's), or "muon": Muon for the blocks' weight matrices and AdamW for the rest,
+    # which learns more per step (optim.py; the `cpu` preset uses it: docs/performance.md section 3)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak LR, on the same warm-up and decay as lr (its steps differ in scale)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     eval_interval: int = 250  # evaluate (and save `last`) every this many steps
     eval_iters: int = 20  # fixed validation batches per evaluation (the same ones every time)
@@ -119,6 +123,10 @@ class TrainConfig:
         _check(self.warmup_iters >= 0, f"warmup_iters must be >= 0, got {self.warmup_iters}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(
+            self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}"
+        )
+        _check(self.muon_lr > 0, f"muon_lr must be > 0, got {self.muon_lr}")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
             self.patience >= 1 or not self.early_stopping,
@@ -167,10 +175,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: trains in seconds, learns nothing useful.
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0, batch_size=8,
                  max_iters=50, eval_interval=10, eval_iters=2, warmup_iters=5, lr=3e-3),
-    # The laptop-CPU default: sized so a few minutes of bf16 training gives readable text (192 wide
-    # and batch 24 did best in 5-minute runs on a 2-core CPU; docs/performance.md section 3).
+    # The laptop-CPU default: sized so a few minutes of bf16 training gives readable text (192 wide,
+    # batch 24 and Muon did best in 5-minute runs on a 2-core CPU; docs/performance.md section 3).
     "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, batch_size=24,
-                max_iters=3000, eval_interval=250, lr=2e-3, min_lr=2e-4, warmup_iters=100),
+                max_iters=3000, eval_interval=250, lr=2e-3, min_lr=2e-4, warmup_iters=100,
+                optimizer="muon"),
     # The default chatbot (`make chat`): trained from scratch on chatterbot-corpus in under 10 minutes
     # on a 2-core CPU; early stopping ends it once the small corpus starts to be memorised.
     "chat": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1, batch_size=32,

@@ -34,6 +34,7 @@ from minigpt2.errors import ConfigError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
 from minigpt2.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback, plot_losses, png_bytes
 from minigpt2.model import GPT
+from minigpt2.optim import make_optimizer
 from minigpt2.precision import choose_device, choose_precision
 from minigpt2.runstate import RunLock, TrainResult, load_start, restore_rng, rng_state
 from minigpt2.schedule import EarlyStopState, early_stop_update, lr_at
@@ -42,21 +43,6 @@ log = logging.getLogger(__name__)
 # Tokens per forward/backward pass on a CPU when max_pass_tokens is 0 (auto): at batch 64 x 256,
 # passes of 16 sequences trained faster than one pass of 64 and peaked at 1.5 instead of 3.7-4.3 GiB.
 CPU_PASS_TOKENS = 4096
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on 2-D weights only (matmuls, embeddings), never on biases or LayerNorm,
-    whose job is to shift and scale, not to be shrunk. Fused kernels where the device has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    try:
-        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
 
 
 def pass_size(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> int:
@@ -249,8 +235,8 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
                    max_iters=self.horizon(), schedule=cfg.lr_schedule)  # fmt: skip
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # Muon's groups scale it (optim.make_optimizer)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if not self.raw_model.training:  # only after an evaluation: walking all modules costs
             self.model.train()  # ~0.1 ms, and a tiny model's whole step is a few ms
         total = torch.zeros((), device=self.device)
