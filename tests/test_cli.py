@@ -151,9 +151,10 @@ def test_presets_lists_every_preset_with_its_size(cli: Run) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for name in config.PRESETS:
-        c, _ = config.resolve(name, overrides={"vocab_size": 77})
+        c, t = config.resolve(name, overrides={"vocab_size": 77})
         line = next(line for line in lines if line.split()[0] == name)
         assert line.split()[1:5] == [str(c.n_layer), str(c.n_head), str(c.n_embd), str(c.block_size)]
+        assert line.split()[6] == t.optimizer
         if c.n_embd * c.n_layer <= 4096:  # small enough to build here and count
             assert f" {GPT(c).num_params():,}" in line
         assert ("(default)" in line) == (name == config.DEFAULT_PRESET)

@@ -383,13 +383,14 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from minigpt2 import config
     from minigpt2.model import GPT
 
-    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'params':>12}")
+    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'params':>12}"
+          f"  {'optimizer':<9}")  # fmt: skip
     for name in config.PRESETS:
-        model_cfg, _ = config.resolve(name, overrides={"vocab_size": args.vocab_size})
+        model_cfg, train_cfg = config.resolve(name, overrides={"vocab_size": args.vocab_size})
         n = GPT(model_cfg).num_params()
         default = "  (default)" if name == config.DEFAULT_PRESET else ""
         print(f"{name:<12} {model_cfg.n_layer:>6} {model_cfg.n_head:>5} {model_cfg.n_embd:>5}"
-              f" {model_cfg.block_size:>7} {n:>12,}{default}")  # fmt: skip
+              f" {model_cfg.block_size:>7} {n:>12,}  {train_cfg.optimizer:<9}{default}")  # fmt: skip
     return 0
 
 

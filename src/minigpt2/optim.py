@@ -43,7 +43,8 @@ def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     for _ in range(steps):
         gram = x @ x.mT  # (N, m, m)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2
-        x = torch.baddbmm(x, poly, x, beta=a)  # a x + poly x
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I: then a x + (b gram + c gram^2) x is one product
+        x = poly @ x  # (N, m, n)
     return x.mT if tall else x
 
 
