@@ -151,6 +151,14 @@ def test_interrupted_muon_run_resumes_to_the_unbroken_run(tmp_path: Path) -> Non
         torch.testing.assert_close(got[name], w, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("first", "then"), [("adamw", "muon"), ("muon", "adamw")])
+def test_resume_with_another_optimizer_is_refused(tmp_path: Path, first: str, then: str) -> None:
+    d = prepare(tmp_path)
+    train.train(d, tmp_path / "run", *tiny(optimizer=first, max_iters=4, eval_interval=2))
+    with pytest.raises(ConfigError, match="another optimizer"):
+        train.train(d, tmp_path / "run", *tiny(optimizer=then, max_iters=8, eval_interval=2), resume=True)
+
+
 def dataclass_replace(cfg: config.ModelConfig, **changes: object) -> config.ModelConfig:
     import dataclasses
 

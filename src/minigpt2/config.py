@@ -89,7 +89,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99  # GPT-2 used 0.95 for huge batches; 0.99 is steadier for small char models
     # "adamw" (GPT-2's), or "muon": Muon for the blocks' weight matrices and AdamW for the rest,
-    # which learns more per step (optim.py; the `cpu` preset uses it: docs/performance.md section 3)
+    # which learns more per step (optim.py; the `cpu` and `chat` presets use it: docs/performance.md)
     optimizer: str = "adamw"
     muon_lr: float = 0.02  # Muon's peak LR, on the same warm-up and decay as lr (its steps differ in scale)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off

@@ -420,7 +420,13 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as err:  # AdamW's state into Muon + AdamW, or the reverse
+            raise ConfigError(
+                f"cannot resume with --optimizer {self.cfg.optimizer}: {self.run_dir} was trained with"
+                " another optimizer; resume with its own (drop --optimizer)"
+            ) from err
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.set_state(state["sampler"])
         restore_rng(state["rng"])
