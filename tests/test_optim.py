@@ -6,11 +6,14 @@ Covered: ``orthogonalize`` keeps a matrix's singular vectors and pushes its sing
 matrix (momentum, Nesterov, the shape scale, weight decay), so the batching by shape mixes nothing;
 Muon refuses non-matrices; ``make_optimizer`` gives Muon exactly the blocks' weight matrices; a
 Muon run learns, follows the schedule, and resumes after an interrupt to the same weights as an
-unbroken run. Tiny configs on CPU. Run: ``pytest -q tests/test_optim.py``.
+unbroken run; resuming with the other optimizer is refused with one clear error; GradScaler (fp16)
+steps and skips the Muon + AdamW pair as one optimizer. Tiny configs on CPU.
+Run: ``pytest -q tests/test_optim.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -76,7 +79,7 @@ def test_muon_takes_matrices_only() -> None:
 
 def test_make_optimizer_gives_muon_the_blocks_matrices() -> None:
     model_cfg, cfg = tiny(optimizer="muon")
-    model = GPT(dataclass_replace(model_cfg, vocab_size=40))
+    model = GPT(dataclasses.replace(model_cfg, vocab_size=40))
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     assert isinstance(opt, Optimizers)
     muon, adamw = opt.optimizers
@@ -101,7 +104,7 @@ def test_optimizer_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="muon_lr must be > 0"):
         config.resolve("tiny", overrides={"muon_lr": 0.0})
     # The saved state of one kind of optimizer does not load into another.
-    model = GPT(dataclass_replace(tiny()[0], vocab_size=40))
+    model = GPT(dataclasses.replace(tiny()[0], vocab_size=40))
     pair = make_optimizer(model, tiny(optimizer="muon")[1], torch.device("cpu"))
     with pytest.raises(ValueError, match="another optimizer"):
         pair.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
@@ -159,16 +162,10 @@ def test_resume_with_another_optimizer_is_refused(tmp_path: Path, first: str, th
         train.train(d, tmp_path / "run", *tiny(optimizer=then, max_iters=8, eval_interval=2), resume=True)
 
 
-def dataclass_replace(cfg: config.ModelConfig, **changes: object) -> config.ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
-
-
 def test_grad_scaler_drives_muon_and_adamw_together() -> None:
     """fp16 training's GradScaler (on a GPU) takes the pair like one optimizer: it unscales both
     optimizers' gradients, steps both, and skips both when a gradient overflowed."""
-    model = GPT(dataclass_replace(tiny()[0], vocab_size=40))
+    model = GPT(dataclasses.replace(tiny()[0], vocab_size=40))
     opt = make_optimizer(model, tiny(optimizer="muon")[1], torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     idx = torch.randint(0, 40, (2, 16))

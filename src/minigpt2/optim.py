@@ -5,7 +5,8 @@ AdamW scales each weight's step by that weight's own gradient history. Muon (Kel
 *orthogonalizes* it, replacing the singular values of ``U S V^T`` by ones (approximately, with five
 Newton-Schulz iterations), so that every direction of the update moves as far, rare ones as much as
 the common ones that dominate the gradient. Per step of training it learns more: the ``cpu`` preset
-reached val loss 1.51 in 5 minutes with it, 1.57 with AdamW (``docs/performance.md``, section 3).
+reached val loss 1.49-1.51 in 5 minutes with it, 1.55-1.57 with AdamW (``docs/performance.md``,
+section 3), though its step costs ~20 ms more there.
 
 Muon is for 2-D matrices inside the blocks (attention and MLP). The embeddings (also the output
 head, as the weights are tied), biases and LayerNorms keep AdamW, as in Muon's own recipe.
@@ -138,8 +139,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     groups: ``muon_lr / lr``, so both follow the same warm-up and decay).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # The blocks' weight matrices: model.transformer.h[i].(attn|mlp).*.weight.
-    matrices = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}"]
+    # The blocks' weight matrices: transformer.h.<i>.attn.c_attn.weight and the like.
+    in_blocks = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
+    matrices = in_blocks if cfg.optimizer == "muon" else []
     taken = {id(p) for p in matrices}
     rest = [p for _, p in named if id(p) not in taken]
     groups = [
