@@ -12,8 +12,9 @@
 #    model FLOP utilisation against a bf16 matmul measured in the same run.
 # 3. The speed runs: the shakespeare preset with bf16 autocast and torch.compile for 60 s of training
 #    on the prefix: best val loss (target <= 1.47) and when 1.47 was first reached; first with the
-#    preset's own settings, then with those of SPEEDRUN_SET (default: nanoGPT's batch 64, lr 1e-3,
-#    for comparison; see docs/performance.md section 7), and SPEEDRUN_EXTRA if set.
+#    preset's own settings, then with those of SPEEDRUN_SET (default: Muon, which the CPU presets
+#    use since session 6 and no GPU has tried yet; session 4 compared nanoGPT's batch 64, lr 1e-3:
+#    docs/performance.md section 7), and SPEEDRUN_EXTRA if set.
 # A failed step is reported and the next one still runs: device time is scarce. A dry run of the
 # whole script on a CPU, before spending GPU time on it (about 2 minutes):
 #   PRESET=tiny MINUTES=0.1 STEPS=2 WARMUP=1 bash benchmarks/gpu_check.sh
@@ -58,6 +59,6 @@ speed_run() {  # speed_run NAME [KEY=VALUE ...]
 }
 speed_run preset
 # shellcheck disable=SC2086 # SPEEDRUN_SET holds several KEY=VALUE words
-speed_run batch64 ${SPEEDRUN_SET:-batch_size=64 lr=1e-3}
+speed_run set ${SPEEDRUN_SET:-optimizer=muon}
 # shellcheck disable=SC2086 # as above; an optional third run, e.g. SPEEDRUN_EXTRA="dropout=0.2"
 if [ -n "${SPEEDRUN_EXTRA:-}" ]; then speed_run extra $SPEEDRUN_EXTRA; fi

@@ -1,9 +1,9 @@
 """The GPU code paths: skipped without CUDA (CI has none); run by ``benchmarks/gpu_check.sh``.
 
 What only a GPU exercises: SDPA's fused kernels against the readable manual attention, bf16
-autocast and fp16 with a GradScaler in real training steps, the KV cache and the flat one-token
-decode step on the device, and a checkpoint written from the GPU that loads on the CPU with the
-same outputs.
+autocast and fp16 with a GradScaler in real training steps (AdamW, and Muon + AdamW), the KV
+cache and the flat one-token decode step on the device, and a checkpoint written from the GPU that
+loads on the CPU with the same outputs.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def test_sdpa_matches_manual_attention_on_the_gpu(dtype: torch.dtype) -> None:
     assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_mixed_precision_training_steps_on_the_gpu(tmp_path: Path, dtype: str) -> None:
+def test_mixed_precision_training_steps_on_the_gpu(tmp_path: Path, dtype: str, optimizer: str) -> None:
     data = prepare(tmp_path)
-    with trainer(data, tmp_path / "run", device="cuda", dtype=dtype, dropout=0.1) as t:
+    with trainer(data, tmp_path / "run", device="cuda", dtype=dtype, dropout=0.1, optimizer=optimizer) as t:
         assert t.precision.name == dtype and t.scaler.is_enabled() == (dtype == "fp16")
         losses = [t.train_step()[0] for _ in range(30)]
     assert all(math.isfinite(x) for x in losses)
