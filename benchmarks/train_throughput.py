@@ -73,8 +73,10 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         optimizer_step = trainer.optimizer.step
 
         def timed_optimizer_step() -> None:
+            sync(trainer.device)  # on a GPU: time the kernels, not their launch
             start = time.perf_counter()
             optimizer_step()
+            sync(trainer.device)
             optimizer_times.append(time.perf_counter() - start)
 
         trainer.optimizer.step = timed_optimizer_step  # type: ignore[method-assign]

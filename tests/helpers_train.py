@@ -55,9 +55,9 @@ def tiny(**overrides: Any) -> tuple[config.ModelConfig, config.TrainConfig]:
 @contextlib.contextmanager
 def trainer(data_dir: Path, run_dir: Path, **overrides: Any) -> Iterator[Trainer]:
     """A ``Trainer`` built (not run) on a tiny config; its run lock is released afterwards."""
-    init_from = overrides.pop("init_from", None)
+    init_from, resume = overrides.pop("init_from", None), overrides.pop("resume", False)
     model_cfg, train_cfg = tiny(**overrides)
-    t = Trainer(data_dir, run_dir, model_cfg, train_cfg, init_from=init_from)
+    t = Trainer(data_dir, run_dir, model_cfg, train_cfg, init_from=init_from, resume=resume)
     try:
         yield t
     finally:

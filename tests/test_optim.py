@@ -6,7 +6,8 @@ Covered: ``orthogonalize`` keeps a matrix's singular vectors and pushes its sing
 matrix (momentum, Nesterov, the shape scale, weight decay), so the batching by shape mixes nothing;
 Muon refuses non-matrices; ``make_optimizer`` gives Muon exactly the blocks' weight matrices; a
 Muon run learns, follows the schedule, and resumes after an interrupt to the same weights as an
-unbroken run; resuming with the other optimizer is refused with one clear error; GradScaler (fp16)
+unbroken run, with the resumed config's LR scales (old states without them too); resuming
+with the other optimizer is refused with one clear error; GradScaler (fp16)
 steps and skips the Muon + AdamW pair as one optimizer. Tiny configs on CPU.
 Run: ``pytest -q tests/test_optim.py``.
 """
@@ -14,6 +15,7 @@ Run: ``pytest -q tests/test_optim.py``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -30,20 +32,23 @@ from minigpt2.model import GPT
 from minigpt2.optim import Muon, Optimizers, make_optimizer, orthogonalize
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 48, 16), (2, 16, 48), (1, 32, 32)])
-def test_orthogonalize_keeps_directions_and_evens_out_sizes(shape: tuple[int, int, int]) -> None:
+def test_orthogonalize_keeps_directions_and_evens_out_sizes(
+    shape: tuple[int, int, int], dtype: torch.dtype
+) -> None:
     torch.manual_seed(0)
     # Singular values spread over two orders of magnitude, as in a gradient: the largest ones
     # dominate it. (Five iterations lift values down to ~1/500 of the norm: enough for these.)
     u, _, vh = torch.linalg.svd(torch.randn(shape), full_matrices=False)
     s = torch.logspace(0, -2, u.size(-1)).expand(shape[0], -1)
     g = u @ torch.diag_embed(s) @ vh
-    out = orthogonalize(g).float()
-    assert out.shape == g.shape and out.dtype == torch.float32
-    sv = torch.linalg.svdvals(out)
+    out = orthogonalize(g, dtype=dtype)
+    assert out.shape == g.shape and out.dtype == dtype
+    sv = torch.linalg.svdvals(out.float())
     assert sv.min() > 0.5 and sv.max() < 1.5, sv
     # The same singular vectors: out ~ U V^T (to the spread of its singular values).
-    cos = torch.nn.functional.cosine_similarity(out.flatten(1), (u @ vh).flatten(1), dim=1)
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(1), (u @ vh).flatten(1), dim=1)
     assert (cos > 0.9).all(), cos
 
 
@@ -86,9 +91,8 @@ def test_make_optimizer_gives_muon_the_blocks_matrices() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     to_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     to_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
-    assert to_muon == {
-        n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2
-    }
+    layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert to_muon == {f"transformer.h.{i}.{layer}.weight" for i in range(2) for layer in layers}
     assert to_muon.isdisjoint(to_adamw) and to_muon | to_adamw == set(names.values())
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"} <= to_adamw
     assert [g["lr_scale"] for g in opt.param_groups] == [cfg.muon_lr / cfg.lr, 1.0, 1.0]
@@ -154,11 +158,32 @@ def test_interrupted_muon_run_resumes_to_the_unbroken_run(tmp_path: Path) -> Non
         torch.testing.assert_close(got[name], w, rtol=0, atol=1e-6)
 
 
+def test_resume_takes_this_configs_muon_lr_and_old_adamw_states(tmp_path: Path) -> None:
+    """Loading the saved state puts back the saved param groups; the LR scale must come from the
+    config resumed with (a new --muon-lr), and a state saved before there were LR scales (AdamW
+    groups without ``lr_scale``) resumes at the schedule's LR."""
+    d = prepare(tmp_path)
+    train.train(d, tmp_path / "run", *tiny(optimizer="muon", max_iters=4, eval_interval=2))
+    with trainer(d, tmp_path / "run", optimizer="muon", muon_lr=0.005, max_iters=8, resume=True) as t:
+        assert t.step == 4
+        t.train_step()
+        muon_lr, adamw_lr, _ = (g["lr"] for g in t.optimizer.param_groups)
+        assert muon_lr == pytest.approx(adamw_lr * 0.005 / t.cfg.lr, rel=1e-12)
+    train.train(d, tmp_path / "old", *tiny(max_iters=4, eval_interval=2))
+    state = checkpoint.load_train_state(tmp_path / "old" / "last")
+    for group in state["optimizer"]["param_groups"]:
+        del group["lr_scale"]
+    torch.save(state, tmp_path / "old" / "last" / checkpoint.TRAIN_STATE)
+    with trainer(d, tmp_path / "old", max_iters=8, resume=True) as t:
+        _, _, _, lr = t.train_step()
+        assert [g["lr"] for g in t.optimizer.param_groups] == [lr, lr]
+
+
 @pytest.mark.parametrize(("first", "then"), [("adamw", "muon"), ("muon", "adamw")])
 def test_resume_with_another_optimizer_is_refused(tmp_path: Path, first: str, then: str) -> None:
     d = prepare(tmp_path)
     train.train(d, tmp_path / "run", *tiny(optimizer=first, max_iters=4, eval_interval=2))
-    with pytest.raises(ConfigError, match="another optimizer"):
+    with pytest.raises(ConfigError, match=f"trained with {first}; resume with --optimizer {first}"):
         train.train(d, tmp_path / "run", *tiny(optimizer=then, max_iters=8, eval_interval=2), resume=True)
 
 
@@ -182,3 +207,17 @@ def test_grad_scaler_drives_muon_and_adamw_together() -> None:
         opt.zero_grad(set_to_none=True)
         moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
         assert not any(moved) if overflow else all(moved)
+
+
+def test_the_default_chatbot_resumes_with_the_settings_it_started_with(tmp_path: Path) -> None:
+    """`make chat` after an upgrade: a chatbot run killed mid-training (no summary.json) under
+    older settings (here AdamW, while the `chat` preset now uses Muon) goes on with its own."""
+    from minigpt2 import recipes
+
+    d = prepare(tmp_path)
+    run = tmp_path / "run"
+    train.train(d, run, *tiny(max_iters=8, eval_interval=2), callbacks=[_InterruptAt(4)])
+    (run / "summary.json").unlink()  # as if killed, not stopped
+    assert recipes.ensure_chatbot("unused", d, run, preset="chat") == run
+    s = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == 8 and json.loads((run / "config.json").read_text())["train"]["optimizer"] == "adamw"

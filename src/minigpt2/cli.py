@@ -259,27 +259,15 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """Preset < config file < flags; with --resume the run's saved config < flags; with
     --init-from the trained model's shape (only block size and dropout may change)."""
-    import json
-
     from minigpt2 import checkpoint, config
 
     overrides = _train_overrides(args)
     file_values = config.read_config_file(Path(args.config)) if args.config else {}
     if args.resume:
-        saved_path = Path(args.out) / "config.json"
-        try:
-            saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UserError(f"cannot resume: {saved_path} is missing or unreadable") from None
-        model_cfg = config.from_dict(config.ModelConfig, saved["model"])
+        model_cfg, train_cfg = config.saved_run_configs(Path(args.out), {**file_values, **overrides})
         changed = [k for k, v in overrides.items() if hasattr(model_cfg, k) and getattr(model_cfg, k) != v]
         if changed:
             raise UserError(f"--resume keeps the run's model settings; drop --{changed[0].replace('_', '-')}")
-        train_fields = config.field_names(config.TrainConfig)
-        values = {**saved["train"], **file_values, **overrides}
-        train_cfg = config.from_dict(
-            config.TrainConfig, {k: v for k, v in values.items() if k in train_fields}
-        )
         return model_cfg, train_cfg
     model_cfg, train_cfg = config.resolve(args.preset, file_values, overrides)
     if args.init_from:

@@ -85,7 +85,9 @@ class TrainConfig:
     min_lr: float = 2e-4  # floor of the decay; nanoGPT's rule of thumb is lr / 10
     lr_schedule: str = "cosine"  # "cosine", "linear" or "constant" after warm-up
     warmup_iters: int = 100  # linear warm-up from lr / warmup_iters (never 0) up to lr
-    weight_decay: float = 0.1  # AdamW decay, applied to 2-D weights only (not biases, not LayerNorm)
+    # Decoupled decay of 2-D weights only (not biases, not LayerNorm): each step shrinks them by
+    # lr * weight_decay; with Muon, its matrices by muon_lr * weight_decay (10x more per step)
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99  # GPT-2 used 0.95 for huge batches; 0.99 is steadier for small char models
     # "adamw" (GPT-2's), or "muon": Muon for the blocks' weight matrices and AdamW for the rest,
@@ -268,6 +270,23 @@ def from_dict(cls: type, values: Any) -> Any:
         if f.name in values:
             _check_type(cls.__name__, f.name, values[f.name], type(getattr(cls(), f.name)))
     return cls(**values)
+
+
+def saved_run_configs(
+    run_dir: Path, train_overrides: dict[str, Any] | None = None
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a run was trained with (``RUN/config.json``), for resuming it: its model as
+    saved, its training settings under ``train_overrides`` (``None`` values are skipped)."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        model, train = saved["model"], saved["train"]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise ConfigError(f"cannot resume: {path} is missing or unreadable") from None
+    given = {
+        k: v for k, v in (train_overrides or {}).items() if v is not None and k in field_names(TrainConfig)
+    }
+    return from_dict(ModelConfig, model), from_dict(TrainConfig, {**train, **given})
 
 
 def _check_type(owner: str, name: str, value: Any, expected: type) -> None:

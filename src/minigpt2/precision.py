@@ -9,6 +9,7 @@ narrow range underflows small gradients to zero without one.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def choose_device(spec: str = "auto") -> torch.device:
     return device
 
 
+@functools.cache  # read once: Muon asks at every step
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 on CPU
     is emulated and slower than fp32."""

@@ -43,7 +43,11 @@ def ensure_chatbot(
     finished = (run_dir / "summary.json").is_file()  # training ended (or was stopped with Ctrl-C)
     if has_model(run_dir) and (finished or not resume):
         return run_dir
-    model_cfg, train_cfg = config.resolve(preset, overrides=overrides)
+    # An interrupted run goes on with the settings it started with (a newer preset may differ).
+    if resume:
+        model_cfg, train_cfg = config.saved_run_configs(run_dir, overrides)
+    else:
+        model_cfg, train_cfg = config.resolve(preset, overrides=overrides)
     if not (data_dir / "meta.json").is_file():
         data.prepare(source, data_dir, block_size=model_cfg.block_size)
     from minigpt2.train import train

@@ -420,13 +420,17 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError) as err:  # AdamW's state into Muon + AdamW, or the reverse
+        saved = "muon" if "optimizers" in state["optimizer"] else "adamw"  # Muon's is a pair (optim.py)
+        if saved != self.cfg.optimizer:
             raise ConfigError(
-                f"cannot resume with --optimizer {self.cfg.optimizer}: {self.run_dir} was trained with"
-                " another optimizer; resume with its own (drop --optimizer)"
-            ) from err
+                f"cannot resume {self.run_dir} with optimizer {self.cfg.optimizer}: it was trained with"
+                f" {saved}; resume with --optimizer {saved}, or train into a new --out"
+            )
+        # Loading puts back the saved param groups; keep this config's LR scales (--muon-lr, --lr).
+        scales = [group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, scale in zip(self.optimizer.param_groups, scales, strict=True):
+            group["lr_scale"] = scale
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.set_state(state["sampler"])
         restore_rng(state["rng"])
