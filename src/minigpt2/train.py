@@ -6,8 +6,9 @@
 5. early stopping: every ``eval_interval`` steps the same validation batches are scored; ``RUN/best``
    is written only on an improvement, and training stops after ``patience`` evaluations without one.
 
-Around them: exact resume from ``RUN/last`` (optimizer, scaler, RNG, sampler, counters, metrics),
-fine-tuning with ``init_from``, gradient accumulation, DDP under torchrun, and ``torch.compile``.
+Around them: AdamW or Muon (``optim.py``), exact resume from ``RUN/last`` (optimizer, scaler, RNG,
+sampler, counters, metrics), fine-tuning with ``init_from``, gradient accumulation, DDP under
+torchrun, and ``torch.compile``.
 Reports go through ``metrics.Callback``; nothing here prints. Tests: ``pytest tests/test_train.py``.
 """
 
