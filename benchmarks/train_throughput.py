@@ -51,6 +51,8 @@ PATHS = {
     "sdpa": dict(dtype="auto", attn_impl="sdpa", compile=False),
     # The fast path with AdamW for every weight, for presets that use Muon (what Muon costs a step).
     "fast-adamw": dict(dtype="auto", attn_impl="auto", compile=False, optimizer="adamw"),
+    # What a CPU without bf16 units (most laptops) runs by default: the fast path in fp32.
+    "fast-fp32": dict(dtype="fp32", attn_impl="auto", compile=False),
 }
 
 
@@ -185,8 +187,12 @@ def main() -> None:
     print_table(rows, ["path", "precision", "optimizer", "compiled", "tokens_per_s", "speedup", "step_s",
                        "overhead_share", "optimizer_share", "model_tflops", "mfu_vs_bf16_matmul",
                        "peak_rss_gib", "rounds"])  # fmt: skip
-    # The fastest way to train this recipe (fast-adamw is another recipe: it only shows Muon's cost).
-    best = max([r for r in rows if r["path"] != "fast-adamw"] or rows, key=lambda r: r["tokens_per_s"])
+    # The fastest way to train this recipe (fast-adamw is another recipe: it only shows Muon's cost;
+    # fast-fp32 is what another machine gets).
+    best = max(
+        [r for r in rows if r["path"] not in ("fast-adamw", "fast-fp32")] or rows,
+        key=lambda r: r["tokens_per_s"],
+    )
     emit({"preset": args.preset, "reference_tokens_per_s": ref, "tokens_per_s": best["tokens_per_s"],
           "ratio": best["speedup"], "mfu": best["mfu_vs_bf16_matmul"], "bf16_matmul_tflops": peak,
           "overhead_share": best["overhead_share"], "optimizer_share": best["optimizer_share"],

@@ -269,12 +269,13 @@ def _gpt2_gelu_fp64(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def test_compiled_gelu_is_gpt2s_tanh_gelu_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast CPU training path's GELU (compiled ``x * sigmoid(2z)``): forward and backward
-    within bf16 rounding of GPT-2's GELU computed in float64 everywhere, and equal to
+def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast CPU training path's GELU (compiled ``x * sigmoid(2z)``): in bf16, forward and
+    backward within bf16 rounding of GPT-2's GELU computed in float64 everywhere, and equal to
     ``F.gelu(tanh)`` above x = -2.9 (below, where GELU is under 0.006 in size, F.gelu's bf16 result
     loses digits to the cancellation in ``1 + tanh(z)``: up to all of them, where this form keeps
-    bf16 rounding). fp32, eval mode and the reference path use ``F.gelu`` itself."""
+    bf16 rounding); in fp32, equal to F.gelu within fp32 rounding. Tensors too small for the
+    compiled call to pay, eval mode and the reference path use ``F.gelu`` itself."""
     from torch.nn.functional import gelu
 
     import minigpt2.model as model_module
@@ -290,8 +291,10 @@ def test_compiled_gelu_is_gpt2s_tanh_gelu_in_bf16(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(model_module, "_compiled_gelu", counting)
     monkeypatch.setattr(GELU, "broken", False)
     torch.manual_seed(0)
-    # Values from -12 to 12 (tails, where GELU is ~0 or ~x) and a dense middle; an odd size.
-    x = torch.cat([torch.linspace(-12, 12, 20_001), torch.randn(30_011) * 2]).bfloat16()
+    # Values from -12 to 12 (tails, where GELU is ~0 or ~x) and a dense middle; an odd size, above
+    # the size where the compiled loop is used.
+    n_random = GELU.COMPILED_MIN_NUMEL - 20_001 + 1_011
+    x = torch.cat([torch.linspace(-12, 12, 20_001), torch.randn(n_random) * 2]).bfloat16()
     x.requires_grad_()
     fast = GELU(fast=True).train()
     y = fast(x)
@@ -306,11 +309,23 @@ def test_compiled_gelu_is_gpt2s_tanh_gelu_in_bf16(monkeypatch: pytest.MonkeyPatc
     x64 = x.detach().double().requires_grad_()
     (grad_exact,) = torch.autograd.grad(_gpt2_gelu_fp64(x64), x64, grad_out.double())
     assert ((grad.double() - grad_exact).abs() <= grad_exact.abs() * 2**-7 + 1e-5).all()
-    # fp32 (as the function itself: within fp32 rounding), eval mode, the reference: F.gelu exactly.
-    xf = torch.linspace(-12, 12, 1001)
-    torch.testing.assert_close(gelu_tanh_via_sigmoid(xf), gelu(xf, approximate="tanh"), atol=2e-6, rtol=0)
+    # fp32: compiled too, within fp32 rounding of F.gelu, forward and backward.
+    xf = x.detach().float().requires_grad_()
     calls.clear()
-    assert torch.equal(fast(xf), gelu(xf, approximate="tanh"))
+    yf = fast(xf)
+    assert calls, "the compiled GELU was not used in fp32"
+    torch.testing.assert_close(yf, gelu(xf.detach(), approximate="tanh"), atol=2e-6, rtol=1e-6)
+    (grad_f,) = torch.autograd.grad(yf, xf, grad_out.float())
+    xr = xf.detach().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(gelu(xr, approximate="tanh"), xr, grad_out.float())
+    torch.testing.assert_close(grad_f, grad_ref, atol=1e-5, rtol=1e-5)
+    # A small tensor, eval mode, the reference: F.gelu exactly.
+    small = torch.linspace(-12, 12, 1001)
+    torch.testing.assert_close(
+        gelu_tanh_via_sigmoid(small), gelu(small, approximate="tanh"), atol=2e-6, rtol=0
+    )
+    calls.clear()
+    assert torch.equal(fast(small), gelu(small, approximate="tanh"))
     assert torch.equal(fast.eval()(x.detach()), expected)
     assert torch.equal(GELU(fast=False).train()(x.detach()), expected)
     assert not calls
@@ -330,7 +345,7 @@ def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
 
     monkeypatch.setattr(model_module, "_compiled_gelu", no_compiler)
     monkeypatch.setattr(GELU, "broken", False)
-    x = torch.randn(1000).bfloat16()
+    x = torch.randn(GELU.COMPILED_MIN_NUMEL).bfloat16()
     with caplog.at_level("WARNING", logger="minigpt2.model"):
         y = GELU(fast=True).train()(x)
     assert torch.equal(y, torch.nn.functional.gelu(x, approximate="tanh"))
