@@ -181,8 +181,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and Muon did best in 5-minute runs on a 2-core CPU; docs/performance.md section 3). Batch 48:
     # within 0.015 of batch 24's val loss at 5 minutes, and Muon's fixed cost per step (~20 ms of
     # matrix products) is half the share of a step (8% against 19% outside forward/backward).
+    # 1,500 steps and an evaluation every 125: the characters per run and between evaluations of
+    # batch 24's 3,000 and 250.
     "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, batch_size=48,
-                max_iters=3000, eval_interval=250, lr=2e-3, min_lr=2e-4, warmup_iters=100,
+                max_iters=1500, eval_interval=125, lr=2e-3, min_lr=2e-4, warmup_iters=100,
                 optimizer="muon"),
     # The default chatbot (`make chat`): trained from scratch on chatterbot-corpus in under 10 minutes
     # on a 2-core CPU; early stopping ends it once the small corpus starts to be memorised. Muon:

@@ -196,12 +196,12 @@ class GELU(nn.GELU):
     erf GELU; forward and backward were 14-18% of a bf16 CPU training step. In that case (``fast``,
     i.e. ``attn_impl="auto"``; a CPU; training; at least ``COMPILED_MIN_NUMEL`` elements) this runs
     ``gelu_tanh_via_sigmoid`` compiled by ``torch.compile`` into one loop for the forward and one
-    for the backward (~2x faster together in bf16 and in fp32; the whole step 5-6%), after ~8 s of
-    compiling once per machine (the compiled code is cached on disk). Its bf16 results equal
-    ``F.gelu``'s above x = -2.9 and are within bf16 rounding of the exact GELU everywhere; below
-    -2.9, where GELU is under 0.006 in size, ``F.gelu``'s ``1 + tanh(z)`` loses digits to
-    cancellation (in bf16, up to all of them). In fp32 both agree to fp32 rounding. If compiling
-    fails (no C++ compiler), it warns once and uses ``F.gelu``.
+    for the backward (~2x faster together; the `cpu` preset's whole step 5-6% faster in bf16, 16%
+    in fp32), after ~8 s of compiling once per machine (the compiled code is cached on disk). Its
+    bf16 results equal ``F.gelu``'s above x = -2.9 and are within bf16 rounding of the exact GELU
+    everywhere; below -2.9, where GELU is under 0.006 in size, ``F.gelu``'s ``1 + tanh(z)`` loses
+    digits to cancellation (in bf16, up to all of them). In fp32 both agree to fp32 rounding. If
+    compiling fails (no C++ compiler), it warns once and uses ``F.gelu``.
     """
 
     # A compiled call costs ~0.1-0.2 ms more than an eager one (guards, autograd wrapper), which
