@@ -179,8 +179,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  max_iters=50, eval_interval=10, eval_iters=2, warmup_iters=5, lr=3e-3),
     # The laptop-CPU default: sized so a few minutes of bf16 training gives readable text (192 wide
     # and Muon did best in 5-minute runs on a 2-core CPU; docs/performance.md section 3). Batch 48:
-    # within 0.015 of batch 24's val loss at 5 minutes, and Muon's fixed cost per step (~20 ms of
-    # matrix products) is half the share of a step (8% against 19% outside forward/backward).
+    # ~0.02 above batch 24's val loss at 5 minutes, and Muon's fixed cost per step (~20 ms of
+    # matrix products) is half the share of a step (~9% against 19% outside forward/backward).
     # 1,500 steps and an evaluation every 125: the characters per run and between evaluations of
     # batch 24's 3,000 and 250. Passes of up to 6,144 tokens: batch 48 in one pass ran 1.05-1.28x
     # faster than the auto 4,096's passes of 32 + 16 sequences (24 + 24: 0.79x).
