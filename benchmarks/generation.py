@@ -24,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, print_table
 
-from minigpt2 import config
-from minigpt2.chat import Chatbot, DialogueTemplate, Turn
-from minigpt2.config import SampleConfig
-from minigpt2.generate import generate_ids
-from minigpt2.model import GPT
+from minigpt2.core import config
+from minigpt2.core.chat import Chatbot, DialogueTemplate, Turn
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.generate import generate_ids
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.precision import choose_precision
-from minigpt2.tokenizer import CharTokenizer
 
 VOCAB = sorted(set("\n !&'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz[]_0123456789\""))
 

@@ -35,7 +35,7 @@ OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Fail at once, not minutes in: the package must import and the corpus must have come along.
-"$PY" -c 'import torch, minigpt2.train
+"$PY" -c 'import torch, minigpt2.training.trainer
 print("torch", torch.__version__, "on", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)")'
 if [ ! -f "$MINIGPT2_BENCH_DIR/shakespeare-1115394/meta.json" ]; then
     echo "no prepared corpus in .gpu-data: run 'bash benchmarks/gpu_check.sh --prepare' here and carry .gpu-data" >&2

@@ -23,11 +23,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, print_table, shakespeare_prefix_data
 
-from minigpt2 import config
+from minigpt2.core import config
 from minigpt2.fileio import atomic_write_bytes
-from minigpt2.metrics import png_bytes, read_metrics
 from minigpt2.precision import choose_device
-from minigpt2.train import train
+from minigpt2.training.metrics import png_bytes, read_metrics
+from minigpt2.training.trainer import train
 
 # The usual small CPU recipe, as is: AdamW (the `cpu` preset it starts from uses Muon).
 REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dtype="fp32", dropout=0.0,

@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, matmul_tflops, print_table, shakespeare_prefix_data, sync
 
-from minigpt2 import config
-from minigpt2.cpu_memory import keep_freed_memory
-from minigpt2.train import Trainer
+from minigpt2.core import config
+from minigpt2.fast.memory import keep_freed_memory
+from minigpt2.training.trainer import Trainer
 
 ONE_PASS = 10**9  # max_pass_tokens that never cuts a batch
 PATHS = {

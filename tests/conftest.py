@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from minigpt2 import checkpoint
-from minigpt2.config import ModelConfig
-from minigpt2.model import GPT
-from minigpt2.tokenizer import CharTokenizer
+from minigpt2.core.config import ModelConfig
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 
 # A vocabulary of ordinary characters (no combining marks, no "\r"), used by most tests.
 ALPHABET = sorted(set(" \n!',-.:;?\"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import torch
 
 from minigpt2 import serve
-from minigpt2.chat import Chatbot
-from minigpt2.config import ModelConfig, SampleConfig
-from minigpt2.model import GPT
-from minigpt2.tokenizer import CharTokenizer
+from minigpt2.core.chat import Chatbot
+from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 
 # Italian letters too, so UTF-8 multi-byte characters cross the wire in every test.
 CHARS = sorted(set(" \n!',-.:;?abcdefghijklmnopqrstuvwxyzàèéìòù"))

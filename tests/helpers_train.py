@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from minigpt2 import cli, config, data
-from minigpt2.metrics import read_metrics
-from minigpt2.train import Trainer
+from minigpt2 import cli, data
+from minigpt2.core import config
+from minigpt2.training.metrics import read_metrics
+from minigpt2.training.trainer import Trainer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BLOCK = 16

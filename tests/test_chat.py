@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from minigpt2 import checkpoint
-from minigpt2.chat import Chatbot, DialogueTemplate, PlayTemplate, Turn, build_prompt
-from minigpt2.config import ModelConfig, SampleConfig
+from minigpt2.core.chat import Chatbot, DialogueTemplate, PlayTemplate, Turn, build_prompt
+from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
-from minigpt2.model import GPT
-from minigpt2.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 
 TOK = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!'\n:")))
 GREEDY = SampleConfig(max_new_tokens=50, temperature=0.0)
@@ -37,6 +37,10 @@ class ScriptedModel(nn.Module):
         )
         self.script, self.calls = script, 0
         self.dummy = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.dummy.device
 
     def forward(
         self, idx: torch.Tensor, targets: object = None, cache: object = None

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from minigpt2 import checkpoint
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError
-from minigpt2.model import GPT
-from minigpt2.tokenizer import CharTokenizer
 
 Factory = Callable[..., GPT]
 

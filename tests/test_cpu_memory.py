@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.cpu_memory``: freed memory kept for reuse while training on a CPU.
+"""Tests for ``minigpt2.fast.memory``: freed memory kept for reuse while training on a CPU.
 
 Page faults are counted with ``getrusage``: a large block freed and allocated again faults its
 pages back in unless malloc kept it; resident memory is read from ``/proc/self/statm``.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt2 import cpu_memory
-from minigpt2.cpu_memory import keep_freed_memory
+from minigpt2.fast import memory as cpu_memory
+from minigpt2.fast.memory import keep_freed_memory
 
 glibc_only = pytest.mark.skipif(cpu_memory._glibc() is None, reason="needs Linux with glibc")
 BLOCK = 24 * 1024 * 1024  # bytes: bigger than glibc's default thresholds, under the kept size
@@ -58,7 +58,7 @@ def test_elsewhere_it_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cpu_training_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The training loop runs inside ``keep_freed_memory`` on a CPU, and leaves it at the end."""
     from helpers_train import prepare, tiny
-    from minigpt2 import train
+    from minigpt2.training import trainer as train
 
     events = []
 

@@ -32,9 +32,11 @@ import pytest
 import torch
 
 from helpers_train import main, one_error_line, prepare, rows, subprocess_env, summary, tiny, train_args
-from minigpt2 import checkpoint, data, metrics, train
+from minigpt2 import checkpoint, data
 from minigpt2.errors import DataError
 from minigpt2.fileio import recover_dir
+from minigpt2.training import metrics
+from minigpt2.training import trainer as train
 
 STEPS = 40
 Proc = subprocess.Popen[bytes]

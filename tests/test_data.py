@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from minigpt2 import corpora, data
+from minigpt2.core.tokenizer import EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError
-from minigpt2.tokenizer import EOT_ID, USER_ID, CharTokenizer
 
 
 def _read_split(out: Path, name: str) -> np.ndarray:

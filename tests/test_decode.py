@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.decode``: the flat one-token step against the model it flattens.
+"""Tests for ``minigpt2.fast.decode``: the flat one-token step against the model it flattens.
 
 The step must give the model's logits at every position (fp32: to rounding; bf16 autocast: within
 bf16 tolerance), leave the cache as the model would, refuse what it cannot do, and follow the
@@ -13,10 +13,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from minigpt2.config import SampleConfig
-from minigpt2.decode import Decoder
-from minigpt2.generate import generate_ids
-from minigpt2.model import GPT, KVCache
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.generate import generate_ids
+from minigpt2.core.model import GPT, KVCache
+from minigpt2.fast.decode import Decoder
 
 Factory = Callable[..., GPT]
 

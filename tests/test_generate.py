@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.generate``: the logit filters, the id generator and the text stream.
+"""Tests for ``minigpt2.core.generate``: the logit filters, the id generator and the text stream.
 
 Covers top-k / top-p / repetition penalty (pure, distribution-preserving, with hypothesis), cached
 vs cache-free greedy decoding far past the context window for both attention implementations,
@@ -15,18 +15,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt2.config import SampleConfig
-from minigpt2.errors import ConfigError
-from minigpt2.generate import (
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.generate import (
     apply_repetition_penalty,
     generate_ids,
     stream_text,
     top_k_filter,
     top_p_filter,
 )
-from minigpt2.model import GPT
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
+from minigpt2.errors import ConfigError
 from minigpt2.precision import choose_precision
-from minigpt2.tokenizer import EOT_ID, CharTokenizer
 
 Factory = Callable[..., GPT]
 GREEDY = SampleConfig(max_new_tokens=40, temperature=0.0)

@@ -16,11 +16,11 @@ import torch
 
 from helpers_train import prepare, trainer
 from minigpt2 import checkpoint
-from minigpt2.config import ModelConfig, SampleConfig
-from minigpt2.decode import Decoder
-from minigpt2.generate import generate_ids
-from minigpt2.model import GPT, KVCache
-from minigpt2.tokenizer import CharTokenizer
+from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.generate import generate_ids
+from minigpt2.core.model import GPT, KVCache
+from minigpt2.core.tokenizer import CharTokenizer
+from minigpt2.fast.decode import Decoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

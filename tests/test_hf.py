@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from minigpt2 import checkpoint
-from minigpt2.config import ModelConfig, SampleConfig
+from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.generate import generate_ids
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError
-from minigpt2.generate import generate_ids
 from minigpt2.hf import export_hf, import_hf
-from minigpt2.model import GPT
-from minigpt2.tokenizer import CharTokenizer
 
 transformers = pytest.importorskip("transformers")
 

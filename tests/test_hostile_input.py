@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from helpers_train import main, one_error_line, prepare, subprocess_env, tiny, train_args
-from minigpt2 import checkpoint, data, train
-from minigpt2.chat import Chatbot, DialogueTemplate, PlayTemplate
-from minigpt2.config import ModelConfig, SampleConfig
-from minigpt2.model import GPT
-from minigpt2.tokenizer import BOT_ID, EOT_ID, USER_ID
+from minigpt2 import checkpoint, data
+from minigpt2.core.chat import Chatbot, DialogueTemplate, PlayTemplate
+from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID
+from minigpt2.training import trainer as train
 
 Capsys = pytest.CaptureFixture[str]
 FAST = ("--device", "cpu", "--dtype", "fp32", "--seed", 1, "--max-new-tokens", 5)
@@ -309,7 +310,7 @@ def test_options_at_their_bounds_are_accepted(trained: tuple[Path, Path], run: P
 
 
 def test_wrongly_typed_config_file_values_and_bot_loss_on_plain_text_are_refused(tmp_path: Path) -> None:
-    from minigpt2 import config as cfg_module
+    from minigpt2.core import config as cfg_module
     from minigpt2.errors import ConfigError
 
     (tmp_path / "c.toml").write_text("batch_size = 32.0\n")

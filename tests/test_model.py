@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.model``: GPT-2's shapes, initialisation, weight tying, attention and KV cache.
+"""Tests for ``minigpt2.core.model``: GPT-2's shapes, initialisation, weight tying, attention and KV cache.
 
 Covers output shapes, the initial loss (about ln V), the tied LM head, manual vs sdpa attention,
 cached vs full forward passes, the context-window limit, GPT-2's residual-projection init and
@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from minigpt2.config import ModelConfig
-from minigpt2.model import GPT, KVCache, causal_bias, causal_mask
+from minigpt2.core.config import ModelConfig
+from minigpt2.core.model import GPT, KVCache, causal_bias, causal_mask
 
 Factory = Callable[..., GPT]
 
@@ -197,7 +197,7 @@ def test_dropout_is_active_only_in_training(make_model: Factory) -> None:
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
 def test_fast_cpu_dropout_is_dropout(p: float) -> None:
     """The ``auto`` path's CPU dropout zeroes a share p of elements and keeps the mean (scaling)."""
-    from minigpt2.model import Dropout
+    from minigpt2.core.model import Dropout
 
     torch.manual_seed(0)
     drop = Dropout(p, fast=True).train()
@@ -220,7 +220,7 @@ def test_fast_cpu_dropout_is_dropout(p: float) -> None:
 @pytest.mark.parametrize("p", [1e-7, 0.9999999])
 def test_fast_cpu_dropout_takes_any_p_in_range(p: float) -> None:
     """A p too close to 0 or 1 for 16-bit steps still works (the nearest step: 1/65536 from the end)."""
-    from minigpt2.model import Dropout
+    from minigpt2.core.model import Dropout
 
     zeroed = (Dropout(p, fast=True).train()(torch.ones(100_000)) == 0).float().mean().item()
     assert abs(zeroed - p) < 0.001
@@ -278,8 +278,8 @@ def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> No
     compiled call to pay, eval mode and the reference path use ``F.gelu`` itself."""
     from torch.nn.functional import gelu
 
-    import minigpt2.model as model_module
-    from minigpt2.model import GELU, gelu_tanh_via_sigmoid
+    import minigpt2.core.model as model_module
+    from minigpt2.core.model import GELU, gelu_tanh_via_sigmoid
 
     calls = []
     real = model_module._compiled_gelu
@@ -334,8 +334,8 @@ def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> No
 def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import minigpt2.model as model_module
-    from minigpt2.model import GELU
+    import minigpt2.core.model as model_module
+    from minigpt2.core.model import GELU
 
     def no_compiler() -> Callable[[torch.Tensor], torch.Tensor]:
         def fail(x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +346,7 @@ def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
     monkeypatch.setattr(model_module, "_compiled_gelu", no_compiler)
     monkeypatch.setattr(GELU, "broken", False)
     x = torch.randn(GELU.COMPILED_MIN_NUMEL).bfloat16()
-    with caplog.at_level("WARNING", logger="minigpt2.model"):
+    with caplog.at_level("WARNING", logger="minigpt2.core.model"):
         y = GELU(fast=True).train()(x)
     assert torch.equal(y, torch.nn.functional.gelu(x, approximate="tanh"))
     assert GELU.broken and "No working C++ compiler found" in caplog.text and "more detail" not in caplog.text

@@ -16,11 +16,11 @@ import torch
 from nbclient import NotebookClient
 
 from minigpt2 import checkpoint
-from minigpt2.chat import Chatbot
-from minigpt2.config import ModelConfig, SampleConfig
-from minigpt2.model import GPT
+from minigpt2.core.chat import Chatbot
+from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.notebook import ChatPanel, chat_loop
-from minigpt2.tokenizer import CharTokenizer
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "chatbot.ipynb"
 MESSAGES = ["ciao", "come stai?", "che cosa fai oggi?"]

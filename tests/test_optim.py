@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.optim``: Muon's orthogonalization and step, which parameters go to Muon and
+"""Tests for ``minigpt2.training.optim``: Muon's orthogonalization and step, which parameters go to Muon and
 which to AdamW, the LR schedule reaching both, and an interrupted Muon run resumed exactly.
 
 Covered: ``orthogonalize`` keeps a matrix's singular vectors and pushes its singular values into
@@ -25,11 +25,13 @@ import pytest
 import torch
 
 from helpers_train import prepare, rows, tiny, trainer
-from minigpt2 import checkpoint, config, train
+from minigpt2 import checkpoint
+from minigpt2.core import config
+from minigpt2.core.model import GPT
 from minigpt2.errors import ConfigError
-from minigpt2.metrics import Callback, StepRecord
-from minigpt2.model import GPT
-from minigpt2.optim import Muon, Optimizers, make_optimizer, orthogonalize
+from minigpt2.training import trainer as train
+from minigpt2.training.metrics import Callback, StepRecord
+from minigpt2.training.optim import Muon, Optimizers, make_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.schedule``: the learning rate at each step and the early-stopping rule.
+"""Tests for ``minigpt2.core.schedule``: the learning rate at each step and the early-stopping rule.
 
 Covered: warm-up (starts at lr / warmup_iters, never 0; reaches lr on its last step; none when
 warmup_iters is 0), cosine and linear decay to min_lr and the floor after max_iters, the constant
@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from minigpt2.schedule import EarlyStopState, early_stop_update, lr_at
+from minigpt2.core.schedule import EarlyStopState, early_stop_update, lr_at
 
 LR, MIN_LR, WARMUP, MAX = 1e-3, 1e-4, 10, 110
 

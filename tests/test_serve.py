@@ -27,8 +27,8 @@ import pytest
 
 from helpers_serve import running, tiny_chatbot
 from minigpt2 import checkpoint, serve
-from minigpt2.chat import ReplyInfo, Turn
-from minigpt2.config import SampleConfig
+from minigpt2.core.chat import ReplyInfo, Turn
+from minigpt2.core.config import SampleConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

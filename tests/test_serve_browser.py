@@ -26,9 +26,9 @@ import pytest
 from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 
 from helpers_serve import running, tiny_chatbot
-from minigpt2.chat import Chatbot, Turn
-from minigpt2.config import SampleConfig
-from minigpt2.generate import make_generator
+from minigpt2.core.chat import Chatbot, Turn
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.generate import make_generator
 from minigpt2.serve import ServeConfig
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.tokenizer``: the character vocabulary and its policy for unseen text.
+"""Tests for ``minigpt2.core.tokenizer``: the character vocabulary and its policy for unseen text.
 
 Covers the encode/decode round trip, unknown characters (emoji, combining marks, RTL, control
 characters) becoming ``<|unk|>`` without raising, the ``NORMALISE`` table, literal special-token
@@ -15,8 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt2.errors import CheckpointError
-from minigpt2.tokenizer import (
+from minigpt2.core.tokenizer import (
     BOT_ID,
     EOT_ID,
     NORMALISE,
@@ -27,6 +26,7 @@ from minigpt2.tokenizer import (
     CharTokenizer,
     prepare_text,
 )
+from minigpt2.errors import CheckpointError
 
 
 def test_round_trip_over_the_vocabulary(tok: CharTokenizer) -> None:

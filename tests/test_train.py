@@ -1,4 +1,4 @@
-"""Tests for the training loop (``minigpt2.train``, ``runstate``, ``metrics``, ``precision``), in process.
+"""Tests for the training loop (``training.trainer``, ``runstate``, ``metrics``, ``precision``), in process.
 
 Covered: the files a run writes (best/, last/, metrics.csv with its exact columns and one row per
 step, loss.png, config.json, summary.json) and that ``sample``/``load_model`` use them; the logged LR
@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from helpers_train import BLOCK, corpus_text, main, meta, prepare, rows, summary, tiny, train_args, trainer
-from minigpt2 import checkpoint, cli, data, train
+from minigpt2 import checkpoint, cli, data
+from minigpt2.core.model import GPT
+from minigpt2.core.schedule import lr_at
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, CharTokenizer
 from minigpt2.errors import ConfigError, UserError
-from minigpt2.metrics import COLUMNS
-from minigpt2.model import GPT
 from minigpt2.precision import choose_precision, cpu_has_native_bf16
-from minigpt2.runstate import RunLock
-from minigpt2.schedule import lr_at
-from minigpt2.tokenizer import BOT_ID, EOT_ID, CharTokenizer
+from minigpt2.training import trainer as train
+from minigpt2.training.metrics import COLUMNS
+from minigpt2.training.runstate import RunLock
 
 STEPS = 20
 

@@ -11,12 +11,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "GPT": "minigpt2.model",
-    "KVCache": "minigpt2.model",
-    "ModelConfig": "minigpt2.config",
-    "TrainConfig": "minigpt2.config",
-    "SampleConfig": "minigpt2.config",
-    "CharTokenizer": "minigpt2.tokenizer",
+    "GPT": "minigpt2.core.model",
+    "KVCache": "minigpt2.core.model",
+    "ModelConfig": "minigpt2.core.config",
+    "TrainConfig": "minigpt2.core.config",
+    "SampleConfig": "minigpt2.core.config",
+    "CharTokenizer": "minigpt2.core.tokenizer",
 }
 
 

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minigpt2 import config as cfg
+from minigpt2.core import config as cfg
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError, UserError, WriteError
 from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir, temp_dir_for
-from minigpt2.model import GPT
-from minigpt2.tokenizer import CharTokenizer
 
 FORMAT = "minigpt2-checkpoint"
 FORMAT_VERSION = 1

@@ -68,7 +68,7 @@ def _load_for_inference(args: argparse.Namespace, generation: bool = True) -> tu
 
 
 def _sample_config(args: argparse.Namespace) -> Any:
-    from minigpt2.config import SampleConfig
+    from minigpt2.core.config import SampleConfig
 
     return SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p,
@@ -129,7 +129,7 @@ def _answer(bot: Any, message: str, prefix: str) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from minigpt2.chat import Chatbot
+    from minigpt2.core.chat import Chatbot
 
     bot = Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
                            user_name=args.user_name, bot_name=args.bot_name,
@@ -186,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UserError(f"minigpt2 serve needs FastAPI and uvicorn ({err.name} is missing): "
                         "pip install 'minigpt2[serve]'") from None  # fmt: skip
-    from minigpt2.chat import Chatbot
+    from minigpt2.core.chat import Chatbot
     from minigpt2.recipes import DEFAULT_SOURCE
 
     loopback = args.host in LOOPBACK
@@ -227,7 +227,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from minigpt2.generate import stream_text
+    from minigpt2.core.generate import stream_text
 
     cfg = _sample_config(args)
     model, tokenizer, _, precision = _load_for_inference(args)
@@ -243,14 +243,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _progress_bar() -> Any:
     from tqdm import tqdm
 
-    from minigpt2.metrics import ProgressBar
+    from minigpt2.training.metrics import ProgressBar
 
     return ProgressBar(tqdm, lambda message: tqdm.write(message, file=sys.stderr))
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields given explicitly on the command line (argparse defaults are None)."""
-    from minigpt2.config import ModelConfig, TrainConfig, field_names
+    from minigpt2.core.config import ModelConfig, TrainConfig, field_names
 
     names = field_names(ModelConfig) | field_names(TrainConfig)
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -259,7 +259,8 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """Preset < config file < flags; with --resume the run's saved config < flags; with
     --init-from the trained model's shape (only block size and dropout may change)."""
-    from minigpt2 import checkpoint, config
+    from minigpt2 import checkpoint
+    from minigpt2.core import config
 
     overrides = _train_overrides(args)
     file_values = config.read_config_file(Path(args.config)) if args.config else {}
@@ -283,7 +284,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from minigpt2.train import train
+    from minigpt2.training.trainer import train
 
     logging.basicConfig(level=logging.WARNING)
     model_cfg, train_cfg = _train_configs(args)
@@ -314,7 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from minigpt2 import data
     from minigpt2.errors import ConfigError
-    from minigpt2.train import evaluate_tokens
+    from minigpt2.training.trainer import evaluate_tokens
 
     if args.batch_size < 1 or args.max_windows < 0:
         raise ConfigError(
@@ -336,7 +337,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One kebab-case flag per config field; None means "not given" so lower layers apply."""
     from dataclasses import MISSING, fields
 
-    from minigpt2.config import ModelConfig, TrainConfig
+    from minigpt2.core.config import ModelConfig, TrainConfig
 
     for f in [*fields(ModelConfig), *fields(TrainConfig)]:
         if f.name == "vocab_size":
@@ -368,8 +369,8 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from minigpt2 import config
-    from minigpt2.model import GPT
+    from minigpt2.core import config
+    from minigpt2.core.model import GPT
 
     print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'params':>12}"
           f"  {'optimizer':<9}")  # fmt: skip

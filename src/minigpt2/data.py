@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from minigpt2 import corpora
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError, WriteError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
-from minigpt2.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 
 DATA_FORMAT_VERSION = 1
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from minigpt2 import checkpoint
-from minigpt2.config import ModelConfig
+from minigpt2.core.config import ModelConfig
+from minigpt2.core.model import GPT
+from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
 from minigpt2.errors import CheckpointError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
-from minigpt2.model import GPT
-from minigpt2.tokenizer import EOT_ID, CharTokenizer
 
 VOCAB_FILE = "minigpt2_vocab.json"
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")

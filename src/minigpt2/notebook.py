@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from minigpt2 import recipes
-from minigpt2.chat import Chatbot
-from minigpt2.metrics import Callback, ProgressBar, StepRecord, plot_losses, png_bytes
+from minigpt2.core.chat import Chatbot
+from minigpt2.training.metrics import Callback, ProgressBar, StepRecord, plot_losses, png_bytes
 
 QUIT_WORDS = ("quit", "exit", "esci", "/quit")
 
@@ -76,7 +76,7 @@ def ensure_chatbot(
 
 def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Chatbot:
     """The chatbot of a trained run; ``seed`` makes its answers repeatable."""
-    from minigpt2.config import SampleConfig
+    from minigpt2.core.config import SampleConfig
 
     sample = SampleConfig(max_new_tokens=300, temperature=0.7, top_k=40, seed=seed)
     bot = Chatbot.from_run(run, sample=sample, **options)

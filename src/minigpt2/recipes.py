@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from minigpt2 import checkpoint, config, data
+from minigpt2 import checkpoint, data
+from minigpt2.core import config
 from minigpt2.fileio import recover_dir
-from minigpt2.metrics import Callback
+from minigpt2.training.metrics import Callback
 
 DEFAULT_SOURCE = "chatterbot:english"
 
@@ -50,7 +51,7 @@ def ensure_chatbot(
         model_cfg, train_cfg = config.resolve(preset, overrides=overrides)
     if not (data_dir / "meta.json").is_file():
         data.prepare(source, data_dir, block_size=model_cfg.block_size)
-    from minigpt2.train import train
+    from minigpt2.training.trainer import train
 
     train(data_dir, run_dir, model_cfg, train_cfg, resume=resume, callbacks=callbacks)
     return run_dir

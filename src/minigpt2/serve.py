@@ -1,6 +1,6 @@
 """The chatbot over HTTP: an OpenAI-compatible chat-completions API and a one-page web chat.
 
-Only transport lives here. The conversation logic is ``Chatbot.answer`` (``minigpt2.chat``): the
+Only transport lives here. The conversation logic is ``Chatbot.answer`` (``minigpt2.core.chat``): the
 server turns OpenAI ``messages`` into ``Turn``s, asks for the next bot turn, and sends it back whole
 or as server-sent events. Endpoints:
 
@@ -44,10 +44,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from minigpt2.chat import Chatbot, ReplyInfo, Turn
-from minigpt2.config import SampleConfig
+from minigpt2.core.chat import Chatbot, ReplyInfo, Turn
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.generate import make_generator
 from minigpt2.errors import ConfigError, UserError
-from minigpt2.generate import make_generator
 
 if TYPE_CHECKING:
     import uvicorn

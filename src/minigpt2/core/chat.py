@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minigpt2.config import SampleConfig
+from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
 from minigpt2.fileio import atomic_write_text
-from minigpt2.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -147,11 +147,11 @@ class Chatbot:
         precision: Any = None,
         reply_room: int | None = None,
     ) -> None:
-        from minigpt2.generate import make_generator
+        from minigpt2.core.generate import make_generator
 
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
         self.template: Template = template or DialogueTemplate()
-        self.sample = sample or SampleConfig(max_new_tokens=300, temperature=0.7, top_k=40)
+        self.sample = sample or CHAT_SAMPLE
         block = model.config.block_size
         # Leave room in the window for the start of the answer, so it is not written into a window
         # that must slide at once.
@@ -167,22 +167,17 @@ class Chatbot:
         device: str = "auto",
         dtype: str = "auto",
         template: str | None = None,
+        engine: str = "fast",
         **kw: Any,
     ) -> Chatbot:
         """Load a trained run; the template defaults to the one its checkpoint names."""
-        from minigpt2 import checkpoint
-        from minigpt2.precision import choose_device, choose_precision
+        from minigpt2.inference import load_for_inference
 
-        dev = choose_device(device)
-        model, tok, ckpt = checkpoint.load_model(Path(run), dev)
-        name = template or ckpt.meta.get("chat_template") or "dialogue"
+        loaded = load_for_inference(run, device, dtype, engine)
+        name = template or loaded.ckpt.meta.get("chat_template") or "dialogue"
         options = {k: kw.pop(k) for k in ("user_name", "bot_name", "speaker_end") if k in kw}
         return cls(
-            model,
-            tok,
-            make_template(name, **options),
-            precision=choose_precision(dev, dtype, inference=True),
-            **kw,
+            loaded.model, loaded.tokenizer, make_template(name, **options), precision=loaded.precision, **kw
         )
 
     def new_unknown_chars(self, text: str) -> list[str]:
@@ -205,7 +200,7 @@ class Chatbot:
             raise UserError(f"{name} needs a number, got {value!r}") from None
         self.sample = dataclasses.replace(self.sample, **{name: parsed})
         if name == "seed":
-            from minigpt2.generate import make_generator
+            from minigpt2.core.generate import make_generator
 
             self._generator = make_generator(parsed)
 
@@ -238,7 +233,7 @@ class Chatbot:
         filled in as the answer streams. Spaces and line breaks at either end are left out, so
         the streamed answer is exactly the one the history keeps.
         """
-        from minigpt2.generate import decode_stream, generate_ids, make_generator
+        from minigpt2.core.generate import decode_stream, generate_ids, make_generator
 
         sample = sample or self.sample
         info = info if info is not None else ReplyInfo()
@@ -273,9 +268,8 @@ class Chatbot:
         history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
         budget = self.model.config.block_size - self.reply_room
         prompt = build_prompt(history, self.template, self.tokenizer, max(1, budget))
-        device = next(self.model.parameters()).device
         with torch.inference_mode():
-            logits, _ = self.model(torch.tensor([prompt], device=device))
+            logits, _ = self.model(torch.tensor([prompt], device=self.model.device))
         probs = torch.softmax(logits[0, -1].float(), dim=-1)
         top = torch.topk(probs, min(k, probs.numel()))
         shown = {"\n": "⏎", " ": "␣"}

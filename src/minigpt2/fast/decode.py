@@ -6,9 +6,12 @@ dropout checks, head reshapes and cache bookkeeping, and on a CPU that overhead 
 products themselves (a step of the ``shakespeare`` preset: 4.5 ms through the modules, 2.4 ms here,
 same numbers, in one run). ``Decoder.step`` does the same arithmetic as ``model.py`` with the same
 kernels as its default attention (layer norm, the addmm behind each linear layer, SDPA, tanh-GELU),
-straight over the weights, and writes into the same ``KVCache``. ``model.py`` stays the reference:
-``generate_ids`` uses the model itself for ``attn_impl="manual"`` and for a model in training mode
-(dropout), and ``tests/test_decode.py`` checks that both give the same logits and the same tokens.
+straight over the weights, and writes into the same ``KVCache``.
+
+``FastGPT`` is the drop-in for ``GPT``: its ``forward`` sends one new token with a filled cache, at
+inference, through ``Decoder.step``, and everything else (prompts, refills, training) through
+``GPT.forward``; so the textbook's generation loop runs unchanged and gets the fast step.
+``tests/test_decode.py`` checks that both give the same logits and the same tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt2.model import GPT, KVCache
+from minigpt2.core.model import GPT, KVCache
 
 
 class _BlockWeights(NamedTuple):
@@ -75,8 +78,9 @@ class Decoder:
         self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
         self.blocks = [_block_weights(b) for b in t.h]
 
-    def step(self, token: int, cache: KVCache) -> Tensor:
-        """Feed ``token`` at position ``cache.pos`` and return the next token's logits (V,).
+    def step(self, token: int | Tensor, cache: KVCache) -> Tensor:
+        """Feed ``token`` (an id, or a (1,) tensor of one) at position ``cache.pos`` and return the
+        next token's logits (V,).
 
         The cache must already hold the earlier positions (batch 1) and have room for one more;
         it advances by one."""
@@ -105,3 +109,31 @@ class Decoder:
             x.add_(torch.addmm(w.mlp_proj_b, F.gelu(h, approximate="tanh"), w.mlp_proj_w_t))
         cache.pos = pos + 1
         return torch.mm(F.layer_norm(x, (C,), *self.ln_f, eps), self.head_t)[0]  # (V,)
+
+
+class FastGPT(GPT):
+    """``GPT`` whose one-token inference steps run through ``Decoder.step`` (same numbers)."""
+
+    _decoder: Decoder | None = None  # built at the first step after each prompt
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        one_step = (
+            cache is not None
+            and cache.pos > 0
+            and cache.batch_size == 1
+            and idx.shape == (1, 1)
+            and targets is None
+            and not self.training
+            and not torch.is_grad_enabled()
+        )
+        if not one_step:
+            # A prompt or a refill (or training): the model itself. Decoding starts afresh after it,
+            # with a decoder over the weights as they are now (after .to(), load_state_dict, ...).
+            self._decoder = None
+            return super().forward(idx, targets, cache)
+        assert cache is not None
+        if self._decoder is None:
+            self._decoder = Decoder(self)
+        return self._decoder.step(idx[0], cache).view(1, 1, -1), None  # (1, 1, V)

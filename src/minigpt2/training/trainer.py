@@ -28,17 +28,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt2 import checkpoint, data, distributed
-from minigpt2.config import ModelConfig, TrainConfig, to_dict
-from minigpt2.cpu_memory import keep_freed_memory
+from minigpt2 import checkpoint, data
+from minigpt2.core.config import ModelConfig, TrainConfig, to_dict
+from minigpt2.core.model import GPT
+from minigpt2.core.schedule import EarlyStopState, early_stop_update, lr_at
 from minigpt2.errors import ConfigError
+from minigpt2.fast import use_engine
+from minigpt2.fast.memory import keep_freed_memory
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
-from minigpt2.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback, plot_losses, png_bytes
-from minigpt2.model import GPT
-from minigpt2.optim import make_optimizer
 from minigpt2.precision import choose_device, choose_precision
-from minigpt2.runstate import RunLock, TrainResult, load_start, restore_rng, rng_state
-from minigpt2.schedule import EarlyStopState, early_stop_update, lr_at
+from minigpt2.training import distributed
+from minigpt2.training.metrics import (
+    Callback,
+    MetricsFile,
+    StepRecord,
+    TensorBoardCallback,
+    plot_losses,
+    png_bytes,
+)
+from minigpt2.training.optim import make_optimizer
+from minigpt2.training.runstate import RunLock, TrainResult, load_start, restore_rng, rng_state
 
 log = logging.getLogger(__name__)
 # Tokens per forward/backward pass on a CPU when max_pass_tokens is 0 (auto): at batch 64 x 256,
@@ -101,7 +110,7 @@ class Trainer:
             (data.bot_mask(self.train_data), data.bot_mask(self.val_data)) if cfg.loss_on == "bot" else None
         )
 
-        self.raw_model = GPT(self.model_cfg)
+        self.raw_model = use_engine(GPT(self.model_cfg), cfg.engine)  # fast/: same results, faster
         if start.weights is not None:
             self.raw_model.load_state_dict(start.weights, strict=False)
         self.raw_model.to(self.device)
@@ -302,8 +311,9 @@ class Trainer:
         reason = f"reached max_iters ({cfg.max_iters})"
         tokens_per_step = self.global_batch * cfg.grad_accum * self.model_cfg.block_size
         clock = time.perf_counter() - self.elapsed
-        # On a CPU, freed activations stay in the process for the next step (cpu_memory.py).
-        memory = keep_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext()
+        # With the fast engine on a CPU, freed activations stay in the process for the next step.
+        fast_cpu = cfg.engine == "fast" and self.device.type == "cpu"
+        memory = keep_freed_memory() if fast_cpu else contextlib.nullcontext()
         with (
             self._graceful_stop(),
             memory,
@@ -480,7 +490,7 @@ def evaluate_tokens(
         starts = starts[:max_windows]
     if len(starts) == 0:
         raise ConfigError(f"the split has {len(tokens)} tokens, fewer than one context window ({T + 1})")
-    device = next(model.parameters()).device
+    device = model.device
     model.eval()
     total = 0.0
     for i in range(0, len(starts), batch_size):

@@ -22,7 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from minigpt2.config import TrainConfig
+from minigpt2.core.config import TrainConfig
 from minigpt2.precision import cpu_has_native_bf16
 
 # A quintic polynomial per iteration, x -> a x + b (x x^T) x + c (x x^T)^2 x, applied to the singular

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from minigpt2 import checkpoint, data
-from minigpt2.config import ModelConfig, TrainConfig
+from minigpt2.core.config import ModelConfig, TrainConfig
+from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import ConfigError, UserError, WriteError
 from minigpt2.fileio import clean_up_after_crash, recover_dir
-from minigpt2.tokenizer import CharTokenizer
 
 
 @dataclass

@@ -48,9 +48,9 @@ class ModelConfig:
     n_head: int = 4  # attention heads per block; must divide n_embd
     n_embd: int = 256  # residual stream width C; head size hs = n_embd // n_head
     dropout: float = 0.0  # on embeddings, attention weights and residual branches (training only)
-    # "sdpa" (fused kernel), "manual" (readable reference, same result) or "auto" (the faster of
-    # the two for the device: manual for CPU training, SDPA otherwise; see model.py)
-    attn_impl: str = "auto"
+    # How the model computes attention: "sdpa" (PyTorch's fused kernel) or "manual" (written out
+    # in model.py); the same function. The fast engine replaces it in CPU training only (fast/).
+    attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -63,9 +63,10 @@ class ModelConfig:
             f"n_embd ({self.n_embd}) must be a positive multiple of n_head ({self.n_head})",
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_impl == "auto":  # older runs' name for what is now the default
+            self.attn_impl = "sdpa"
         _check(
-            self.attn_impl in ("auto", "sdpa", "manual"),
-            f"attn_impl must be auto, sdpa or manual, got {self.attn_impl!r}",
+            self.attn_impl in ("sdpa", "manual"), f"attn_impl must be sdpa or manual, got {self.attn_impl!r}"
         )
 
 
@@ -104,6 +105,9 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; see train.choose_precision
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     compile: bool = False  # torch.compile the model (pays off for long runs and on GPUs)
+    # "fast": the engine's drop-ins for the textbook pieces (fast/: same results, faster);
+    # "reference": the textbook model alone
+    engine: str = "fast"
     loss_on: str = "all"  # "all" tokens, or "bot" turns only (chat fine-tuning)
     seed: int = 1337  # same seed, same run: weights, batches and dropout
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the `tensorboard` package)
@@ -141,6 +145,7 @@ class TrainConfig:
             self.dtype in ("auto", "bf16", "fp16", "fp32"),
             f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}",
         )
+        _check(self.engine in ("fast", "reference"), f"engine must be fast or reference, got {self.engine!r}")
         _check(self.loss_on in ("all", "bot"), f"loss_on must be all or bot, got {self.loss_on!r}")
         _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {self.seed}")
 
@@ -170,6 +175,11 @@ class SampleConfig:
             self.seed is None or 0 <= self.seed <= MAX_SEED,
             f"seed must be in [0, 2**63 - 1], got {self.seed}",
         )
+
+
+# What a chatbot samples with unless told otherwise (chat, quickstart, serve, the notebook): answers of
+# up to 300 characters, a little sharper than the model's own distribution, from its 40 likeliest.
+CHAT_SAMPLE = SampleConfig(max_new_tokens=300, temperature=0.7, top_k=40)
 
 
 # Presets set model and training fields together; anything not named keeps the dataclass default.

@@ -1,15 +1,19 @@
-"""Sampling: pure filters over logits, and streaming generators over token ids and over text.
+"""Generation: the plain loop a learner reads first, the sampling filters, and the chatbot's streams.
 
-The engine knows only ids (``generate_ids``); ``stream_text`` adds the tokenizer and stop strings.
-Both are generators, so callers print (or display) each character as soon as it exists.
+``generate`` is the whole idea in ~20 lines: feed the prompt once (filling the KV cache), then one
+token at a time, each drawn from the last position's logits after temperature, top-k and top-p.
+``generate_ids`` is the same loop with what a chatbot needs around it: stop ids, a minimum answer
+length, a repetition penalty, and a window that slides past the context; ``stream_text`` adds the
+tokenizer and stop strings. All of them are generators of ids or text, or lists of ids; none prints.
 
 Past the context window the window slides: when it is full, generation keeps the newest
 ``block_size // 2`` ids and refills the KV cache from them, so long outputs cost one refill (a
 forward pass over half a window) about every ``block_size // 2`` characters. Keeping 3/4 of the
-window kept more context but made refills a fifth of the decoding time (``shakespeare`` preset on a
-CPU: 0.43 s per 1,000 characters, against 0.13 s now). A prompt longer than the window starts from
-its last ``block_size`` ids. The cache-free reference path (``use_cache=False``) slides the window
-at the same points, so both give the same tokens.
+window kept more context but made refills a fifth of the decoding time. A prompt longer than the
+window starts from its last ``block_size`` ids. The cache-free path (``use_cache=False``) slides the
+window at the same points, so both give the same tokens.
+
+The fast engine (``minigpt2.fast``) changes none of this: it makes ``model(...)`` faster.
 Tests: ``pytest tests/test_generate.py tests/test_decode.py``.
 """
 
@@ -21,11 +25,46 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from minigpt2.config import SampleConfig
-from minigpt2.decode import Decoder
-from minigpt2.model import GPT, KVCache
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.model import GPT, KVCache
+from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
 from minigpt2.precision import Precision
-from minigpt2.tokenizer import EOT_ID, CharTokenizer
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """The reference loop: up to ``max_new_tokens`` ids after ``prompt``, within one context window."""
+    device = model.device
+    cache = KVCache(model.config)
+    idx = torch.tensor([list(prompt)[-model.config.block_size :]], device=device)  # (1, T)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        if cache.pos + idx.size(1) > model.config.block_size:
+            break  # the window is full (generate_ids slides it instead)
+        logits, _ = model(idx, cache=cache)  # the prompt first, then only the newest token
+        nxt = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        new.append(nxt)
+        idx = torch.tensor([[nxt]], device=device)  # (1, 1)
+    return new
+
+
+def sample(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Draw one id from a position's logits (V,): greedy at temperature 0."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 def apply_repetition_penalty(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
@@ -62,10 +101,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 def next_token(logits: Tensor, cfg: SampleConfig, context: Tensor, generator: torch.Generator) -> int:
     """Pick the next id from the last position's logits (V,), given the ids in the window."""
     logits = apply_repetition_penalty(logits.float().cpu(), context.cpu(), cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -99,29 +135,21 @@ def generate_ids(
     keep = max(1, block // 2)  # ids kept when the window slides
     stops = set(stop_ids)
     gen = generator if generator is not None else make_generator(cfg.seed)
-    device = next(model.parameters()).device
+    device = model.device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     tokens = list(prompt)
     start = max(0, len(tokens) - block)  # the window is tokens[start:]
     cache = KVCache(model.config) if use_cache else None
-    # One new token at a time goes through the flat step (same numbers, a fraction of the
-    # per-operation overhead); prompts and refills go through the model, and so does everything
-    # when dropout is on (training mode) or the readable manual attention was asked for.
-    flat = use_cache and not model.training and model.config.attn_impl != "manual"
-    decoder = Decoder(model) if flat else None
     for _ in range(cfg.max_new_tokens):
         if len(tokens) - start > block:  # window full: slide it, refill the cache
             start = len(tokens) - keep
             if cache is not None:
                 cache.reset()
         fed = start + (cache.pos if cache is not None else 0)  # ids already in the cache end here
+        idx = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)  # (1, T): T = 1 once filled
         with autocast:
-            if decoder is not None and cache is not None and cache.pos > 0 and fed == len(tokens) - 1:
-                last = decoder.step(tokens[-1], cache)  # (V,)
-            else:
-                idx = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)  # (1, T)
-                logits, _ = model(idx, cache=cache)  # (1, T, V)
-                last = logits[0, -1]
+            logits, _ = model(idx, cache=cache)  # (1, 1, V)
+        last = logits[0, -1]
         if len(tokens) - len(prompt) < min_new_tokens and stops:
             last = last.index_fill(0, torch.tensor(sorted(stops), device=last.device), float("-inf"))
         # The window's ids matter only to the repetition penalty; skip building them otherwise.

@@ -1,0 +1,68 @@
+"""The engine: faster drop-ins for pieces of the textbook model, swapped in by one call.
+
+``speed_up(model)`` gives each textbook module of a ``GPT`` the class of its fast drop-in, in place:
+
+| textbook piece (core/model.py)  | drop-in                                 | faster in              |
+|----------------------------------|-----------------------------------------|------------------------|
+| ``nn.Dropout``                   | ``dropout.FastDropout``: SFC64 masks    | CPU training           |
+| ``nn.GELU(approximate="tanh")``  | ``gelu.CompiledGELU``: one loop         | CPU training           |
+| ``CausalSelfAttention.attend``   | ``attention.CPUTrainingAttention``      | CPU training (bf16)    |
+| ``GPT.forward`` for one token    | ``decode.FastGPT``: the flat decode step | generation            |
+
+Each drop-in is a subclass that adds no parameters and no state and only overrides ``forward``
+(or ``attend``), so the model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
+``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
+modules the same way). Outside the cases in the last column each drop-in runs the textbook code.
+Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
+on a CPU. Each piece is tested to compute what its textbook piece computes: ``tests/test_fast.py``,
+``tests/test_decode.py``.
+
+``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
+``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from minigpt2.core.model import GPT, CausalSelfAttention
+from minigpt2.fast.attention import CPUTrainingAttention
+from minigpt2.fast.decode import FastGPT
+from minigpt2.fast.dropout import FastDropout
+from minigpt2.fast.gelu import CompiledGELU
+
+ENGINES = ("fast", "reference")
+
+# Textbook class -> its drop-in. GELU only in the tanh form GPT-2 uses.
+DROP_INS: dict[type[nn.Module], type[nn.Module]] = {
+    GPT: FastGPT,
+    CausalSelfAttention: CPUTrainingAttention,
+    nn.Dropout: FastDropout,
+    nn.GELU: CompiledGELU,
+}
+
+
+def speed_up(model: GPT) -> GPT:
+    """Swap the engine's drop-ins into ``model`` (in place; call before ``torch.compile``/DDP)."""
+    for module in model.modules():
+        fast = DROP_INS.get(type(module))
+        if fast is not None and not (isinstance(module, nn.GELU) and module.approximate != "tanh"):
+            module.__class__ = fast
+    return model
+
+
+def to_reference(model: GPT) -> GPT:
+    """Undo ``speed_up``: every module back to its textbook class (in place)."""
+    textbook = {fast: plain for plain, fast in DROP_INS.items()}
+    for module in model.modules():
+        plain = textbook.get(type(module))
+        if plain is not None:
+            module.__class__ = plain
+    return model
+
+
+def use_engine(model: GPT, engine: str) -> GPT:
+    """``speed_up`` for ``engine="fast"``, ``to_reference`` for ``"reference"``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be fast or reference, got {engine!r}")
+    return speed_up(model) if engine == "fast" else to_reference(model)

@@ -1,0 +1,74 @@
+"""GPT-2's tanh GELU compiled into one loop for CPU training: the drop-in for ``nn.GELU("tanh")``.
+
+PyTorch's CPU tanh (accurate to 1 ulp, and slow) makes its tanh GELU about 4x slower than its erf
+GELU; forward and backward were 14-18% of a bf16 CPU training step. Since 1 + tanh(z) = 2 sigmoid(2z),
+GPT-2's GELU 0.5 x (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3), is also x * sigmoid(2z):
+``gelu_tanh_via_sigmoid`` computes that in fp32, and ``torch.compile`` turns it into one loop for the
+forward and one for the backward (~2x faster together; the ``cpu`` preset's whole step 5-6% faster in
+bf16, 16% in fp32), after ~8 s of compiling once per machine (the compiled code is cached on disk).
+
+Its bf16 results equal ``F.gelu``'s above x = -2.9 and are within bf16 rounding of the exact GELU
+everywhere; below -2.9, where GELU is under 0.006 in size, ``F.gelu``'s ``1 + tanh(z)`` loses digits
+to cancellation (in bf16, up to all of them). In fp32 both agree to fp32 rounding. If compiling fails
+(no C++ compiler), it warns once and uses ``F.gelu``. Tests: ``pytest tests/test_fast.py -k gelu``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)  # x * sigmoid(x (A + B x^2)) is GPT-2's GELU
+_GELU_B = _GELU_A * 0.044715
+
+
+def gelu_tanh_via_sigmoid(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU written as ``x * sigmoid(2z)``: the same function, computed in fp32 and
+    rounded once to ``x``'s dtype. Shape-preserving."""
+    xf = x.float()
+    return (xf * torch.sigmoid(xf * (_GELU_A + _GELU_B * xf * xf))).to(x.dtype)
+
+
+@functools.cache
+def _compiled_gelu() -> Callable[[Tensor], Tensor]:
+    # Built on first use: torch.compile imports its compiler stack (seconds), which only training
+    # on a CPU needs. dynamic=True: one kernel for every batch and pass shape.
+    return torch.compile(gelu_tanh_via_sigmoid, dynamic=True)
+
+
+class CompiledGELU(nn.GELU):
+    """``nn.GELU(approximate="tanh")``; in CPU training on large tensors, the compiled loop."""
+
+    # A compiled call costs ~0.1-0.2 ms more than an eager one (guards, autograd wrapper), which
+    # the faster loop earns back only on large tensors: in fp32, 0.15 ms (F.gelu) against 0.21 ms
+    # (compiled) forward + backward at 32K elements (the `tiny` preset), 7 ms against 3.5 ms at
+    # 2.4M (24 x 128 x 768: the `cpu` preset's shape with batch 24). Break-even is near 120K elements.
+    COMPILED_MIN_NUMEL = 1 << 18
+
+    broken = False  # set for the whole process once compiling has failed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            not CompiledGELU.broken
+            and x.device.type == "cpu"
+            and x.numel() >= CompiledGELU.COMPILED_MIN_NUMEL
+            and self.training
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # a compiled model fuses F.gelu itself
+        ):
+            try:
+                return _compiled_gelu()(x)
+            except Exception as err:  # no compiler, an unsupported platform: stay correct, go slower
+                CompiledGELU.broken = True
+                log.warning(
+                    "the compiled GELU failed (%s); training goes on with F.gelu (slower)",
+                    (str(err).splitlines() or [type(err).__name__])[0][:200],
+                )
+        return super().forward(x)
