@@ -13,9 +13,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from helpers_model import all_logits
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import generate_ids
 from minigpt2.core.model import GPT, KVCache
+from minigpt2.fast import speed_up
 from minigpt2.fast.decode import Decoder
 
 Factory = Callable[..., GPT]
@@ -30,7 +32,7 @@ def test_step_gives_the_model_logits_at_every_position(
     model = make_model(attn_impl=attn_impl, block_size=16, n_head=4, n_embd=n_embd, spread=0.3)
     idx = torch.randint(50, (1, 16), generator=torch.Generator().manual_seed(prefill))
     with torch.inference_mode():
-        full, _ = model(idx)  # (1, 16, V): the cache-free reference
+        full = all_logits(model, idx)  # (1, 16, V): the cache-free reference
         cache, reference_cache = KVCache(model.config), KVCache(model.config)
         model(idx[:, :prefill], cache=cache)
         model(idx[:, :prefill], cache=reference_cache)
@@ -50,7 +52,7 @@ def test_step_under_bf16_autocast_is_the_model_under_bf16_autocast(make_model: F
     model = make_model(block_size=16, spread=0.1)
     idx = torch.randint(50, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        full, _ = model(idx)
+        full = all_logits(model, idx)
         cache, reference_cache = KVCache(model.config), KVCache(model.config)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(idx[:, :4], cache=cache)
@@ -96,7 +98,7 @@ def test_step_follows_the_weights_as_they_change(make_model: Factory) -> None:
             p.mul_(1.5)
     idx = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.inference_mode():
-        full, _ = model(idx)
+        full = all_logits(model, idx)
         cache = KVCache(model.config)
         model(idx[:, :4], cache=cache)
         torch.testing.assert_close(decoder.step(5, cache), full[0, 4], atol=1e-5, rtol=1e-5)
@@ -107,10 +109,10 @@ def _count_steps(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[in
     calls: list[int] = []
     real = Decoder.step
 
-    def step(self: Decoder, token: int, cache: KVCache) -> torch.Tensor:
+    def step(self: Decoder, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
         if fail:
             raise AssertionError("the flat step must not run here")
-        calls.append(token)
+        calls.append(int(token))
         return real(self, token, cache)
 
     monkeypatch.setattr(Decoder, "step", step)
@@ -120,7 +122,7 @@ def _count_steps(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[in
 def test_generation_goes_through_the_step_between_refills(
     make_model: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = make_model(block_size=8, spread=0.3)
+    model = speed_up(make_model(block_size=8, spread=0.3))
     calls = _count_steps(monkeypatch)
     forwards = 0
     real_forward = GPT.forward
@@ -138,10 +140,10 @@ def test_generation_goes_through_the_step_between_refills(
     assert set(calls) <= set(ids)  # each step feeds the id generated before it
 
 
-def test_generation_with_manual_attention_uses_the_model(
+def test_generation_on_the_reference_engine_uses_the_model(
     make_model: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = make_model(block_size=8, spread=0.3, attn_impl="manual")
+    model = make_model(block_size=8, spread=0.3, attn_impl="manual")  # not sped up: the textbook
     _count_steps(monkeypatch, fail=True)
     assert len(list(generate_ids(model, [1, 2], SampleConfig(max_new_tokens=20, temperature=0.0)))) == 20
 
@@ -151,7 +153,7 @@ def test_generation_from_a_model_in_training_mode_uses_the_model(
 ) -> None:
     """With dropout active (a model left in ``train()``), steps go through the model, which applies
     it; the flat step has no dropout. Greedy ids then differ from run to run only through dropout."""
-    model = make_model(block_size=8, spread=0.3, dropout=0.5).train()
+    model = speed_up(make_model(block_size=8, spread=0.3, dropout=0.5)).train()
     cfg = SampleConfig(max_new_tokens=20, temperature=0.0)
     _count_steps(monkeypatch, fail=True)
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import (
     apply_repetition_penalty,
+    generate,
     generate_ids,
     stream_text,
     top_k_filter,
@@ -26,6 +27,7 @@ from minigpt2.core.generate import (
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
 from minigpt2.errors import ConfigError
+from minigpt2.fast import speed_up, use_engine
 from minigpt2.precision import choose_precision
 
 Factory = Callable[..., GPT]
@@ -106,12 +108,13 @@ def _greedy(model: GPT, prompt: list[int], n: int, use_cache: bool) -> list[int]
     )
 
 
+@pytest.mark.parametrize("engine", ["fast", "reference"])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
 @pytest.mark.parametrize("prompt_len", [1, 7, 20])
 def test_cached_and_uncached_greedy_agree_past_the_window(
-    make_model: Factory, attn_impl: str, prompt_len: int
+    make_model: Factory, engine: str, attn_impl: str, prompt_len: int
 ) -> None:
-    model = make_model(block_size=8, attn_impl=attn_impl, spread=0.5)
+    model = use_engine(make_model(block_size=8, attn_impl=attn_impl, spread=0.5), engine)
     prompt = torch.randint(50, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     n = 3 * model.config.block_size + 5
     cached = _greedy(model, prompt, n, use_cache=True)
@@ -119,6 +122,30 @@ def test_cached_and_uncached_greedy_agree_past_the_window(
     assert len(cached) == n
     assert cached == uncached
     assert len(set(cached)) > 1  # the model is not stuck on one id, so the comparison means something
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 5, 1.0), (1.2, 0, 0.9)]
+)
+def test_the_fast_path_gives_the_reference_loops_ids(
+    make_model: Factory, temperature: float, top_k: int, top_p: float
+) -> None:
+    """The textbook ``generate`` on the textbook model, and ``generate_ids`` on the fast engine (the
+    flat decode step): the same ids with the same seed, up to the end of the window."""
+    reference = make_model(block_size=24, spread=0.4, attn_impl="manual")
+    fast = make_model(block_size=24, spread=0.4)
+    fast.load_state_dict(reference.state_dict())
+    speed_up(fast)
+    prompt = [3, 1, 4, 1, 5]
+    for seed in range(3):
+        expected = generate(
+            reference, prompt, 19, temperature, top_k, top_p, torch.Generator().manual_seed(seed)
+        )
+        cfg = SampleConfig(max_new_tokens=19, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        assert list(generate_ids(fast, prompt, cfg)) == expected
+        assert len(expected) == 19 and (temperature == 0 or len(set(expected)) > 1)
+    # At the end of the window the reference loop stops; generate_ids slides on.
+    assert len(generate(reference, prompt, 100, temperature=0.0)) == 24 - len(prompt) + 1
 
 
 def test_a_prompt_longer_than_the_window_starts_from_its_last_window(make_model: Factory) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_model import all_logits
 from minigpt2 import checkpoint
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.generate import generate_ids
@@ -44,7 +45,7 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(run: Path, t
     theirs = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
     idx = torch.randint(0, TOK.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours_logits, _ = ours(idx)
+        ours_logits = all_logits(ours, idx)
         their_logits = theirs(idx).logits
     assert their_logits.shape == ours_logits.shape
     assert torch.allclose(ours_logits, their_logits, atol=1e-4), (ours_logits - their_logits).abs().max()

@@ -8,6 +8,7 @@ Tests: ``pytest tests/test_notebook.py`` (executes the notebook with a real Jupy
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -64,7 +65,7 @@ def ensure_chatbot(
     from tqdm.auto import tqdm
 
     data_dir, run_dir = recipes.default_paths(source, Path(root))
-    if recipes.has_model(run_dir) and (run_dir / "summary.json").is_file():
+    if recipes.is_ready(run_dir):
         print(f"using the trained model in {run_dir}")
         if (run_dir / "loss.png").is_file():
             display(Image(filename=str(run_dir / "loss.png")))
@@ -76,9 +77,9 @@ def ensure_chatbot(
 
 def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Chatbot:
     """The chatbot of a trained run; ``seed`` makes its answers repeatable."""
-    from minigpt2.core.config import SampleConfig
+    from minigpt2.core.config import CHAT_SAMPLE
 
-    sample = SampleConfig(max_new_tokens=300, temperature=0.7, top_k=40, seed=seed)
+    sample = dataclasses.replace(CHAT_SAMPLE, seed=seed)
     bot = Chatbot.from_run(run, sample=sample, **options)
     print(f"loaded {run}: {bot.model.num_params():,} parameters, {bot.template.name} template")
     return bot

@@ -29,6 +29,14 @@ def has_model(run_dir: Path) -> bool:
     return (recover_dir(run_dir / "best") / checkpoint.META).is_file()
 
 
+def is_ready(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a chatbot to talk to now: a best checkpoint, and a training that
+    ended (or one that cannot be resumed). Otherwise ``ensure_chatbot`` trains or finishes it."""
+    resumable = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
+    finished = (run_dir / "summary.json").is_file()  # training ended (or was stopped with Ctrl-C)
+    return has_model(run_dir) and (finished or not resumable)
+
+
 def ensure_chatbot(
     source: str = DEFAULT_SOURCE,
     data_dir: Path | None = None,
@@ -40,10 +48,9 @@ def ensure_chatbot(
     """A trained run for ``source``, training one (or finishing an interrupted one) if needed."""
     default_data, default_run = default_paths(source)
     data_dir, run_dir = data_dir or default_data, run_dir or default_run
-    resume = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
-    finished = (run_dir / "summary.json").is_file()  # training ended (or was stopped with Ctrl-C)
-    if has_model(run_dir) and (finished or not resume):
+    if is_ready(run_dir):
         return run_dir
+    resume = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
     # An interrupted run goes on with the settings it started with (a newer preset may differ).
     if resume:
         model_cfg, train_cfg = config.saved_run_configs(run_dir, overrides)

@@ -54,6 +54,9 @@ class CompiledGELU(nn.GELU):
 
     broken = False  # set for the whole process once compiling has failed
 
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
     def forward(self, x: Tensor) -> Tensor:
         if (
             not CompiledGELU.broken
