@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks (performance issue, target 7), for a lent GPU machine, in well under 8 minutes.
+# The GPU checks, for a lent GPU machine, in well under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh --prepare   # here, once: prepares the 1,115,394-character Shakespeare
 #                                            # prefix into .gpu-data/ (the GPU machine is offline)
@@ -13,8 +13,8 @@
 # 3. The speed runs: the shakespeare preset with bf16 autocast and torch.compile for 60 s of training
 #    on the prefix: best val loss (target <= 1.47) and when 1.47 was first reached; first with the
 #    preset's own settings, then with those of SPEEDRUN_SET (default: Muon, which the CPU presets
-#    use since session 6 and no GPU has tried yet; session 4 compared nanoGPT's batch 64, lr 1e-3:
-#    docs/performance.md section 7), and SPEEDRUN_EXTRA if set.
+#    use and no GPU has tried yet; docs/performance.md section 7 compares nanoGPT's batch 64,
+#    lr 1e-3), and SPEEDRUN_EXTRA if set.
 # A failed step is reported and the next one still runs: device time is scarce. A dry run of the
 # whole script on a CPU, before spending GPU time on it (about 2 minutes):
 #   PRESET=tiny MINUTES=0.1 STEPS=2 WARMUP=1 bash benchmarks/gpu_check.sh

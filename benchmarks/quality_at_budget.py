@@ -31,7 +31,8 @@ from minigpt2.training.trainer import train
 
 # The usual small CPU recipe, as is: AdamW (the `cpu` preset it starts from uses Muon).
 REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dtype="fp32", dropout=0.0,
-                 attn_impl="manual", lr=1e-3, min_lr=1e-4, eval_interval=250, optimizer="adamw")  # fmt: skip
+                 engine="reference", attn_impl="manual", lr=1e-3, min_lr=1e-4, eval_interval=250,
+                 optimizer="adamw")  # fmt: skip
 
 
 def run(name: str, preset: str, minutes: float, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -5,10 +5,12 @@
     python benchmarks/train_throughput.py --preset tiny
 
 Both paths run the real ``Trainer`` (data sampling, LR schedule, clipping, optimizer) on the
-first 1,115,394 characters of Shakespeare, with freed memory kept for reuse on a CPU as its loop
-does (``cpu_memory.py``). Reference: fp32, eager, manual attention. Fast: the
-defaults (``--dtype auto``: bf16 autocast on this CPU; ``attn_impl="auto"`` with the fast CPU
-dropout; fused AdamW; batches cut into passes of at most 4,096 tokens on a CPU). Each configuration runs
+first 1,115,394 characters of Shakespeare, with freed memory kept for reuse on a CPU for both, so
+that the ratio measures the model's pieces (``fast/memory.py``; ``--engine reference`` training
+does not keep it). Reference: ``engine="reference"`` (the textbook model), fp32, eager, written-out
+attention, one pass. Fast: the defaults (``engine="fast"``: the drop-ins of ``minigpt2/fast``;
+``--dtype auto``: bf16 autocast on a CPU with bf16 units; fused AdamW; batches cut into passes of
+at most 4,096 tokens on a CPU). Each configuration runs
 in its own process so that peak memory (RSS) is its own, and the paths take turns for ``--rounds``
 rounds (medians; each round's tokens/s is shown). Reports tokens/s, the speed-up, model FLOP
 utilisation against a bf16 matmul measured here, the share of step time outside forward/backward
@@ -41,19 +43,21 @@ from minigpt2.training.trainer import Trainer
 
 ONE_PASS = 10**9  # max_pass_tokens that never cuts a batch
 PATHS = {
-    # The readable path: fp32, manual attention, torch's dropout, the whole batch in one pass.
-    "reference": dict(dtype="fp32", attn_impl="manual", compile=False, max_pass_tokens=ONE_PASS),
-    # The defaults: bf16 autocast, attn_impl auto (+ fast CPU dropout), passes of <= 4096 tokens on CPU.
-    "fast": dict(dtype="auto", attn_impl="auto", compile=False),
-    "fast+compile": dict(dtype="auto", attn_impl="auto", compile=True),
+    # The textbook: fp32, written-out attention, torch's dropout, the whole batch in one pass.
+    "reference": dict(engine="reference", dtype="fp32", attn_impl="manual", compile=False,
+                      max_pass_tokens=ONE_PASS),
+    # The defaults: the engine, bf16 autocast, passes of <= 4096 tokens on CPU.
+    "fast": dict(engine="fast", dtype="auto", compile=False),
+    "fast+compile": dict(engine="fast", dtype="auto", compile=True),
     # Variants, to see what each part is worth.
-    "fast-onepass": dict(dtype="auto", attn_impl="auto", compile=False, max_pass_tokens=ONE_PASS),
-    "sdpa": dict(dtype="auto", attn_impl="sdpa", compile=False),
+    "fast-onepass": dict(engine="fast", dtype="auto", compile=False, max_pass_tokens=ONE_PASS),
+    # The textbook model with the same precision and passes as the defaults: what the engine adds.
+    "textbook-bf16": dict(engine="reference", dtype="auto", attn_impl="sdpa", compile=False),
     # The fast path with AdamW for every weight, for presets that use Muon (what Muon costs a step).
-    "fast-adamw": dict(dtype="auto", attn_impl="auto", compile=False, optimizer="adamw"),
+    "fast-adamw": dict(engine="fast", dtype="auto", compile=False, optimizer="adamw"),
     # What a CPU without bf16 units (most laptops) runs by default: the fast path in fp32.
-    "fast-fp32": dict(dtype="fp32", attn_impl="auto", compile=False),
-}
+    "fast-fp32": dict(engine="fast", dtype="fp32", compile=False),
+}  # fmt: skip
 
 
 def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: int) -> dict[str, float]:
@@ -65,7 +69,7 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
     data_dir = shakespeare_prefix_data(model_cfg.block_size)
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(data_dir, Path(run_dir), model_cfg, train_cfg)
-        # As in Trainer.run, for both paths: on a CPU, freed activations are kept for reuse.
+        # For both paths (see the docstring): on a CPU, freed activations are kept for reuse.
         memory = keep_freed_memory() if trainer.device.type == "cpu" else contextlib.nullcontext()
         stack.enter_context(memory)
         for _ in range(warmup):

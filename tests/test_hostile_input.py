@@ -212,6 +212,7 @@ class Recorder(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model, self.config, self.prompts = model, model.config, []
+        self.device = model.device
 
     def forward(self, idx: torch.Tensor, targets: Any = None, cache: Any = None) -> Any:
         if cache is None or cache.pos == 0:

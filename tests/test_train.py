@@ -1,16 +1,19 @@
-"""Tests for the training loop (``training.trainer``, ``runstate``, ``metrics``, ``precision``), in process.
+"""Tests for the training loop (``training.trainer``, ``runstate``, ``metrics``, ``precision``) and the
+textbook step (``core/train_step.py``), in process.
 
 Covered: the files a run writes (best/, last/, metrics.csv with its exact columns and one row per
 step, loss.png, config.json, summary.json) and that ``sample``/``load_model`` use them; the logged LR
 following ``schedule.lr_at``; gradient clipping (flag, logged pre-clip norm, the update really capped);
 early stopping on an overfitting corpus; gradient accumulation; bf16 autocast on CPU; ``--init-from``
-vocabulary extension; loss on bot turns; divergence to NaN; RunLock. Everything uses preset "tiny"
+vocabulary extension; loss on bot turns; divergence to NaN; RunLock; the textbook step and
+evaluation on their own, without a trainer. Everything uses preset "tiny"
 at context 16 on tiny corpora in ``tmp_path``, fp32 on CPU. Subprocess runs (resume after SIGKILL,
 DDP, bad options) are in ``test_train_cli.py``. Run: ``pytest -q tests/test_train.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from minigpt2 import checkpoint, cli, data
 from minigpt2.core.model import GPT
 from minigpt2.core.schedule import lr_at
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, CharTokenizer
+from minigpt2.core.train_step import evaluate, train_step
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.precision import choose_precision, cpu_has_native_bf16
 from minigpt2.training import trainer as train
@@ -106,6 +110,33 @@ def test_clipping_caps_the_update(tmp_path: Path, grad_clip: float) -> None:
             assert clipped and norm > grad_clip and applied == pytest.approx(grad_clip, rel=1e-4)
         else:
             assert not clipped and applied == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_textbook_step_works_without_the_trainer() -> None:
+    """``core.train_step`` on a bare GPT and AdamW: the scheduled LR is set, the weights move, the
+    gradients are cleared; ``evaluate`` is the eval-mode loss."""
+    model_cfg, cfg = tiny(dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(model_cfg, vocab_size=20))
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    fp32 = choose_precision(torch.device("cpu"), "fp32")
+    x, y = torch.randint(0, 20, (2, 4, BLOCK)), torch.randint(0, 20, (2, 4, BLOCK))  # two passes
+    before = [p.detach().clone() for p in params]
+    passes = [(x[0], y[0], 0.5, False), (x[1], y[1], 0.5, True)]
+    result = train_step(model, optimizer, scaler, passes, cfg=cfg, step=3, horizon=cfg.max_iters,
+                        precision=fp32, params=params)  # fmt: skip
+    expected_lr = lr_at(3, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
+                        max_iters=cfg.max_iters, schedule=cfg.lr_schedule)  # fmt: skip
+    assert result.lr == expected_lr == optimizer.param_groups[0]["lr"]
+    assert math.isfinite(result.loss) and result.grad_norm > 0
+    assert result.clipped == (result.grad_norm > cfg.grad_clip)
+    assert all(p.grad is None for p in params) and not all(map(torch.equal, before, params))
+    val = evaluate(model, [(x[0], y[0]), (x[1], y[1])], fp32)
+    assert not model.training
+    with torch.no_grad():
+        assert val == pytest.approx((float(model(x[0], y[0])[1]) + float(model(x[1], y[1])[1])) / 2)
 
 
 def test_early_stopping_keeps_the_best(tmp_path: Path) -> None:

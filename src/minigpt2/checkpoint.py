@@ -32,10 +32,11 @@ from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError, UserError, WriteError
 from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir, temp_dir_for
+from minigpt2.outdirs import META as META
 
 FORMAT = "minigpt2-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS, META, TRAIN_STATE = "model.safetensors", "checkpoint.json", "train_state.pt"
+WEIGHTS, TRAIN_STATE = "model.safetensors", "train_state.pt"
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight, stored once
 
 

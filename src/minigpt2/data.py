@@ -15,6 +15,7 @@ Run its tests with ``pytest tests/test_data.py``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -28,6 +29,7 @@ from minigpt2 import corpora
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError, WriteError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.outdirs import check_target
 
 DATA_FORMAT_VERSION = 1
 
@@ -96,13 +98,17 @@ def split_and_encode(
     return train, val
 
 
-def prepare(spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int = 128) -> dict[str, Any]:
+def prepare(
+    spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int = 128, force: bool = False
+) -> dict[str, Any]:
     """Read SOURCE, build its vocabulary, and write ``train.bin``, ``val.bin`` and ``meta.json``.
 
     Both splits must hold more than one context window (``block_size + 1`` tokens). Everything is
     checked before the first byte is written, and each file is written atomically; a write that
-    fails is a one-line ``WriteError``.
+    fails is a one-line ``WriteError``. ``out_dir`` must be new, empty or a data folder (a run is
+    never written into; another non-empty folder only with ``force``: ``outdirs.check_target``).
     """
+    check_target(out_dir, "data", force=force)
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if block_size < 1:
@@ -177,6 +183,14 @@ def load(data_dir: Path) -> Dataset:
     if any(int(s.max(initial=0)) >= tok.vocab_size for s in splits):
         raise DataError(f"the data folder {data_dir} holds ids outside its vocabulary; prepare it again")
     return Dataset(splits[0], splits[1], tok, meta)
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A short hash of what a run's numbers depend on: the vocabulary and the validation split.
+    A run records it, so that resuming on other data is refused instead of mixing the two."""
+    digest = hashlib.sha256(json.dumps(dataset.tokenizer.to_dict(), sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(dataset.val).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def bot_mask(tokens: np.ndarray) -> np.ndarray:

@@ -12,15 +12,19 @@ showing how to encode and decode with it. ``transformers`` is not needed to expo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from minigpt2 import checkpoint
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
-from minigpt2.errors import CheckpointError
-from minigpt2.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.errors import CheckpointError, ConfigError, UserError
+from minigpt2.fileio import atomic_write_bytes, publish_dir, temp_dir_for
+from minigpt2.outdirs import check_target
 
 VOCAB_FILE = "minigpt2_vocab.json"
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -45,18 +49,49 @@ def _conv1d(name: str) -> bool:
     return name.endswith(CONV1D)
 
 
-def export_hf(run: Path, out_dir: Path) -> Path:
-    """Write ``run``'s best (or given) checkpoint as a Hugging Face GPT-2 directory."""
+def export_hf(run: Path, out_dir: Path, force: bool = False) -> Path:
+    """Write ``run``'s best (or given) checkpoint as a Hugging Face GPT-2 directory.
+
+    ``out_dir`` must be new, empty or an earlier export (replaced whole, atomically); a run is
+    never written into, and another non-empty folder only with ``force`` (files added to it)."""
     from safetensors.torch import save
 
+    kind = check_target(out_dir, "export", force=force)
     model, tok, ckpt = checkpoint.load_model(run)
-    c = model.config
     weights = {
         name: (t.t() if _conv1d(name) else t).contiguous()
         for name, t in model.state_dict().items()
         if name != checkpoint.TIED
     }
-    hf_config = {
+    vocab = {**tok.to_dict(), "tokens": tok.tokens, "source_step": ckpt.meta.get("step"),
+             "chat_template": ckpt.meta.get("chat_template")}  # fmt: skip
+    files = {
+        "model.safetensors": save(weights, metadata={"format": "pt"}),
+        "config.json": json.dumps(_hf_config(model.config), indent=1).encode(),
+        "generation_config.json": json.dumps(GENERATION, indent=1).encode(),
+        VOCAB_FILE: json.dumps(vocab, indent=1, ensure_ascii=False).encode(),
+        "README.md": README.format(dir=out_dir, vocab=VOCAB_FILE).encode(),
+    }
+    # A new folder, or an earlier export, appears whole or not at all; a forced write into another
+    # folder adds these files to it, each atomically.
+    target = out_dir if kind == "other" else temp_dir_for(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(target / name, data)
+        if target != out_dir:
+            publish_dir(target, out_dir)
+    finally:
+        if target != out_dir:
+            shutil.rmtree(target, ignore_errors=True)
+    return out_dir
+
+
+GENERATION = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
+
+
+def _hf_config(c: ModelConfig) -> dict[str, Any]:
+    return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": c.vocab_size,
@@ -77,55 +112,99 @@ def export_hf(run: Path, out_dir: Path) -> Path:
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
-    generation = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "model.safetensors", save(weights, metadata={"format": "pt"}))
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=1))
-    atomic_write_text(out_dir / "generation_config.json", json.dumps(generation, indent=1))
-    vocab = {**tok.to_dict(), "tokens": tok.tokens, "source_step": ckpt.meta.get("step"),
-             "chat_template": ckpt.meta.get("chat_template")}  # fmt: skip
-    atomic_write_text(out_dir / VOCAB_FILE, json.dumps(vocab, indent=1, ensure_ascii=False))
-    atomic_write_text(out_dir / "README.md", README.format(dir=out_dir, vocab=VOCAB_FILE))
-    return out_dir
 
 
-def import_hf(hf_dir: Path, run_dir: Path) -> Path:
-    """Read a GPT-2 directory with a character vocabulary (as ``export_hf`` writes) into ``run_dir/best``."""
+def import_hf(hf_dir: Path, run_dir: Path, force: bool = False) -> Path:
+    """Read a GPT-2 directory with a character vocabulary (as ``export_hf`` writes) into ``run_dir/best``.
+
+    ``run_dir`` must be new or empty; with ``force``, an earlier import (a run holding only best/)
+    or a folder of another kind; a trained run (last/, config.json) never."""
+    _check_import_target(run_dir, force)
+    cfg, vocab, raw = _read_hf_dir(hf_dir)
+    model_cfg = _model_config(cfg, hf_dir)
+    tok = CharTokenizer.from_dict(vocab)
+    if tok.vocab_size != model_cfg.vocab_size:
+        raise CheckpointError(f"the vocabulary has {tok.vocab_size} tokens, the model {model_cfg.vocab_size}")
+    model = GPT(model_cfg)
+    weights = _our_weights(raw)
+    expected = set(model.state_dict()) - {checkpoint.TIED}
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        listed = ", ".join((missing or extra)[:3])
+        raise CheckpointError(
+            f"{hf_dir}/model.safetensors does not match config.json ({model_cfg.n_layer} layers):"
+            f" {'missing' if missing else 'unexpected'} {listed}"
+        )
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()[:200]
+        raise CheckpointError(f"{hf_dir}: the weights do not match config.json ({first})") from None
+    meta = {"step": vocab.get("source_step"), "imported_from": str(hf_dir),
+            "chat_template": vocab.get("chat_template") or "dialogue"}  # fmt: skip
+    checkpoint.save(run_dir / "best", model, tok, meta)
+    return run_dir
+
+
+def _check_import_target(run_dir: Path, force: bool) -> None:
+    kind = check_target(run_dir, "run", force=force)
+    if kind == "run":
+        if (run_dir / "last").exists() or (run_dir / "config.json").exists():
+            raise UserError(f"{run_dir} holds a trained run; import into a new --out")
+        if not force:
+            raise UserError(
+                f"{run_dir} already holds a model; choose a new --out, or add --force to replace it"
+            )
+
+
+def _read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        cfg: dict[str, Any] = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
         vocab = json.loads((hf_dir / VOCAB_FILE).read_text(encoding="utf-8"))
         raw = load_file(hf_dir / "model.safetensors")
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(
             f"{hf_dir} is not a GPT-2 directory with a minigpt2 vocabulary ({err})"
         ) from None
+    if not isinstance(cfg, dict) or not isinstance(vocab, dict):
+        raise CheckpointError(f"{hf_dir}: config.json and {VOCAB_FILE} must each hold a JSON object")
+    return cfg, vocab, raw
+
+
+def _model_config(cfg: dict[str, Any], hf_dir: Path) -> ModelConfig:
+    """Our ``ModelConfig`` from GPT-2's ``config.json``: every field present, an integer (or, for
+    dropout, a number) in range; anything else is one clear error."""
     if cfg.get("model_type") != "gpt2" or cfg.get("activation_function", "gelu_new") != "gelu_new":
         raise CheckpointError(f"{hf_dir} is not a GPT-2 model with GELU (tanh) activations")
-    tok = CharTokenizer.from_dict(vocab)
-    model_cfg = ModelConfig(vocab_size=int(cfg["vocab_size"]), block_size=int(cfg["n_positions"]),
-                            n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]), n_embd=int(cfg["n_embd"]),
-                            dropout=float(cfg.get("resid_pdrop", 0.0)))  # fmt: skip
-    if tok.vocab_size != model_cfg.vocab_size:
-        raise CheckpointError(f"the vocabulary has {tok.vocab_size} tokens, the model {model_cfg.vocab_size}")
+    ints = {}
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+        value = cfg.get(key)
+        if type(value) is not int or value < 1:  # bool is an int subclass: excluded by `type`
+            raise CheckpointError(f"{hf_dir}/config.json: {key} must be a positive integer, got {value!r}")
+        ints[key] = value
+    dropout = cfg.get("resid_pdrop", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise CheckpointError(
+            f"{hf_dir}/config.json: resid_pdrop must be a number in [0, 1), got {dropout!r}"
+        )
+    try:
+        return ModelConfig(vocab_size=ints["vocab_size"], block_size=ints["n_positions"],
+                           n_layer=ints["n_layer"], n_head=ints["n_head"], n_embd=ints["n_embd"],
+                           dropout=float(dropout))  # fmt: skip
+    except ConfigError as err:
+        raise CheckpointError(f"{hf_dir}/config.json: {err}") from None
+
+
+def _our_weights(raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """GPT-2's tensor names and layouts -> ours (Conv1D's (in, out) back to (out, in))."""
     weights = {}
     for name, t in raw.items():
         name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old GPT-2 checkpoints store their causal mask as a buffer
         weights[name] = t.t().contiguous() if _conv1d(name) else t
-    model = GPT(model_cfg)
     weights.pop(checkpoint.TIED, None)
-    missing = set(model.state_dict()) - set(weights) - {checkpoint.TIED}
-    if missing:
-        raise CheckpointError(f"{hf_dir}/model.safetensors lacks {sorted(missing)[:3]}")
-    try:
-        model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:
-        raise CheckpointError(f"{hf_dir}: the weights do not match config.json ({str(err)[:200]})") from None
-    meta = {"step": vocab.get("source_step"), "imported_from": str(hf_dir),
-            "chat_template": vocab.get("chat_template") or "dialogue"}  # fmt: skip
-    checkpoint.save(run_dir / "best", model, tok, meta)
-    return run_dir
+    return weights

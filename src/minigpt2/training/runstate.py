@@ -25,6 +25,7 @@ from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import ConfigError, UserError, WriteError
 from minigpt2.fileio import clean_up_after_crash, recover_dir
+from minigpt2.outdirs import check_target
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        check_target(run_dir, "run")  # a run goes into a new or empty folder, or its own run
         missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         self.created = missing[-1] if missing else None  # a failed start removes it (``abandon``)
         try:
@@ -139,6 +141,7 @@ def load_start(
         if not (recover_dir(run_dir / "last") / checkpoint.META).is_file():
             raise UserError(f"nothing to resume in {run_dir} (no last/ checkpoint); drop --resume")
         ckpt = checkpoint.load(recover_dir(run_dir / "last"))
+        _check_same_data(run_dir, ckpt.meta, dataset)
         train, val = data.remap(dataset, ckpt.tokenizer)
         weights = ckpt.build_model().state_dict()
         state = checkpoint.load_train_state(ckpt.path)
@@ -152,6 +155,19 @@ def load_start(
     tok = dataset.tokenizer
     return Start(tok, dataset.train, dataset.val, dataclasses.replace(model_cfg, vocab_size=tok.vocab_size),
                  None, None)  # fmt: skip
+
+
+def _check_same_data(run_dir: Path, meta: dict[str, Any], dataset: data.Dataset) -> None:
+    """A resumed run goes on with the data it was trained on: its val losses compare only on the
+    same val split, and ``best`` is kept by them. (Runs older than the fingerprint are not checked.)"""
+    recorded = meta.get("data", {}).get("fingerprint") if isinstance(meta.get("data"), dict) else None
+    if recorded is not None and recorded != data.fingerprint(dataset):
+        source = dataset.meta.get("source", "this data")
+        raise UserError(
+            f"cannot resume {run_dir} on {source}: it was trained on other data (vocabulary or"
+            f" validation split differ); to go on training it on new data, start a new run with"
+            f" --init-from {run_dir}"
+        )
 
 
 def _fine_tune_start(dataset: data.Dataset, model_cfg: ModelConfig, init_from: Path) -> Start:

@@ -1,0 +1,96 @@
+"""The ``minigpt2`` command: the only package that reads argv/stdin or prints.
+
+Each subcommand parses its options and calls one library function. The files:
+
+- ``parser.py``: the argument parser (``build_parser``), one subparser per command and the option
+  groups they share; each subparser names its handler.
+- ``train_commands.py``: the handlers that make and measure models (prepare, train, eval, presets,
+  export, import-hf).
+- ``chat_commands.py``: the handlers that talk with a model (sample, chat, quickstart, serve).
+- ``repl.py``: the terminal chat loop (its /commands, streamed answers, Ctrl-C).
+- ``console.py``: stderr lines and the training progress bar.
+- here: ``main``, which runs the handler and turns failures into exit statuses.
+
+Bad input raises ``UserError`` somewhere below; ``main`` makes it one line on stderr and exit status
+2, without a traceback, and so it does for an output that cannot be written (``OUTPUT_ERRNOS``: full
+disk, read-only folder). torch is imported only inside the handlers, so ``minigpt2 --help`` starts
+instantly. Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_hostile_input.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from collections.abc import Callable, Sequence
+
+from minigpt2.cli.chat_commands import LOOPBACK, cmd_chat, cmd_quickstart, cmd_sample, cmd_serve
+from minigpt2.cli.console import err, warn_unknown
+from minigpt2.cli.parser import (
+    add_chat_options,
+    add_config_flags,
+    add_inference_options,
+    add_sampling_options,
+    add_serve_limits,
+    build_parser,
+)
+from minigpt2.cli.repl import CHAT_HELP
+from minigpt2.cli.train_commands import (
+    cmd_eval,
+    cmd_export,
+    cmd_import_hf,
+    cmd_prepare,
+    cmd_presets,
+    cmd_train,
+)
+from minigpt2.errors import UserError
+
+__all__ = [
+    "CHAT_HELP",
+    "LOOPBACK",
+    "OUTPUT_ERRNOS",
+    "Handler",
+    "add_chat_options",
+    "add_config_flags",
+    "add_inference_options",
+    "add_sampling_options",
+    "add_serve_limits",
+    "build_parser",
+    "cmd_chat",
+    "cmd_eval",
+    "cmd_export",
+    "cmd_import_hf",
+    "cmd_prepare",
+    "cmd_presets",
+    "cmd_quickstart",
+    "cmd_sample",
+    "cmd_serve",
+    "cmd_train",
+    "main",
+    "warn_unknown",
+]
+
+Handler = Callable[[argparse.Namespace], int]
+# OS errors that mean "this output cannot be written": reported as one line, like a UserError.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                 getattr(errno, "EDQUOT", errno.ENOSPC)}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except UserError as error:
+        err(f"error: {error}")
+        return 2
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `minigpt2 sample ... | head`
+        return 0
+    except OSError as error:  # a write the library did not word itself: full disk, read-only folder
+        if error.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        err(f"error: {error.strerror}{where}; check that the output folder is writable and has free space")
+        return 2

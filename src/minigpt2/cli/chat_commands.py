@@ -1,0 +1,126 @@
+"""The handlers of the commands that talk with a trained model: sample, chat, quickstart, serve.
+
+Each loads the model through ``minigpt2.inference`` (directly, or by ``Chatbot.from_run``) on the
+engine ``--engine`` names; ``quickstart`` and a ``serve`` without a run train the default chatbot
+first if there is none ready. The terminal chat loop itself is in ``repl.py``. torch-using modules
+are imported inside the handlers, so that ``minigpt2 --help`` imports none.
+Tests: ``pytest tests/test_cli.py tests/test_chat.py tests/test_serve.py tests/test_hostile_input.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from minigpt2.cli import repl
+from minigpt2.cli.console import err, progress_bar, warn_unknown
+from minigpt2.errors import UserError
+
+# Host names that reach only this machine; a server on one of them accepts only these Host headers.
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def sample_config(args: argparse.Namespace) -> Any:
+    """The ``SampleConfig`` of the sampling options; validating it refuses a bad value early."""
+    from minigpt2.core.config import SampleConfig
+
+    return SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from minigpt2.core.generate import stream_text
+    from minigpt2.inference import load_for_inference
+
+    cfg = sample_config(args)
+    loaded = load_for_inference(args.run, args.device, args.dtype, args.engine, generation=True)
+    warn_unknown(loaded.tokenizer, args.prompt)
+    sys.stdout.write(args.prompt)
+    pieces = stream_text(
+        loaded.model, loaded.tokenizer, args.prompt, cfg, precision=loaded.precision, stop_ids=()
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chatbot(args: argparse.Namespace, sample: Any) -> Any:
+    from minigpt2.core.chat import Chatbot
+
+    return Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
+                            engine=args.engine, user_name=args.user_name, bot_name=args.bot_name,
+                            sample=sample)  # fmt: skip
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    bot = _chatbot(args, sample_config(args))
+    if args.prompt is not None:
+        repl.answer(bot, args.prompt, "")
+        return 0
+    return repl.converse(bot, args.run)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    args.run = _default_chatbot(args.source or f"chatterbot:{args.lang}", args.preset)
+    return cmd_chat(args)
+
+
+def _default_chatbot(source: str, preset: str = "chat") -> str:
+    """The run directory of the default chatbot for ``source``, trained first if needed."""
+    from minigpt2 import recipes
+
+    data_dir, run_dir = recipes.default_paths(source)
+    if not recipes.is_ready(run_dir):
+        print(f"training the default chatbot on {source} into {run_dir} (once; Ctrl-C stops early)")
+    bar = progress_bar()
+    try:
+        return str(recipes.ensure_chatbot(source, data_dir, run_dir, preset=preset, callbacks=[bar]))
+    finally:
+        bar.on_end({})  # the bar's line ends before anything else is printed
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from minigpt2 import serve
+    except ImportError as error:
+        raise UserError(f"minigpt2 serve needs FastAPI and uvicorn ({error.name} is missing): "
+                        "pip install 'minigpt2[serve]'") from None  # fmt: skip
+    from minigpt2.recipes import DEFAULT_SOURCE
+
+    loopback = args.host in LOOPBACK
+    sample = sample_config(args)  # options are checked before anything is trained or loaded
+    limits = serve.ServeConfig(
+        **{name: getattr(args, name) for name in serve.LIMITS},
+        default_max_tokens=args.max_new_tokens,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("MINIGPT2_API_KEY"),
+        # (IPv6 is left out: Starlette's host check cannot parse "[::1]:8000".)
+        allowed_hosts=("127.0.0.1", "localhost") if args.host in ("127.0.0.1", "localhost") else (),
+    )  # fmt: skip
+    if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
+        args.run = _default_chatbot(DEFAULT_SOURCE)
+    limits.model_id = args.model_id or Path(args.run).resolve().name
+    bot = _chatbot(args, sample)
+    if args.max_concurrent > 1:
+        # Answers run side by side in threads: share the cores out rather than oversubscribe them.
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
+
+    def ready(url: str) -> None:
+        if not loopback and limits.api_key is None:
+            err(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+        print(f"serving {args.run} as {limits.model_id!r}: web chat at {url}, OpenAI API at {url}v1"
+              f"{' (API key required)' if limits.api_key else ''}; Ctrl-C stops", flush=True)  # fmt: skip
+
+    # uvicorn shuts down cleanly on Ctrl-C, then re-raises it; for a server it is the normal way out.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve.run_server(serve.create_app(bot, limits), args.host, args.port, on_ready=ready)
+    print("server stopped")
+    return 0

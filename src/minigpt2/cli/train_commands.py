@@ -1,0 +1,134 @@
+"""The handlers of the commands that make and measure models: prepare, train, eval, presets,
+export, import-hf.
+
+Each reads its parsed options, calls one library function and prints what it did; bad input
+raises ``UserError`` below, which ``main`` reports. torch-using modules are imported inside the
+handlers, so that ``minigpt2 --help`` imports none.
+Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_hostile_input.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from minigpt2.cli.console import progress_bar
+
+
+def _slug(source: str) -> str:
+    name = Path(source).stem if Path(source).exists() else source.replace(":", "-")
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "corpus"
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from minigpt2 import data
+
+    out = Path(args.out) if args.out else Path("data") / _slug(args.source)
+    meta = data.prepare(
+        args.source, out, val_fraction=args.val_fraction, block_size=args.block_size, force=args.force
+    )
+    vocab = meta["tokenizer"]["chars"]
+    print(
+        f"prepared {args.source} -> {out}: {meta['train_tokens']:,} train and"
+        f" {meta['val_tokens']:,} val tokens, {len(vocab)} distinct characters ({meta['kind']})"
+    )
+    return 0
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given explicitly on the command line (argparse defaults are None)."""
+    from minigpt2.core.config import ModelConfig, TrainConfig, field_names
+
+    names = field_names(ModelConfig) | field_names(TrainConfig)
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from minigpt2.core.config import read_config_file
+    from minigpt2.training.setup_configs import configs_for_training
+    from minigpt2.training.trainer import train
+
+    logging.basicConfig(level=logging.WARNING)
+    file_values = read_config_file(Path(args.config)) if args.config else {}
+    init_from = Path(args.init_from) if args.init_from else None
+    model_cfg, train_cfg = configs_for_training(
+        args.preset, file_values, _train_overrides(args), Path(args.out) if args.resume else None, init_from
+    )
+    bar = progress_bar()
+    try:
+        result = train(Path(args.data), Path(args.out), model_cfg, train_cfg, resume=args.resume,
+                       init_from=init_from, callbacks=[bar])  # fmt: skip
+    finally:
+        bar.on_end({})  # close the bar first, so that what follows starts on a line of its own
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    best = (
+        "none"
+        if result.best_step < 0
+        else f"{result.best_val_loss:.4f} ({result.bits_per_char:.3f} bits/char)"
+    )
+    print(f"stopped: {result.stop_reason}")
+    print(
+        f"best val loss {best} at step {result.best_step}; {result.steps} steps in {result.wall_time_s:.1f}s"
+    )
+    print(f"run saved in {result.run_dir} (best/, last/, metrics.csv, loss.png)")
+    return 1 if result.stop_reason.startswith("diverged") else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from minigpt2 import data
+    from minigpt2.errors import ConfigError
+    from minigpt2.inference import load_for_inference
+    from minigpt2.training.trainer import evaluate_tokens
+
+    if args.batch_size < 1 or args.max_windows < 0:
+        raise ConfigError(
+            f"--batch-size must be >= 1 and --max-windows >= 0 (0 = all), got {args.batch_size}"
+            f" and {args.max_windows}"
+        )
+    loaded = load_for_inference(args.run, args.device, args.dtype, args.engine, generation=False)
+    dataset = data.load(Path(args.data))
+    _, val = data.remap(dataset, loaded.tokenizer)
+    loss = evaluate_tokens(loaded.model, val, args.batch_size, loaded.precision, max_windows=args.max_windows)
+    print(
+        f"val loss {loss:.4f}  bits/char {loss / math.log(2):.4f}"
+        f"  ({loaded.ckpt.path}, step {loaded.ckpt.meta.get('step')})"
+    )
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from minigpt2.core import config
+    from minigpt2.core.model import GPT
+
+    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'params':>12}"
+          f"  {'optimizer':<9}")  # fmt: skip
+    for name in config.PRESETS:
+        model_cfg, train_cfg = config.resolve(name, overrides={"vocab_size": args.vocab_size})
+        n = GPT(model_cfg).num_params()
+        default = "  (default)" if name == config.DEFAULT_PRESET else ""
+        print(f"{name:<12} {model_cfg.n_layer:>6} {model_cfg.n_head:>5} {model_cfg.n_embd:>5}"
+              f" {model_cfg.block_size:>7} {n:>12,}  {train_cfg.optimizer:<9}{default}")  # fmt: skip
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from minigpt2.hf import export_hf
+
+    out = export_hf(Path(args.run), Path(args.out), force=args.force)
+    print(f"exported {args.run} as a Hugging Face GPT-2 model to {out}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from minigpt2.hf import import_hf
+
+    run = import_hf(Path(args.dir), Path(args.out), force=args.force)
+    print(f"imported {args.dir} into {run}/best")
+    return 0
