@@ -29,8 +29,8 @@ from common import emit, print_table
 from minigpt2.core import config
 from minigpt2.core.chat import Chatbot, DialogueTemplate, Turn
 from minigpt2.core.config import SampleConfig
-from minigpt2.core.generate import generate_ids
 from minigpt2.core.model import GPT
+from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.fast import speed_up
 from minigpt2.precision import choose_precision

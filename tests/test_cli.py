@@ -19,8 +19,8 @@ import torch
 from minigpt2 import checkpoint, data
 from minigpt2.core import config
 from minigpt2.core.config import SampleConfig
-from minigpt2.core.generate import stream_text
 from minigpt2.core.model import GPT
+from minigpt2.core.stream import stream_text
 from minigpt2.precision import choose_precision
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

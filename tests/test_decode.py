@@ -15,8 +15,8 @@ import torch
 
 from helpers_model import all_logits
 from minigpt2.core.config import SampleConfig
-from minigpt2.core.generate import generate_ids
 from minigpt2.core.model import GPT, KVCache
+from minigpt2.core.stream import generate_ids
 from minigpt2.fast import speed_up
 from minigpt2.fast.decode import Decoder
 

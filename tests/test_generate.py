@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.core.generate``: the logit filters, the id generator and the text stream.
+"""Tests for ``core.generate`` and ``core.stream``: the logit filters, the id generator, the text stream.
 
 Covers top-k / top-p / repetition penalty (pure, distribution-preserving, with hypothesis), cached
 vs cache-free greedy decoding far past the context window for both attention implementations,
@@ -16,15 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt2.core.config import SampleConfig
-from minigpt2.core.generate import (
-    apply_repetition_penalty,
-    generate,
-    generate_ids,
-    stream_text,
-    top_k_filter,
-    top_p_filter,
-)
+from minigpt2.core.generate import apply_repetition_penalty, generate, top_k_filter, top_p_filter
 from minigpt2.core.model import GPT
+from minigpt2.core.stream import generate_ids, stream_text
 from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
 from minigpt2.errors import ConfigError
 from minigpt2.fast import speed_up, use_engine

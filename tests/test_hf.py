@@ -18,8 +18,8 @@ import torch
 from helpers_model import all_logits
 from minigpt2 import checkpoint
 from minigpt2.core.config import ModelConfig, SampleConfig
-from minigpt2.core.generate import generate_ids
 from minigpt2.core.model import GPT
+from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError
 from minigpt2.hf import export_hf, import_hf

@@ -1,8 +1,8 @@
 """The one exception type for bad input that a user can fix.
 
 Library code raises ``UserError`` (or a subclass) with a single line that names the problem and what
-to do about it; ``cli.py`` prints that line and exits with status 2, without a traceback. Anything
-else that escapes is a bug in minigpt2 and keeps its traceback.
+to do about it; the CLI (``minigpt2.cli``) prints that line and exits with status 2, without a
+traceback. Anything else that escapes is a bug in minigpt2 and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def sample_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from minigpt2.core.generate import stream_text
+    from minigpt2.core.stream import stream_text
     from minigpt2.inference import load_for_inference
 
     cfg = sample_config(args)

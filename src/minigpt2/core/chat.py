@@ -233,7 +233,8 @@ class Chatbot:
         filled in as the answer streams. Spaces and line breaks at either end are left out, so
         the streamed answer is exactly the one the history keeps.
         """
-        from minigpt2.core.generate import decode_stream, generate_ids, make_generator
+        from minigpt2.core.generate import make_generator
+        from minigpt2.core.stream import decode_stream, generate_ids
 
         sample = sample or self.sample
         info = info if info is not None else ReplyInfo()
