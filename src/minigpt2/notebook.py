@@ -1,8 +1,8 @@
 """The notebook's user interface: what ``notebooks/chatbot.ipynb`` calls, cell by cell.
 
 This module is to the notebook what the CLI (``minigpt2.cli``) is to the terminal: the one place
-that shows things in Jupyter (streamed text, a live loss plot, a progress bar, a widget panel). The work itself is
-done by the same library code the CLI uses (``recipes``, ``train``, ``chat``).
+that shows things in Jupyter (streamed text, a live loss plot, a progress bar, a widget panel). The
+work itself is done by the same library code the CLI uses (``recipes``, ``training``, ``core.chat``).
 Tests: ``pytest tests/test_notebook.py`` (executes the notebook with a real Jupyter kernel).
 """
 
