@@ -8,8 +8,10 @@ the next id of a fixed script, so the expected answer is known exactly; everythi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,7 +135,11 @@ def test_set_option_validates(tiny_bot: Chatbot) -> None:
                         ("max_new_tokens", "0")]:  # fmt: skip
         with pytest.raises(UserError):
             tiny_bot.set_option(name, value)
-    assert tiny_bot.sample.temperature == 0.3
+    with pytest.raises(UserError, match=r"^max_new_tokens needs an integer, got '1e3'$"):
+        tiny_bot.set_option("max_new_tokens", "1e3")
+    with pytest.raises(UserError, match=r"^temperature needs a number, got 'hot'$"):
+        tiny_bot.set_option("temperature", "hot")
+    assert tiny_bot.sample.temperature == 0.3 and tiny_bot.sample.max_new_tokens == 40
 
 
 def test_save_and_load_a_conversation(tiny_bot: Chatbot, tmp_path: Path) -> None:
@@ -201,3 +207,55 @@ def test_an_answer_is_never_empty_even_if_the_model_wants_to_stop_at_once() -> N
 def test_saving_to_a_missing_folder_is_a_clear_error(tiny_bot: Chatbot, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot save the conversation"):
         tiny_bot.save(tmp_path / "no" / "such" / "dir" / "c.json")
+
+
+def test_loading_refuses_devices_fifos_big_files_and_bad_turns(tiny_bot: Chatbot, tmp_path: Path) -> None:
+    """Each refusal is one line naming the file and the problem, and a big file is read only up to
+    the limit. (Devices and FIFOs: ``tests/test_repl.py``, in a process with a memory cap.)"""
+    from minigpt2.conversation import MAX_CONVERSATION_BYTES
+
+    (tmp_path / "big.json").write_bytes(b" " * (MAX_CONVERSATION_BYTES + 1))
+    files = {
+        tmp_path: "it is a folder, not a file",
+        tmp_path / "big.json": "it is larger than 4 MB",
+        tmp_path / "missing.json": "No such file or directory",
+    }
+    turns = {
+        '{"history": [{"role": "user", "text": null}]}': "turn 1 needs a role (user or bot) and a text",
+        '{"history": [{"role": "user", "text": "hi"}, {"role": "system", "text": "x"}]}': "turn 2 needs",
+        '{"history": [["user", "hi"]]}': "turn 1 needs",
+        '{"history": "hi"}': 'it has no "history" list',
+        "[]": 'it has no "history" list',
+        '{"history": [}': "it is not JSON text",
+    }
+    for number, (content, problem) in enumerate(turns.items()):
+        (tmp_path / f"{number}.json").write_text(content, encoding="utf-8")
+        files[tmp_path / f"{number}.json"] = problem
+    (tmp_path / "latin1.json").write_bytes(b'{"history": [{"role": "user", "text": "caf\xe9"}]}')
+    files[tmp_path / "latin1.json"] = "it is not JSON text"
+    tiny_bot.reply("hello")
+    before = list(tiny_bot.history)
+    started = time.monotonic()
+    for path, problem in files.items():
+        with pytest.raises(UserError) as info:
+            tiny_bot.load(path)
+        line = str(info.value)
+        assert line.startswith(f"cannot load the conversation {path}: ") and problem in line, line
+        assert "\n" not in line and len(line) < 300
+    assert time.monotonic() - started < 10 and tiny_bot.history == before
+
+
+def test_saving_says_where_it_cannot_write_and_why(tiny_bot: Chatbot, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    places = {
+        tmp_path / "no" / "c.json": f"the folder {tmp_path / 'no'} does not exist",
+        tmp_path: "it is a folder, not a file",
+        tmp_path / "fifo": "it is a FIFO (named pipe), not a file",
+    }
+    if Path("/proc/version").is_file():  # Linux: a virtual file system that takes no new files
+        places[Path("/proc/version")] = "the folder does not accept new files (a virtual file system"
+    for path, reason in places.items():
+        with pytest.raises(UserError) as info:
+            tiny_bot.save(path)
+        assert str(info.value).startswith(f"cannot save the conversation to {path}: {reason}"), info.value
+    assert (tmp_path / "fifo").is_fifo()

@@ -11,6 +11,7 @@ its bounds. All in process (``cli.main``) except two. Run: ``pytest -q tests/tes
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -106,6 +107,48 @@ def test_unreadable_corpora(tmp_path: Path, capsys: Capsys, files: dict[str, byt
     source = tmp_path / "src" / name if len(files) == 1 and "/" not in name else tmp_path / "src"
     assert expected in one_error_line(*main(capsys, "prepare", source, "--out", tmp_path / "out")[::2])
     assert not (tmp_path / "out").exists()
+
+
+def _capped() -> None:
+    """In the child: at most 2 GB of memory, so that a read without bound fails instead of
+    exhausting the machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (2**31, 2**31))
+
+
+def test_devices_and_fifos_are_refused_as_corpora_not_read(tmp_path: Path, capsys: Capsys) -> None:
+    """/dev/zero never ends and a FIFO waits for a writer: both are refused at once, by name (by a
+    child process with a memory cap and a deadline, in case they are not)."""
+    os.mkfifo(tmp_path / "fifo.txt")
+    for source, kind in ((Path("/dev/zero"), "a character device"), (tmp_path / "fifo.txt", "a FIFO")):
+        result = subprocess.run([sys.executable, "-m", "minigpt2", "prepare", str(source), "--out",
+                                 str(tmp_path / "out")], capture_output=True, text=True, env=subprocess_env(),
+                                timeout=60, preexec_fn=_capped)  # fmt: skip
+        assert one_error_line(result.returncode, result.stderr).startswith(f"error: {source} is {kind}")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "folder").mkdir()  # in a folder, a FIFO named .txt is no corpus file
+    os.mkfifo(tmp_path / "folder" / "fifo.txt")
+    (tmp_path / "folder" / "real.txt").write_text("ab" * 100, encoding="utf-8")
+    assert main(capsys, "prepare", tmp_path / "folder", "--out", tmp_path / "out", "--block-size", 8)[0] == 0
+    assert data.load(tmp_path / "out").meta["files"] == [str(tmp_path / "folder" / "real.txt")]
+
+
+@pytest.mark.parametrize(
+    "meta",
+    ['{"tokenizer": {"type": "char"}}', "[1, 2]", "{", '{"version": 1}', "\udcff"],
+    ids=["bad-vocabulary", "a-list", "not-json", "no-vocabulary", "not-utf8"],
+)
+def test_a_malformed_meta_json_names_its_data_folder(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: Capsys, meta: str
+) -> None:
+    d = Path(shutil.copytree(trained[0], tmp_path / "data"))
+    (d / "meta.json").write_bytes(meta.encode("utf-8", "surrogateescape"))
+    for argv in (train_args(d, tmp_path / "run"), ["eval", trained[1], "--data", d, "--device", "cpu"]):
+        line = one_error_line(*main(capsys, *argv)[::2])
+        assert f"the data folder {d} has a malformed meta.json" in line, line
+        assert line.endswith("run `minigpt2 prepare` again"), line
+    assert not (tmp_path / "run").exists()
 
 
 class _Exploit:

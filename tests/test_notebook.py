@@ -20,7 +20,8 @@ from minigpt2.core.chat import Chatbot
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
-from minigpt2.notebook import ChatPanel, chat_loop
+from minigpt2.errors import UserError
+from minigpt2.notebook import ChatPanel, chat_loop, load_chatbot
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "chatbot.ipynb"
 MESSAGES = ["ciao", "come stai?", "che cosa fai oggi?"]
@@ -64,7 +65,16 @@ def test_notebook_runs_top_to_bottom_and_answers_every_message(tmp_path: Path) -
     assert result["history"] == 2 * len(MESSAGES) + 2
     assert (tmp_path / "runs" / "chat-chatterbot-italian" / "best" / "checkpoint.json").is_file()
     images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # the live loss plot and the next-character chart
+    assert len(images) >= 2  # the next-character chart and the attention heatmaps
+    pages = [
+        o["data"]["text/html"] for c in code_cells for o in c.outputs if "text/html" in o.get("data", {})
+    ]
+    # The live loss plot, with what the model said at that step beside it.
+    assert any("data:image/png;base64," in p and "what it says at step" in p for p in pages)
+    # The sampling knobs: six answers to the same message, side by side.
+    assert any(p.count("<tr>") == 6 and "temperature 0.3" in p and "top_k 40" in p for p in pages)
+    said = "".join(o.get("text", "") for c in code_cells for o in c.outputs if o.output_type == "stream")
+    assert "Each head learns its own way of looking back" in said
 
 
 @pytest.fixture()
@@ -99,3 +109,38 @@ def test_chat_loop_stops_at_quit_words(bot: Chatbot) -> None:
 def test_checkpoint_round_trip_keeps_the_chat_template(bot: Chatbot, tmp_path: Path) -> None:
     checkpoint.save(tmp_path / "run" / "best", bot.model, bot.tokenizer, {"chat_template": "play"})
     assert Chatbot.from_run(tmp_path / "run").template.name == "play"
+
+
+def test_load_chatbot_takes_the_sampling_options_as_keywords(bot: Chatbot, tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "run" / "best", bot.model, bot.tokenizer, {"chat_template": "dialogue"})
+    loaded = load_chatbot(tmp_path / "run", temperature=0.1, top_k=5, top_p=0.9, repetition_penalty=1.2,
+                          max_new_tokens=7, seed=3, device="cpu", template="play")  # fmt: skip
+    assert (loaded.sample.temperature, loaded.sample.top_k, loaded.sample.top_p) == (0.1, 5, 0.9)
+    assert (loaded.sample.repetition_penalty, loaded.sample.max_new_tokens, loaded.sample.seed) == (1.2, 7, 3)
+    assert loaded.template.name == "play"
+    for options, problem in [
+        ({"temprature": 0.1}, "load_chatbot has no option 'temprature'; sampling options: max_new_tokens"),
+        ({"top_k": 1.5}, "top_k needs an integer, got 1.5"),
+        ({"temperature": "hot"}, "temperature needs a number, got 'hot'"),
+        ({"max_new_tokens": True}, "max_new_tokens needs an integer, got True"),
+        ({"temperature": -1}, "temperature must be >= 0, got -1"),
+    ]:
+        with pytest.raises(UserError) as info:
+            load_chatbot(tmp_path / "run", **options)  # type: ignore[arg-type]
+        assert str(info.value).startswith(problem) and "\n" not in str(info.value), info.value
+
+
+def test_chat_loop_takes_one_string_as_one_message_and_refuses_what_is_not_text(bot: Chatbot) -> None:
+    assert [m for m, _ in chat_loop(bot, "hey")] == ["hey"]
+    with pytest.raises(UserError, match=r"^chat_loop: each message must be a string, got 42$"):
+        chat_loop(bot, [42])  # type: ignore[list-item]
+    with pytest.raises(UserError, match=r"^chat_loop: each message must be a string, got None$"):
+        chat_loop(bot, ["hi", None])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("k", [-1, 0, 2.5, True])
+def test_next_char_probs_refuses_a_count_below_one(bot: Chatbot, k: object) -> None:
+    bot.reply("hi")
+    with pytest.raises(UserError, match=r"^next_char_probs needs k, the number of characters to show, >= 1"):
+        bot.next_char_probs(k)  # type: ignore[arg-type]
+    assert len(bot.next_char_probs(3)) == 3

@@ -11,6 +11,7 @@ line and no traceback; a huge LR diverges with exit 1; ``eval`` prints val loss 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
@@ -89,6 +90,40 @@ def test_nothing_to_resume_and_finished_run_are_refused(
     line = one_error_line(*main(capsys, *train_args(d, run, "--max-iters", 2))[::2])
     assert "already holds a trained model" in line and "--resume" in line
     assert (run / "config.json").read_text() == before and summary(run)["steps"] == 4
+
+
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_training_exits_as_shells_expect(tmp_path: Path, stop: int, status: int) -> None:
+    """130 for Ctrl-C and 143 for SIGTERM, so that `train && export` stops; after last/ is saved."""
+    d, run = prepare(tmp_path), tmp_path / "run"
+    cmd = [sys.executable, "-m", "minigpt2", *train_args(d, run, "--max-iters", 100000, "--eval-interval", 2)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=tmp_path)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "last" / "checkpoint.json").is_file():  # the loop, and its signal handler, run
+        assert time.monotonic() < deadline and proc.poll() is None, "no last/ checkpoint within 120 s"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+    proc.send_signal(stop)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-3000:]
+    assert "stopped: interrupted; resume with --resume" in out and "Traceback" not in err
+    assert summary(run)["stop_reason"].startswith("interrupted") and "stop_signal" not in summary(run)
+    assert meta(run / "last")["step"] == summary(run)["steps"]  # the checkpoint is the last step
+
+
+def test_sample_and_chat_before_the_first_evaluation_say_there_is_no_checkpoint_yet(
+    tmp_path: Path, base: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = tmp_path / "started"  # what a training writes before its first evaluation
+    started.mkdir()
+    shutil.copy(base[1] / "config.json", started / "config.json")
+    (started / ".lock").touch()
+    for command in ("sample", "chat"):
+        line = one_error_line(*main(capsys, command, started, "--prompt", "x", "--device", "cpu")[::2])
+        assert line == (f"error: {started} has no checkpoint yet: training writes best/ at its first"
+                        " evaluation (every eval_interval steps); wait for it, or train it again if its"
+                        " training was killed before")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError, UserError, WriteError
 from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir, temp_dir_for
 from minigpt2.outdirs import META as META
+from minigpt2.outdirs import kind_of
 
 FORMAT = "minigpt2-checkpoint"
 FORMAT_VERSION = 1
@@ -122,6 +123,11 @@ def resolve(path: Path) -> Path:
             return candidate
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}; train one with `minigpt2 train`")
+    if kind_of(path) == "run":  # a training that is starting, or stopped before its first evaluation
+        raise CheckpointError(
+            f"{path} has no checkpoint yet: training writes best/ at its first evaluation (every"
+            " eval_interval steps); wait for it, or train it again if its training was killed before"
+        )
     raise CheckpointError(
         f"{path} is not a minigpt2 run or checkpoint (no {META} in it, nor in best/ or last/)"
     )

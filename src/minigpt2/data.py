@@ -27,7 +27,7 @@ import numpy as np
 
 from minigpt2 import corpora
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
-from minigpt2.errors import DataError, WriteError
+from minigpt2.errors import DataError, UserError, WriteError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
 from minigpt2.outdirs import check_target
 
@@ -174,9 +174,15 @@ def load(data_dir: Path) -> Dataset:
         raise DataError(f"{data_dir} is not a prepared data folder (no meta.json); run `minigpt2 prepare`")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tok = CharTokenizer.from_dict(meta["tokenizer"])
+        # A vocabulary that is missing or malformed is CharTokenizer's UserError, worded for checkpoints.
+        tok = CharTokenizer.from_dict(meta.get("tokenizer") if isinstance(meta, dict) else None)
+    except (OSError, ValueError, UserError) as err:
+        raise DataError(
+            f"the data folder {data_dir} has a malformed meta.json ({err}); run `minigpt2 prepare` again"
+        ) from None
+    try:
         splits = [np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise DataError(
             f"the data folder {data_dir} is damaged ({err}); run `minigpt2 prepare` again"
         ) from None

@@ -7,8 +7,10 @@ The recipe: write to a temporary name in the same folder, flush and fsync, then 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+SMALL_FILE_LIMIT = 64 * 2**20  # settings, metadata, vocabularies: far below this
+
+
+def read_small_text(path: Path, limit: int = SMALL_FILE_LIMIT) -> str:
+    """A settings or metadata file as UTF-8 text: a regular file (or a link to one) of at most
+    ``limit`` bytes. Anything else raises ``OSError`` before it is read (a device such as
+    ``/dev/zero`` never ends, a FIFO waits for a writer), so callers' one-line errors cover it."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+    return data.decode("utf-8")
 
 
 def current_umask() -> int:

@@ -4,9 +4,11 @@ The export is also the proof that our model is GPT-2: ``transformers`` loads it 
 the same logits (``tests/test_hf.py``). The mapping is one to one; the only change is that GPT-2's
 ``Conv1D`` layers store their weight as (in, out) where our ``nn.Linear`` stores (out, in).
 
-The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``, the
-character vocabulary as ``minigpt2_vocab.json`` (ids are positions in ``tokens``), and a README
-showing how to encode and decode with it. ``transformers`` is not needed to export or import.
+The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``, a tokenizer
+``AutoTokenizer`` loads with its chat template (``hf_tokenizer``), the character vocabulary as
+``minigpt2_vocab.json`` (ids are positions in ``tokens``), and a README showing how to chat with it.
+``transformers`` is not needed to export or import. Import reads the vocabulary from
+``minigpt2_vocab.json`` or ``tokenizer.json``, whichever is there (both: they must agree).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 
 from torch import Tensor
 
-from minigpt2 import checkpoint
+from minigpt2 import checkpoint, hf_tokenizer
+from minigpt2.core.chat import PlayTemplate, make_template
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT
-from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import CheckpointError, ConfigError, UserError
-from minigpt2.fileio import atomic_write_bytes, publish_dir, temp_dir_for
+from minigpt2.fileio import atomic_write_bytes, publish_dir, read_small_text, temp_dir_for
 from minigpt2.outdirs import check_target
 
 VOCAB_FILE = "minigpt2_vocab.json"
@@ -31,17 +34,43 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 
 README = """# A character-level GPT-2 exported by minigpt2
 
-```python
-import json, torch
-from transformers import GPT2LMHeadModel
+A `GPT2LMHeadModel` whose tokens are characters: {vocab_size} of them, ids 0-3 being the special tokens
+`<|unk|>`, `<|user|>`, `<|bot|>` and `<|eot|>` (the end of a turn, and the eos token). Its context
+window is {block} characters.
 
-model = GPT2LMHeadModel.from_pretrained("{dir}")
-tokens = json.load(open("{dir}/{vocab}"))["tokens"]  # id -> character; ids 0-3 are special tokens
-ids = {{t: i for i, t in enumerate(tokens) if len(t) == 1}}
-prompt = torch.tensor([[ids[c] for c in "Hello"]])
-out = model.generate(prompt, max_new_tokens=50, do_sample=False)
-print("".join(tokens[i] if i >= 4 else "" for i in out[0].tolist()))
+Chat with it (run from inside this folder, or put the folder's path in place of "."):
+
+```python
+from transformers import pipeline
+chat = pipeline("text-generation", model=".")
+messages = [{{"role": "user", "content": "Hello!"}}]
+answer = chat(messages{stop})[0]["generated_text"][-1]
+print(answer["content"])
 ```
+
+Or continue a text, streaming it as it comes:
+
+```python
+from transformers import AutoTokenizer, GPT2LMHeadModel, TextStreamer
+tok = AutoTokenizer.from_pretrained(".")
+model = GPT2LMHeadModel.from_pretrained(".")
+ids = tok("To be, or not to be", return_tensors="pt", truncation=True, max_length={prompt_max}).input_ids
+model.generate(ids, do_sample=True, streamer=TextStreamer(tok, skip_special_tokens=True))
+```
+
+- The prompt and the answer together must fit in the {block}-token window: GPT-2 has no positions
+  beyond it. By default generation stops at the end of the turn (`<|eot|>`) or at the window's end
+  (`max_length` in generation_config.json); a `max_new_tokens` that reaches past the window makes
+  `generate` fail with an index error. `truncation=True` keeps a prompt's end.
+- Chats: the chat template renders a conversation as minigpt2 does, {turns}.
+  It keeps the newest whole turns that fit in {budget} tokens, so at least {room} are left for the
+  answer (`max_new_tokens={room}` is safe); a single message longer than that keeps its end. System
+  messages are left out.
+- Characters the model never saw: curly quotes, dashes, ellipsis, odd spaces and Windows line ends
+  become their plain forms where the model knows those; anything else reads as `<|unk|>`.
+- In chat messages, text such as `<|user|>` stays text. `tok(text)`, like every `transformers`
+  tokenizer, reads it as the special token: pass `split_special_tokens=True` for text that may hold it.
+- `minigpt2 import-hf` reads this folder back (`{vocab_file}` holds the vocabulary).
 """
 
 
@@ -63,14 +92,18 @@ def export_hf(run: Path, out_dir: Path, force: bool = False) -> Path:
         for name, t in model.state_dict().items()
         if name != checkpoint.TIED
     }
+    template = ckpt.meta.get("chat_template") or "dialogue"
+    make_template(template)  # an unknown template name is refused before anything is written
     vocab = {**tok.to_dict(), "tokens": tok.tokens, "source_step": ckpt.meta.get("step"),
              "chat_template": ckpt.meta.get("chat_template")}  # fmt: skip
+    block = model.config.block_size
     files = {
         "model.safetensors": save(weights, metadata={"format": "pt"}),
         "config.json": json.dumps(_hf_config(model.config), indent=1).encode(),
-        "generation_config.json": json.dumps(GENERATION, indent=1).encode(),
+        "generation_config.json": json.dumps(_generation_config(block), indent=1).encode(),
         VOCAB_FILE: json.dumps(vocab, indent=1, ensure_ascii=False).encode(),
-        "README.md": README.format(dir=out_dir, vocab=VOCAB_FILE).encode(),
+        **hf_tokenizer.tokenizer_files(tok, block, template),
+        "README.md": _readme(tok, block, template).encode(),
     }
     # A new folder, or an earlier export, appears whole or not at all; a forced write into another
     # folder adds these files to it, each atomically.
@@ -87,7 +120,29 @@ def export_hf(run: Path, out_dir: Path, force: bool = False) -> Path:
     return out_dir
 
 
-GENERATION = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
+def _readme(tok: CharTokenizer, block: int, template: str) -> str:
+    room = hf_tokenizer.reply_room(block)
+    turns, stop = (
+        "each turn `<|user|>text<|eot|>` or\n  `<|bot|>text<|eot|>`, the answer opened by `<|bot|>`",
+        "",
+    )
+    if template == "play":
+        p = PlayTemplate()
+        turns = (f"each turn a speech (`{p.user_name}{p.speaker_end}` on its own line,\n  the text, a blank"
+                 f" line), the answer opened by `{p.bot_name}{p.speaker_end}` and ended by the blank line"
+                 " (hence\n  `stop_sequence`)")  # fmt: skip
+        stop = ', stop_sequence="\\n\\n"'
+    # A text to continue keeps its last half-window, so the continuation has the other half.
+    return README.format(vocab_size=tok.vocab_size, block=block, room=room, turns=turns, stop=stop,
+                         prompt_max=max(1, block // 2), budget=block - room,
+                         vocab_file=VOCAB_FILE)  # fmt: skip
+
+
+def _generation_config(block: int) -> dict[str, Any]:
+    # Generation stops at any of the ids that stop a minigpt2 chat answer (<|eot|> first, the eos),
+    # and by default at the window's end, past which GPT-2 has no position embedding.
+    return {"bos_token_id": EOT_ID, "eos_token_id": [EOT_ID, USER_ID, BOT_ID], "pad_token_id": EOT_ID,
+            "max_length": block}  # fmt: skip
 
 
 def _hf_config(c: ModelConfig) -> dict[str, Any]:
@@ -158,12 +213,15 @@ def _check_import_target(run_dir: Path, force: bool) -> None:
 
 
 def _read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """config.json, the vocabulary (``minigpt2_vocab.json``'s fields, or just the tokens from
+    ``tokenizer.json``) and the tensors; every failure is one ``CheckpointError``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    has_vocab = (hf_dir / VOCAB_FILE).exists()
     try:
-        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-        vocab = json.loads((hf_dir / VOCAB_FILE).read_text(encoding="utf-8"))
+        cfg = json.loads(read_small_text(hf_dir / "config.json"))
+        vocab = json.loads(read_small_text(hf_dir / VOCAB_FILE)) if has_vocab else {}
         raw = load_file(hf_dir / "model.safetensors")
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(
@@ -171,6 +229,15 @@ def _read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
         ) from None
     if not isinstance(cfg, dict) or not isinstance(vocab, dict):
         raise CheckpointError(f"{hf_dir}: config.json and {VOCAB_FILE} must each hold a JSON object")
+    from_tokenizer = hf_tokenizer.read_vocab(hf_dir)
+    if from_tokenizer is None and not has_vocab:
+        raise CheckpointError(f"{hf_dir} has neither tokenizer.json nor {VOCAB_FILE}: no vocabulary to read")
+    if from_tokenizer is not None:
+        if has_vocab and CharTokenizer.from_dict(vocab) != from_tokenizer:
+            raise CheckpointError(
+                f"{hf_dir}: tokenizer.json and {VOCAB_FILE} hold different vocabularies; remove the wrong one"
+            )
+        vocab = {**vocab, **from_tokenizer.to_dict()}
     return cfg, vocab, raw
 
 

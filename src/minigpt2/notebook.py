@@ -3,22 +3,27 @@
 This module is to the notebook what the CLI (``minigpt2.cli``) is to the terminal: the one place
 that shows things in Jupyter (streamed text, a live loss plot, a progress bar, a widget panel). The
 work itself is done by the same library code the CLI uses (``recipes``, ``training``, ``core.chat``).
+Bad input (an unknown option, a message that is not text) is a ``UserError`` with one clear line.
 Tests: ``pytest tests/test_notebook.py`` (executes the notebook with a real Jupyter kernel).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import base64
 import html
+import reprlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from minigpt2 import recipes
-from minigpt2.core.chat import Chatbot
+from minigpt2.conversation import OPTIONS, sample_with
+from minigpt2.core.chat import Chatbot, Turn
+from minigpt2.errors import UserError
 from minigpt2.training.metrics import Callback, ProgressBar, StepRecord, plot_losses, png_bytes
 
 QUIT_WORDS = ("quit", "exit", "esci", "/quit")
+_END: Any = object()  # the end of scripted messages (a None among them is a wrong message, not the end)
 
 
 def describe_hardware(device: str = "auto", dtype: str = "auto") -> str:
@@ -32,10 +37,12 @@ def describe_hardware(device: str = "auto", dtype: str = "auto") -> str:
 
 
 class LivePlot(Callback):
-    """Redraws train/val loss (best step marked) and the LR in one output area at every evaluation."""
+    """Redraws train/val loss (best step marked) and the LR at every evaluation, with what the
+    model says at that step beside the plot (``training/samples.py``), in one output area."""
 
     def __init__(self) -> None:
         self.records: list[StepRecord] = []
+        self.samples: list[dict[str, Any]] = []
         self.best_step = -1
         self.handle: Any = None
 
@@ -47,14 +54,26 @@ class LivePlot(Callback):
             self.best_step = step
         self.draw()
 
-    def draw(self) -> None:
-        from IPython.display import Image, display
+    def on_samples(self, samples: list[dict[str, Any]]) -> None:
+        self.samples = samples
+        self.draw()
 
-        image = Image(data=png_bytes(plot_losses(self.records, self.best_step)))
+    def draw(self) -> None:
+        from IPython.display import HTML, display
+
+        png = base64.b64encode(png_bytes(plot_losses(self.records, self.best_step))).decode()
+        said = "".join(
+            f"<p><b>{html.escape(s['prompt'])}</b><br>{html.escape(s['text']) or '<i>(nothing)</i>'}</p>"
+            for s in self.samples
+        )
+        heading = f"<b>what it says at step {self.samples[0]['step']}</b>" if self.samples else ""
+        plot = f'<img src="data:image/png;base64,{png}" style="max-width:60%">'
+        text = f'<div style="max-width:40%;font-family:monospace">{heading}{said}</div>'
+        page = HTML(f'<div style="display:flex;gap:1em;align-items:flex-start">{plot}{text}</div>')
         if self.handle is None:
-            self.handle = display(image, display_id=True)
+            self.handle = display(page, display_id=True)
         else:
-            self.handle.update(image)
+            self.handle.update(page)
 
 
 def ensure_chatbot(
@@ -75,11 +94,25 @@ def ensure_chatbot(
     return recipes.ensure_chatbot(source, data_dir, run_dir, preset, overrides, callbacks)
 
 
+# What ``load_chatbot`` passes on to ``Chatbot.from_run``; every other keyword is a sampling option.
+LOAD_OPTIONS = ("device", "dtype", "template", "engine", "user_name", "bot_name", "speaker_end")
+
+
 def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Chatbot:
-    """The chatbot of a trained run; ``seed`` makes its answers repeatable."""
+    """The chatbot of a trained run; ``seed`` makes its answers repeatable.
+
+    Keywords: the sampling options (``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+    ``max_new_tokens``), checked before the model is loaded, and how to load it (``device``,
+    ``dtype``, ``template``, ``engine``, ``user_name``, ``bot_name``, ``speaker_end``).
+    """
     from minigpt2.core.config import CHAT_SAMPLE
 
-    sample = dataclasses.replace(CHAT_SAMPLE, seed=seed)
+    unknown = [k for k in options if k not in LOAD_OPTIONS and k not in OPTIONS]
+    if unknown:
+        raise UserError(f"load_chatbot has no option {unknown[0]!r}; sampling options:"
+                        f" {', '.join(OPTIONS)}; loading options: {', '.join(LOAD_OPTIONS)}")  # fmt: skip
+    sampling = {k: options.pop(k) for k in list(options) if k in OPTIONS}
+    sample = sample_with(CHAT_SAMPLE, {"seed": seed, **sampling})
     bot = Chatbot.from_run(run, sample=sample, **options)
     print(f"loaded {run}: {bot.model.num_params():,} parameters, {bot.template.name} template")
     return bot
@@ -100,27 +133,29 @@ def show_reply(bot: Chatbot, message: str) -> str:
 
 
 def chat_loop(
-    bot: Chatbot, messages: Iterable[str] | None = None, ask: Callable[[str], str] = input
+    bot: Chatbot, messages: Iterable[str] | str | None = None, ask: Callable[[str], str] = input
 ) -> list[tuple[str, str]]:
     """Answer message after message until ``quit``/``esci`` or the kernel is interrupted.
 
-    ``messages`` (a list) replaces typing, for running the notebook unattended. Returns the
+    ``messages`` (a list, or one message as a string) replaces typing, for running the notebook
+    unattended; a message that is not a string is refused with a ``UserError``. Returns the
     (message, reply) pairs of this loop.
     """
+    if isinstance(messages, str):  # one message, not one message per character
+        messages = [messages]
     exchanges: list[tuple[str, str]] = []
     source = iter(messages) if messages is not None else None
     while True:
         try:
-            if source is None:
-                message = ask("you> ")
-            else:
-                scripted = next(source, None)
-                if scripted is None:
-                    break
-                message = scripted
-                print(f"you> {message}")
+            message = ask("you> ") if source is None else next(source, _END)
         except (KeyboardInterrupt, EOFError):
             break
+        if message is _END:
+            break
+        if not isinstance(message, str):
+            raise UserError(f"chat_loop: each message must be a string, got {reprlib.repr(message)}")
+        if source is not None:
+            print(f"you> {message}")
         if message.strip().lower() in QUIT_WORDS:
             break
         if not message.strip():
@@ -148,6 +183,58 @@ def next_char_chart(bot: Chatbot, k: int = 12) -> Any:
     fig.tight_layout()
     display(Image(data=png_bytes(fig)))
     return probs
+
+
+HEADS_NOTE = (
+    "Each head learns its own way of looking back. Common ones in character models: a head that looks"
+    " at the previous character (a bright diagonal just left of the main one), one that looks at the"
+    " start of the current word (after the last space), and one that looks back at the user's message"
+    " (the block of columns after U:). Rows are the characters the bot wrote; columns, what it could see."
+)
+
+
+def attention_heatmaps(bot: Chatbot, layer: int = -1) -> Any:
+    """One heatmap per head of ``layer``: where the model looked while it wrote its last answer."""
+    from IPython.display import Image, display
+    from matplotlib.figure import Figure
+
+    from minigpt2.attention_maps import answer_attention
+
+    amap = answer_attention(bot, layer)
+    nh, A, K = amap.weights.shape
+    fig = Figure(figsize=(min(16, 2 + K * 0.16), (1 + A * 0.16) * nh))
+    for h, ax in enumerate(fig.subplots(nh, 1, squeeze=False)[:, 0]):
+        ax.imshow(amap.weights[h].numpy(), cmap="Blues", aspect="auto", vmin=0.0)
+        ax.set_title(f"layer {amap.layer}, head {h}", fontsize=9)
+        ax.set_xticks(range(K), amap.cols, fontsize=6)
+        ax.set_yticks(range(A), amap.rows, fontsize=6)
+    fig.tight_layout()
+    display(Image(data=png_bytes(fig)))
+    print(HEADS_NOTE)
+    return amap
+
+
+def compare_sampling(
+    bot: Chatbot,
+    message: str,
+    temperatures: Iterable[float] = (0.3, 0.7, 1.2),
+    top_ks: Iterable[int] = (1, 5, 40),
+) -> list[tuple[str, str]]:
+    """The same message answered at several temperatures and top-k values, side by side (same seed,
+    the bot's history as it is, which stays unchanged). Returns (setting, answer) pairs."""
+    from IPython.display import HTML, display
+
+    if not isinstance(message, str) or not message.strip():
+        raise UserError("compare_sampling needs a message to answer, as a non-empty string")
+    history = [*bot.history, Turn("user", message)]
+    settings = [("temperature", t) for t in temperatures] + [("top_k", k) for k in top_ks]
+    rows = []
+    for name, value in settings:
+        sample = sample_with(bot.sample, {name: value, "seed": bot.sample.seed or 0})
+        rows.append((f"{name} {value}", "".join(bot.answer(history, sample))))
+    cells = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    display(HTML(f"<p>you: {html.escape(message)}</p><table>{cells}</table>"))
+    return rows
 
 
 class ChatPanel:

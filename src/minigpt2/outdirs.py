@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from minigpt2.errors import UserError
+from minigpt2.fileio import read_small_text
 
 META = "checkpoint.json"  # what makes a folder a checkpoint (checkpoint.py writes it)
 EXPORT_MARKER = "minigpt2_vocab.json"  # written into every Hugging Face export
@@ -46,7 +47,7 @@ def is_run(folder: Path) -> bool:
 def _is_run_config(path: Path) -> bool:
     """A run's config.json holds its model and training settings (an export's holds GPT-2's)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_small_text(path))
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and "model" in doc and "train" in doc

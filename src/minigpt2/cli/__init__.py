@@ -23,51 +23,11 @@ import argparse
 import errno
 from collections.abc import Callable, Sequence
 
-from minigpt2.cli.chat_commands import LOOPBACK, cmd_chat, cmd_quickstart, cmd_sample, cmd_serve
-from minigpt2.cli.console import err, warn_unknown
-from minigpt2.cli.parser import (
-    add_chat_options,
-    add_config_flags,
-    add_inference_options,
-    add_sampling_options,
-    add_serve_limits,
-    build_parser,
-)
-from minigpt2.cli.repl import CHAT_HELP
-from minigpt2.cli.train_commands import (
-    cmd_eval,
-    cmd_export,
-    cmd_import_hf,
-    cmd_prepare,
-    cmd_presets,
-    cmd_train,
-)
+from minigpt2.cli.console import err
+from minigpt2.cli.parser import build_parser
 from minigpt2.errors import UserError
 
-__all__ = [
-    "CHAT_HELP",
-    "LOOPBACK",
-    "OUTPUT_ERRNOS",
-    "Handler",
-    "add_chat_options",
-    "add_config_flags",
-    "add_inference_options",
-    "add_sampling_options",
-    "add_serve_limits",
-    "build_parser",
-    "cmd_chat",
-    "cmd_eval",
-    "cmd_export",
-    "cmd_import_hf",
-    "cmd_prepare",
-    "cmd_presets",
-    "cmd_quickstart",
-    "cmd_sample",
-    "cmd_serve",
-    "cmd_train",
-    "main",
-    "warn_unknown",
-]
+__all__ = ["OUTPUT_ERRNOS", "Handler", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
 # OS errors that mean "this output cannot be written": reported as one line, like a UserError.

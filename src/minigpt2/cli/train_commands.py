@@ -2,8 +2,10 @@
 export, import-hf.
 
 Each reads its parsed options, calls one library function and prints what it did; bad input
-raises ``UserError`` below, which ``main`` reports. torch-using modules are imported inside the
-handlers, so that ``minigpt2 --help`` imports none.
+raises ``UserError`` below, which ``main`` reports. ``train`` exits 1 when the loss diverged, and
+130 (SIGINT) or 143 (SIGTERM) when a signal stopped it, after its ``last/`` checkpoint is saved, so
+that ``minigpt2 train ... && minigpt2 export ...`` goes no further. torch-using modules are
+imported inside the handlers, so that ``minigpt2 --help`` imports none.
 Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_hostile_input.py``.
 """
 
@@ -76,6 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"best val loss {best} at step {result.best_step}; {result.steps} steps in {result.wall_time_s:.1f}s"
     )
     print(f"run saved in {result.run_dir} (best/, last/, metrics.csv, loss.png)")
+    if result.stop_signal is not None:  # as shells expect: 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + result.stop_signal
     return 1 if result.stop_reason.startswith("diverged") else 0
 
 

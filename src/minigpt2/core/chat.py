@@ -2,7 +2,8 @@
 
 ``Chatbot`` is what the notebook and ``minigpt2 chat`` drive: ``stream(text)`` yields the answer as it
 is generated, ``reply(text)`` returns it whole, ``reset()`` forgets, ``save``/``load`` keep a
-conversation as JSON. No ``input()``, no ``print()``: callers decide how to show things.
+conversation as JSON, ``set_option`` changes a sampling option by name (the checks of both are
+``minigpt2.conversation``'s). No ``input()``, no ``print()``: callers decide how to show things.
 
 Two templates turn a history into the model's prompt:
 
@@ -18,22 +19,19 @@ Tests: ``pytest tests/test_chat.py``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from minigpt2 import conversation
+from minigpt2.conversation import parse_option, sample_with
 from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
-from minigpt2.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
-
-ROLES = ("user", "bot")
-FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
 
 
 @dataclass
@@ -187,22 +185,12 @@ class Chatbot:
         return fresh
 
     def set_option(self, name: str, value: str) -> None:
-        """Change a sampling option by name, e.g. ``set_option("temperature", "0.7")``; validated."""
-        fields = {f.name: f for f in dataclasses.fields(SampleConfig)}
-        if name not in fields:
-            raise UserError(f"unknown option {name!r}; options: {', '.join(fields)}")
-        try:
-            parsed: Any = (
-                None if name == "seed" and value.lower() == "none"
-                else float(value) if name in FLOAT_OPTIONS else int(value)
-            )  # fmt: skip
-        except ValueError:
-            raise UserError(f"{name} needs a number, got {value!r}") from None
-        self.sample = dataclasses.replace(self.sample, **{name: parsed})
+        """Change a sampling option given as text, e.g. ``set_option("temperature", "0.7")``; checked."""
+        self.sample = sample_with(self.sample, {name: parse_option(name, value)})
         if name == "seed":
             from minigpt2.core.generate import make_generator
 
-            self._generator = make_generator(parsed)
+            self._generator = make_generator(self.sample.seed)
 
     def stream(self, text: str) -> Iterator[str]:
         """Add the user's message, then yield the answer piece by piece. If the caller stops early
@@ -266,6 +254,8 @@ class Chatbot:
         (temperature 1, no filters): what it was choosing from when it began to reply."""
         import torch
 
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UserError(f"next_char_probs needs k, the number of characters to show, >= 1; got {k!r}")
         history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
         budget = self.model.config.block_size - self.reply_room
         prompt = build_prompt(history, self.template, self.tokenizer, max(1, budget))
@@ -289,22 +279,10 @@ class Chatbot:
         self.history.clear()
 
     def save(self, path: str | Path) -> None:
-        doc = {
-            "template": dataclasses.asdict(self.template),
-            "history": [dataclasses.asdict(t) for t in self.history],
-        }
-        try:
-            atomic_write_text(Path(path), json.dumps(doc, indent=1, ensure_ascii=False))
-        except OSError as err:
-            raise UserError(f"cannot save the conversation to {path}: {err.strerror}") from None
+        """Keep the conversation as JSON; ``load`` continues it."""
+        history = [dataclasses.asdict(t) for t in self.history]
+        conversation.save(path, {"template": dataclasses.asdict(self.template), "history": history})
 
     def load(self, path: str | Path) -> None:
-        """Continue a conversation saved with ``save``."""
-        try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-            history = [Turn(str(t["role"]), str(t["text"])) for t in doc["history"]]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"cannot load the conversation {path}: {err}") from None
-        if any(t.role not in ROLES for t in history):
-            raise UserError(f"cannot load the conversation {path}: roles must be user or bot")
-        self.history = history
+        """Continue a conversation saved with ``save`` (checked turn by turn; one line if refused)."""
+        self.history = [Turn(role, text) for role, text in conversation.load_history(path)]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt2.errors import ConfigError
+from minigpt2.fileio import read_small_text
 
 
 def _check(ok: bool, message: str) -> None:
@@ -111,6 +112,11 @@ class TrainConfig:
     loss_on: str = "all"  # "all" tokens, or "bot" turns only (chat fine-tuning)
     seed: int = 1337  # same seed, same run: weights, batches and dropout
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the `tensorboard` package)
+    # At each evaluation, what the model says now: RUN/samples.jsonl, under the progress bar
+    samples: bool = True
+    # Their prompts, separated by "|"; empty: the first user messages of the validation
+    # conversations (dialogue corpora) or the start of the validation text
+    sample_prompts: str = ""
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -225,7 +231,7 @@ def field_names(cls: type) -> set[str]:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read a flat TOML (or JSON) file of config fields, e.g. ``n_layer = 6`` or ``lr = 1e-3``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_text(path)
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     try:
@@ -294,7 +300,7 @@ def saved_run_configs(
     saved, its training settings under ``train_overrides`` (``None`` values are skipped)."""
     path = run_dir / "config.json"
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(read_small_text(path))
         model, train = saved["model"], saved["train"]
     except (OSError, ValueError, TypeError, KeyError):
         raise ConfigError(f"cannot resume: {path} is missing or unreadable") from None

@@ -46,6 +46,9 @@ class Callback:
 
     def on_message(self, message: str) -> None: ...
 
+    def on_samples(self, samples: list[dict[str, Any]]) -> None:
+        """What the model says now (``training/samples.py``): step, val_loss, prompt, text each."""
+
     def on_end(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -143,6 +146,11 @@ class ProgressBar(Callback):
 
     def on_message(self, message: str) -> None:
         self.write(message)
+
+    def on_samples(self, samples: list[dict[str, Any]]) -> None:
+        for s in samples:
+            said = " ".join(s["text"].split())  # one line under the bar, whatever the model wrote
+            self.write(f"  {s['prompt'][:30]!r} -> {said[:80]!r}")
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.bar is not None:

@@ -37,6 +37,7 @@ class TrainResult:
     stop_reason: str
     wall_time_s: float
     precision: str
+    stop_signal: int | None = None  # SIGINT or SIGTERM when one stopped the run, for the exit status
 
     @property
     def bits_per_char(self) -> float:
@@ -45,6 +46,7 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d.pop("stop_signal")  # the process's business; stop_reason already says "interrupted"
         d["run_dir"] = str(self.run_dir)
         d["best_val_loss"] = self.best_val_loss if math.isfinite(self.best_val_loss) else None
         d["bits_per_char"] = self.bits_per_char if math.isfinite(self.best_val_loss) else None

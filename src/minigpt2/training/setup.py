@@ -30,6 +30,7 @@ from minigpt2.training.checkpoints import RunFiles
 from minigpt2.training.metrics import TensorBoardCallback
 from minigpt2.training.optim import make_optimizer
 from minigpt2.training.runstate import RunLock, Start, load_start
+from minigpt2.training.samples import SampleWriter
 
 log = logging.getLogger("minigpt2.training.trainer")  # the trainer's messages, wherever they are made
 # Tokens per forward/backward pass on a CPU when max_pass_tokens is 0 (auto): at batch 64 x 256,
@@ -56,6 +57,7 @@ class RunSetup(RunFiles):
     model: nn.Module  # raw_model, compiled and/or wrapped in DDP: what the training step calls
     params: list[nn.Parameter]
     no_sync: Callable[[], AbstractContextManager[object]] | None  # DDP's, None in one process
+    samples: SampleWriter | None = None  # rank 0 with cfg.samples
     eval_starts: np.ndarray  # (eval_iters, global batch) window starts
 
     def _setup(self, data_dir: Path, model_cfg: ModelConfig, resume: bool, init_from: Path | None) -> None:
@@ -80,6 +82,10 @@ class RunSetup(RunFiles):
                     raise ConfigError(
                         "--tensorboard needs the tensorboard package: pip install tensorboard"
                     ) from None
+            if cfg.samples:  # what the model says at each evaluation (samples.py)
+                kind = self.data_meta.get("kind")
+                self.samples = SampleWriter(self.run_dir, cfg, self.tokenizer, self.val_data, kind)
+                self.samples.keep_until(self.step)
             self._write_config(data_dir, init_from)  # last: a run that fails to start writes nothing
 
     def _load(self, data_dir: Path, model_cfg: ModelConfig, resume: bool, init_from: Path | None) -> Start:

@@ -58,6 +58,7 @@ class Trainer(RunSetup):
         self.callbacks = list(callbacks) if self.dist.is_main else []
         self.lock = RunLock(run_dir) if self.dist.is_main else None
         self._stop_requested = False
+        self._stop_signal: int | None = None  # the signal that asked for the stop
         try:
             self._setup(data_dir, model_cfg, resume, init_from)  # setup.RunSetup
         except BaseException:  # a run that cannot start must not keep (or leave) its directory
@@ -182,7 +183,10 @@ class Trainer(RunSetup):
                     reason = "interrupted; resume with --resume"
                     self._save("last")
                     break
-        return self._finish(reason)
+        result = self._finish(reason)
+        # Recorded so that the command can exit as shells expect of a program a signal stopped.
+        result.stop_signal = self._stop_signal if reason.startswith("interrupted") else None
+        return result
 
     def _announce(self) -> None:
         cfg, model_cfg = self.cfg, self.model_cfg
@@ -209,6 +213,10 @@ class Trainer(RunSetup):
             self._save("best")
         for cb in self.callbacks:
             cb.on_eval(self.step, val_loss, improved)
+        if self.samples is not None and self.samples.due(self.elapsed):
+            shown = self.samples.write(self.raw_model, self.step, val_loss, self.precision)
+            for cb in self.callbacks:
+                cb.on_samples(shown)
         return stop and cfg.early_stopping
 
     @contextlib.contextmanager
@@ -219,7 +227,7 @@ class Trainer(RunSetup):
         def handler(signum: int, frame: Any) -> None:
             if self._stop_requested:
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested, self._stop_signal = True, signum
             self._message("stopping after this step (Ctrl-C again to stop now)")
 
         previous = {}

@@ -1,0 +1,137 @@
+"""What a user hands a conversation: the JSON file of ``/save`` and ``/load``, and options by name.
+
+A saved conversation is ``{"template": {...}, "history": [{"role": "user", "text": "..."}, ...]}``
+(roles ``user`` or ``bot``). The file is whatever path the user typed, so both ends are guarded:
+
+- ``load_history`` reads only a regular file (``/dev/zero`` or a FIFO is refused before a byte is
+  read), at most ``MAX_CONVERSATION_BYTES`` + 1 bytes of it, and checks every turn's role and text;
+- ``save`` writes only to a regular file or a new one, in an existing folder (never over a device,
+  and never a folder), atomically; a write the system refuses is worded as where and why;
+- ``parse_option`` (``/set NAME=VALUE``) and ``sample_with`` (the notebook's keywords) check a
+  sampling option's name and type (an integer for ``max_new_tokens``, not ``1e3``); ``SampleConfig``
+  checks its range.
+
+Each refusal is one ``UserError`` line naming the file or option and the problem. ``Chatbot.save``,
+``load`` and ``set_option`` call these; the front ends (the terminal chat, the notebook) call those.
+Tests: ``pytest tests/test_chat.py tests/test_repl.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+from minigpt2.core.config import SampleConfig
+from minigpt2.corpora import not_regular, read_regular
+from minigpt2.errors import DataError, UserError
+from minigpt2.fileio import atomic_write_text
+
+ROLES = ("user", "bot")
+FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
+OPTIONS = tuple(f.name for f in dataclasses.fields(SampleConfig))
+# A conversation is read whole into memory. 4 MB holds several messages of the largest size the
+# server accepts (a 1 MB request body) with room to spare, while the model only ever sees the last
+# context window of it; a bigger file is not a conversation this program wrote.
+MAX_CONVERSATION_BYTES = 4 * 2**20
+
+# Why the system refused a write, in words that say what to do (errno's own say "No such file or
+# directory" when /proc refuses a new file).
+WRITE_REFUSALS = {
+    errno.ENOENT: "the folder does not accept new files (a virtual file system such as /proc or /sys)",
+    errno.EACCES: "no permission to write in that folder",
+    errno.EPERM: "the system does not allow writing there",
+    errno.EROFS: "the folder is on a read-only file system",
+    errno.ENOSPC: "the disk is full",
+}
+
+
+def save(path: str | Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as JSON to ``path``, replacing a regular file there, or refuse with one line."""
+    path = Path(path).expanduser()
+    where = f"cannot save the conversation to {path}"
+    folder = path.parent
+    if not folder.is_dir():
+        problem = "does not exist" if not folder.exists() else "is not a folder"
+        raise UserError(f"{where}: the folder {folder} {problem}; create it or choose another file")
+    if path.exists() and (kind := not_regular(path.stat().st_mode)):
+        raise UserError(f"{where}: it is {kind}, not a file; choose a file name")
+    try:
+        atomic_write_text(path, json.dumps(doc, indent=1, ensure_ascii=False))
+    except OSError as err:
+        reason = WRITE_REFUSALS.get(err.errno or 0, err.strerror or str(err))
+        raise UserError(f"{where}: {reason}; choose a file in a folder of yours") from None
+
+
+def load_history(path: str | Path) -> list[tuple[str, str]]:
+    """The (role, text) turns of a conversation saved with ``save``, checked, or one-line refusal."""
+    path = Path(path).expanduser()
+    where = f"cannot load the conversation {path}"
+    try:
+        if kind := not_regular(path.stat().st_mode):
+            raise UserError(f"{where}: it is {kind}, not a file; give a file written by /save")
+        raw = read_regular(path, MAX_CONVERSATION_BYTES)
+    except OSError as err:
+        raise UserError(f"{where}: {err.strerror or err}") from None
+    except DataError as err:  # it became a device or FIFO between the two looks
+        raise UserError(f"{where}: {err}") from None
+    if len(raw) > MAX_CONVERSATION_BYTES:
+        raise UserError(
+            f"{where}: it is larger than {MAX_CONVERSATION_BYTES // 2**20} MB, more than any saved"
+            " conversation; give a file written by /save"
+        )
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # JSON errors and bad UTF-8 alike
+        raise UserError(f"{where}: it is not JSON text ({err})") from None
+    history = doc.get("history") if isinstance(doc, dict) else None
+    if not isinstance(history, list):
+        raise UserError(f'{where}: it has no "history" list; give a file written by /save')
+    turns = []
+    for number, turn in enumerate(history, 1):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        text = turn.get("text") if isinstance(turn, dict) else None
+        if role not in ROLES or not isinstance(text, str):
+            raise UserError(
+                f"{where}: turn {number} needs a role (user or bot) and a text string, got"
+                f" role {_shown(role)} and text {_shown(text)}"
+            )
+        turns.append((str(role), text))
+    return turns
+
+
+def _shown(value: Any) -> str:
+    """A value as the error line shows it: its repr, cut short (a turn's text may be a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_option(name: str, text: str) -> Any:
+    """A sampling option's value typed as text: a number, an integer, or ``none`` for ``seed``."""
+    if name not in OPTIONS:
+        raise UserError(f"unknown option {name!r}; options: {', '.join(OPTIONS)}")
+    if name == "seed" and text.strip().lower() == "none":
+        return None
+    try:
+        return float(text) if name in FLOAT_OPTIONS else int(text)
+    except ValueError:
+        raise UserError(f"{name} needs {_kind(name)}, got {text!r}") from None
+
+
+def sample_with(sample: SampleConfig, values: dict[str, Any]) -> SampleConfig:
+    """``sample`` with ``values`` in place of its own, each checked by name, type and range."""
+    for name, value in values.items():
+        if name not in OPTIONS:
+            raise UserError(f"unknown option {name!r}; options: {', '.join(OPTIONS)}")
+        number = isinstance(value, float if name in FLOAT_OPTIONS else int) or (
+            name in FLOAT_OPTIONS and isinstance(value, int)
+        )
+        if isinstance(value, bool) or not (number or (name == "seed" and value is None)):
+            raise UserError(f"{name} needs {_kind(name)}, got {_shown(value)}")
+    return dataclasses.replace(sample, **values)  # SampleConfig checks the ranges
+
+
+def _kind(name: str) -> str:
+    return "a number" if name in FLOAT_OPTIONS else "an integer or none" if name == "seed" else "an integer"
