@@ -4,8 +4,11 @@ A real uvicorn server (``helpers_serve.running``) serves a tiny untrained model;
 like a user would: Enter sends (a non-ASCII message, to prove UTF-8 survives both ways), Shift+Enter
 starts a new line, the answer streams in several chunks and the model name comes from /v1/models;
 Regenerate replaces the last answer and Reset clears the transcript; Stop ends the answer in the page
-and its generation on the server; an API key is asked for on a 401 (a wrong one shows the error); and
-a server error (max_tokens over the limit) is shown without leaving an empty bot bubble.
+and its generation on the server; an API key is asked for on a 401 (a wrong one shows the error and
+is forgotten, one no browser can send is refused, so the tab never stays broken); a server error
+(max_tokens over the limit) is shown without leaving an empty bot bubble; a failure in the middle of
+an answer shows the server's message and the broken answer is not sent back; an empty answer says
+so; and the page loads with no console error (no request for a missing favicon).
 
 Needs Debian's Chromium at /usr/bin/chromium (Playwright's own browser download is not used); without
 it the module is skipped.
@@ -201,3 +204,88 @@ def test_server_error_is_shown_and_no_empty_bubble_stays(page: Page) -> None:
         expect(page.locator("body")).to_have_attribute("data-busy", "no")
         expect(page.locator(".msg.assistant")).to_have_count(0)
         expect(page.locator(".msg.user")).to_have_count(1)
+
+
+def test_the_page_loads_without_console_errors(page: Page) -> None:
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    with running(bot(), ServeConfig(model_id="quiet")) as url:
+        page.goto(url)
+        expect(page.locator("#model")).to_have_text("quiet")
+        page.wait_for_load_state("networkidle")  # what the browser fetches by itself, fetched
+    assert problems == []
+    assert not any(u.endswith("/favicon.ico") for u in asked), asked
+    assert page.locator("link[rel=icon]").count() == 1  # declared: no browser asks for /favicon.ico
+
+
+def test_a_failure_mid_answer_is_shown_and_left_out_of_the_conversation(page: Page) -> None:
+    chatbot = bot()
+
+    def breaks(history: Any, sample: SampleConfig, **kwargs: Any) -> Generator[str, None, None]:
+        yield "half an "
+        yield "answer"
+        raise RuntimeError("the model fell over")
+
+    chatbot.answer = breaks  # type: ignore[method-assign]
+    with running(chatbot) as url:
+        page.goto(url)
+        send(page, "ciao")
+        expect(page.locator("#error")).to_have_text("internal error: the model fell over")
+        broken = page.locator(".msg.assistant")
+        expect(broken).to_have_attribute("data-state", "error")  # kept on screen, marked as failed
+        expect(broken).to_have_text("half an answer")
+        expect(page.locator("body")).to_have_attribute("data-busy", "no")
+        del chatbot.answer  # the model works again
+        with page.expect_request("**/v1/chat/completions") as request:
+            send(page, "again")
+        assert request.value.post_data_json["messages"] == [
+            {"role": "user", "content": "ciao"}, {"role": "user", "content": "again"}
+        ]  # fmt: skip
+        answered = page.locator(".msg.assistant[data-state=done], .msg.assistant[data-state=empty]")
+        expect(answered).to_have_count(1)  # (random weights may well say nothing)
+        expect(page.locator("#error")).to_have_text("")
+
+
+def test_an_empty_answer_says_so(page: Page) -> None:
+    chatbot = bot()
+
+    def nothing(history: Any, sample: SampleConfig, **kwargs: Any) -> Generator[str, None, None]:
+        yield from ()
+
+    chatbot.answer = nothing  # type: ignore[method-assign]
+    with running(chatbot) as url:
+        page.goto(url)
+        send(page, "ciao")
+        reply = page.locator(".msg.assistant")
+        expect(reply).to_have_attribute("data-state", "empty")
+        expect(reply).to_have_text("(the answer was empty)")
+        expect(page.locator("body")).to_have_attribute("data-busy", "no")
+
+
+def test_a_key_no_browser_can_send_or_a_wrong_one_is_forgotten(page: Page) -> None:
+    keys = iter(["clé-秘密", "wrong", "sekret"])
+    prompts: list[str] = []
+
+    def answer(dialog: Dialog) -> None:
+        prompts.append(dialog.message)
+        dialog.accept(next(keys))
+
+    page.on("dialog", answer)
+    # A key no browser can send, left in this tab's storage by an earlier page: it must not break it.
+    page.add_init_script("sessionStorage.setItem('minigpt2-api-key', 'clé-秘密')")
+    stored = "() => sessionStorage.getItem('minigpt2-api-key')"
+    with running(bot(), ServeConfig(api_key="sekret", model_id="keyed")) as url:
+        page.goto(url)  # the first prompt, answered with a key fetch() would refuse to send
+        expect(page.locator("#model")).to_contain_text("printable ASCII")
+        assert page.evaluate(stored) in (None, "clé-秘密")  # ignored either way: never sent
+        send(page, "first try")  # the second prompt, answered with a wrong key
+        expect(page.locator("#error")).to_contain_text("missing or wrong API key")
+        expect(page.locator("body")).to_have_attribute("data-busy", "no")
+        assert page.evaluate(stored) is None  # a key the server refused is not kept
+        send(page, "second try")  # the third prompt gets the right key
+        finished_reply(page)
+        expect(page.locator("#model")).to_have_text("keyed")
+    assert len(prompts) == 3 and all("missing or wrong API key" in p for p in prompts), prompts

@@ -20,9 +20,6 @@ from minigpt2.cli import repl
 from minigpt2.cli.console import err, progress_bar, warn_unknown
 from minigpt2.errors import UserError
 
-# Host names that reach only this machine; a server on one of them accepts only these Host headers.
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
 
 def sample_config(args: argparse.Namespace) -> Any:
     """The ``SampleConfig`` of the sampling options; validating it refuses a bad value early."""
@@ -92,17 +89,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UserError(f"minigpt2 serve needs FastAPI and uvicorn ({error.name} is missing): "
                         "pip install 'minigpt2[serve]'") from None  # fmt: skip
+    from urllib.parse import urlsplit
+
     from minigpt2.recipes import DEFAULT_SOURCE
 
-    loopback = args.host in LOOPBACK
-    sample = sample_config(args)  # options are checked before anything is trained or loaded
+    # Options are checked before anything is trained or loaded: the sampling ones, the key (which
+    # every HTTP client must be able to send), the limits, the connection cap under the fd limit.
+    sample = sample_config(args)
+    api_key, key_name = args.api_key, "--api-key"
+    if api_key is None:
+        api_key, key_name = os.environ.get("MINIGPT2_API_KEY"), "MINIGPT2_API_KEY"
+    if api_key is not None:
+        serve.check_api_key(api_key, key_name)
+    loopback = serve.is_loopback(args.host)
     limits = serve.ServeConfig(
-        **{name: getattr(args, name) for name in serve.LIMITS},
-        default_max_tokens=args.max_new_tokens,
-        api_key=args.api_key if args.api_key is not None else os.environ.get("MINIGPT2_API_KEY"),
-        # (IPv6 is left out: Starlette's host check cannot parse "[::1]:8000".)
-        allowed_hosts=("127.0.0.1", "localhost") if args.host in ("127.0.0.1", "localhost") else (),
+        **{name: getattr(args, name) for name in (*serve.LIMITS, *serve.CONNECTION_LIMITS)},
+        default_max_tokens=args.max_new_tokens, api_key=api_key,
+        # On loopback, only loopback Host names: a web page elsewhere cannot rename itself to reach it.
+        allowed_hosts=(serve.LOOPBACK,) if loopback else (),
     )  # fmt: skip
+    limits.max_connections = serve.connection_cap(limits.max_connections)
     if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
         args.run = _default_chatbot(DEFAULT_SOURCE)
     limits.model_id = args.model_id or Path(args.run).resolve().name
@@ -118,6 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             err(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
         print(f"serving {args.run} as {limits.model_id!r}: web chat at {url}, OpenAI API at {url}v1"
               f"{' (API key required)' if limits.api_key else ''}; Ctrl-C stops", flush=True)  # fmt: skip
+        others = serve.addresses(args.host, urlsplit(url).port or args.port)[1:]
+        if others:  # listening on every interface: where other machines can find it
+            print(f"also at {', '.join(others)} (this machine's other addresses)", flush=True)
 
     # uvicorn shuts down cleanly on Ctrl-C, then re-raises it; for a server it is the normal way out.
     with contextlib.suppress(KeyboardInterrupt):

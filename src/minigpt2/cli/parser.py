@@ -99,6 +99,14 @@ def add_serve_limits(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("limits")
     for name, default, text in limits:
         group.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
+    # Named as serve.CONNECTION_LIMITS: what one connection may take, and how many may be open.
+    group.add_argument("--max-connections", type=int, default=None,
+                       help="open connections; past it the one idle longest is closed "
+                            "(default 1000, fewer if the file descriptor limit is lower)")  # fmt: skip
+    group.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="time a client has to send a request's headers (default 10)")  # fmt: skip
+    group.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="time a request body may go without a byte arriving (default 30)")  # fmt: skip
 
 
 def add_force_option(p: argparse.ArgumentParser) -> None:

@@ -13,30 +13,54 @@ or as server-sent events. Endpoints:
 What keeps it standing: request bodies, messages, histories and ``max_tokens`` are bounded and
 sampling options range-checked (400/413 with an OpenAI-style JSON error); at most ``max_concurrent``
 answers are generated at once, up to ``max_queue`` more wait, and the rest get 429; a client that
-disconnects stops its generation; an optional API key (Bearer) guards ``/v1``. The model runs in
-worker threads (torch releases the GIL), so the event loop keeps serving while answers are made.
+disconnects stops its generation; an optional API key (Bearer, printable ASCII) guards ``/v1``. The
+model runs in worker threads (torch releases the GIL), so the event loop keeps serving while answers
+are made. Connections are bounded too: a deadline for each request's headers, a stall timeout for
+its body, and at most ``max_connections`` open (below the file descriptor limit). On a loopback
+address only loopback ``Host`` names are answered (DNS rebinding).
 
 The files, in the order a request meets them:
 
-- ``server.py``: the listening socket and uvicorn (``bind``, ``address``, ``make_server``, ``run_server``).
+- ``server.py``: the listening socket, its addresses and uvicorn (``bind``, ``address``,
+  ``addresses``, ``make_server``, ``run_server``).
+- ``descriptors.py``: the connection cap below ``RLIMIT_NOFILE`` (``connection_cap``), and running
+  out of descriptors reported as one rate-limited line.
+- ``connections.py``: uvicorn's h11 protocol with the header deadline, the body stall timeout and
+  the cap (imported with uvicorn, by ``make_server`` only).
+- ``hosts.py``: ``HostCheck``, the ``Host`` header check (every loopback spelling alike).
 - ``admission.py``: what the server takes on: ``BodyLimit`` (413), ``Gate`` (slots, queue, 429),
   answers computed in worker threads, and ``SlotResponse`` (a stream that frees its slot).
-- ``schema.py``: ``ServeConfig`` and ``LIMITS``, the OpenAI request models, ``ApiError``, and the checks
-  that turn a request into turns and sampling options.
+- ``schema.py``: ``ServeConfig`` and ``LIMITS``, the API key rules, the OpenAI request models,
+  ``ApiError``, and the checks that turn a request into turns and sampling options.
 - ``app.py``: ``create_app``: the endpoints, the error handlers, the shape of the answers.
 - ``static/chat.html``: the web chat page.
 
-Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, a load test, bad requests)
-and ``tests/test_serve_browser.py`` (headless Chromium, driven by Playwright).
+Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, a load test, bad requests),
+``tests/test_serve_connections.py`` (idle, slow and too many connections),
+``tests/test_serve_http.py`` (Host names, methods, API key rules, addresses) and
+``tests/test_serve_browser.py`` (headless Chromium, driven by Playwright).
 """
 
 from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse
 from minigpt2.serve.app import create_app
-from minigpt2.serve.schema import LIMITS, MAX_STOP_CHARS, ApiError, ChatMessage, ChatRequest, ServeConfig
-from minigpt2.serve.server import address, bind, make_server, run_server
+from minigpt2.serve.descriptors import connection_cap
+from minigpt2.serve.hosts import LOOPBACK, HostCheck, is_loopback
+from minigpt2.serve.schema import (
+    CONNECTION_LIMITS,
+    LIMITS,
+    MAX_STOP_CHARS,
+    ApiError,
+    ChatMessage,
+    ChatRequest,
+    ServeConfig,
+    check_api_key,
+)
+from minigpt2.serve.server import address, addresses, bind, make_server, run_server
 
 __all__ = [
+    "CONNECTION_LIMITS",
     "LIMITS",
+    "LOOPBACK",
     "MAX_STOP_CHARS",
     "ApiError",
     "BodyLimit",
@@ -44,11 +68,16 @@ __all__ = [
     "ChatRequest",
     "ClientGoneError",
     "Gate",
+    "HostCheck",
     "ServeConfig",
     "SlotResponse",
     "address",
+    "addresses",
     "bind",
+    "check_api_key",
+    "connection_cap",
     "create_app",
+    "is_loopback",
     "make_server",
     "run_server",
 ]

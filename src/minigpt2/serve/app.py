@@ -1,13 +1,16 @@
 """The app: ``create_app`` wires the endpoints, the error handlers and the middleware together.
 
 Owns ``Routes`` (the endpoints of one app, as methods sharing its bot, limits and gate), the
-exception handlers that turn every failure into OpenAI's ``{"error": {...}}`` JSON, and the shape
-of the answers: a whole ``chat.completion``, or ``chat.completion.chunk`` server-sent events ending
-with ``data: [DONE]``. What a request may ask is checked in ``schema``; how many answers run at once
-is ``admission``'s; the socket and uvicorn are ``server``'s.
+exception handlers that turn every failure into OpenAI's ``{"error": {...}}`` JSON (a 405 keeps its
+``Allow`` header), and the shape of the answers: a whole ``chat.completion``, or
+``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. What a request may ask is
+checked in ``schema``; how many answers run at once is ``admission``'s; which ``Host`` is answered,
+``hosts``'; the socket and uvicorn are ``server``'s. There are no interactive docs at ``/docs``:
+they load their scripts from a CDN, blank offline (``/openapi.json`` is served).
 
-Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, raw HTTP, bad requests) and
-``tests/test_serve_browser.py`` (the page at ``/``).
+Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, raw HTTP, bad requests),
+``tests/test_serve_http.py`` (methods, ``/docs``, Host names, keys) and ``tests/test_serve_browser.py``
+(the page at ``/``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from minigpt2.core.chat import Chatbot, ReplyInfo
 from minigpt2.core.generate import make_generator
 from minigpt2.errors import UserError
 from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse, pieces
+from minigpt2.serve.descriptors import OUT_OF_DESCRIPTORS, out_of_descriptors
+from minigpt2.serve.hosts import HostCheck
 from minigpt2.serve.schema import LIMITS, ApiError, ChatRequest, ServeConfig, sampling, stop_strings, to_turns
 
 log = logging.getLogger(__name__)
@@ -42,11 +46,11 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
     limits = limits or ServeConfig()
     routes = Routes(bot, limits)
     app = FastAPI(title="minigpt2", summary="An OpenAI-compatible API for a character-level GPT-2",
-                  docs_url="/docs", redoc_url=None)  # fmt: skip
-    app.state.gate = routes.gate
+                  docs_url=None, redoc_url=None)  # fmt: skip
+    app.state.gate, app.state.limits = routes.gate, limits
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    if limits.allowed_hosts:  # a web page elsewhere cannot reach a loopback server by renaming it
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(limits.allowed_hosts))
+    if limits.allowed_hosts:  # added last, so it runs first: a refused Host gets nothing else
+        app.add_middleware(HostCheck, allowed=limits.allowed_hosts)
     add_error_handlers(app)
     routes.add_to(app)
     return app
@@ -58,6 +62,7 @@ def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
 def add_error_handlers(app: FastAPI) -> None:
     app.exception_handler(ApiError)(api_error)
     app.exception_handler(RequestValidationError)(invalid)
+    app.exception_handler(OSError)(os_error)
     app.exception_handler(Exception)(internal)
     app.exception_handler(StarletteHTTPException)(http_error)
 
@@ -83,10 +88,23 @@ async def internal(request: Request, err: Exception) -> JSONResponse:
                                    "param": None, "code": None}}, status_code=500)  # fmt: skip
 
 
+async def os_error(request: Request, err: OSError) -> JSONResponse:
+    """An error of the operating system. Out of file descriptors, every request fails alike: one
+    line now and then, not a traceback each (a handler of its own class, unlike ``Exception``'s,
+    is not followed by Starlette re-raising the error to uvicorn, which would log it again)."""
+    if out_of_descriptors(err):
+        OUT_OF_DESCRIPTORS()
+        return ApiError(503, "the server is out of file descriptors; try again shortly").response()
+    return await internal(request, err)
+
+
 async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (404, 405, and the 413 ``BodyLimit`` raises mid-body) in OpenAI's shape."""
+    """Starlette's own errors (404, 405 with its ``Allow`` header, and the 413 ``BodyLimit`` raises
+    mid-body) in OpenAI's shape."""
     code = "request_too_large" if err.status_code == 413 else None
-    return ApiError(err.status_code, str(err.detail), code=code).response()
+    response = ApiError(err.status_code, str(err.detail), code=code).response()
+    response.headers.update(err.headers or {})
+    return response
 
 
 # --- the endpoints ---
@@ -109,8 +127,11 @@ class Routes:
 
     def add_to(self, app: FastAPI) -> None:
         guarded = [Depends(self.authorised)]
-        app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.page)
-        app.get("/health")(self.health)
+        # HEAD too: uptime checks and `curl -I` send it. One route each, so that a 405 lists both in
+        # Allow; out of /openapi.json, which describes the API (and would list one operation twice).
+        get = ["GET", "HEAD"]
+        app.api_route("/", methods=get, response_class=HTMLResponse, include_in_schema=False)(self.page)
+        app.api_route("/health", methods=get, include_in_schema=False)(self.health)
         app.get("/v1/models", dependencies=guarded)(self.models)
         app.get("/v1/models/{model_id}", dependencies=guarded)(self.model)
         app.post("/v1/chat/completions", dependencies=guarded, response_model=None)(self.completions)
@@ -119,7 +140,8 @@ class Routes:
         if self.limits.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given, wanted = token.strip().encode(), self.limits.api_key.encode()  # bytes: any characters
+        # The bytes as sent (Starlette decodes headers as Latin-1); the key is printable ASCII.
+        given, wanted = token.strip().encode("latin-1"), self.limits.api_key.encode("ascii")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given, wanted):
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            code="invalid_api_key")  # fmt: skip

@@ -1,6 +1,6 @@
 """What a request may say: the server's limits, OpenAI's chat-completions request, and its checks.
 
-Owns ``ServeConfig`` (the limits, each a ``minigpt2 serve`` option) and ``LIMITS``, ``ApiError``
+Owns ``ServeConfig`` (the limits, each a ``minigpt2 serve`` option), ``LIMITS``, ``ApiError``
 (an error sent as OpenAI's ``{"error": {...}}`` JSON), the pydantic models of the request, and the
 functions that turn a request into what ``Chatbot.answer`` takes: ``to_turns`` (messages to turns,
 bounded), ``sampling`` (options over the bot's defaults, range-checked) and ``stop_strings``.
@@ -11,6 +11,7 @@ Tests: ``pytest tests/test_serve.py`` (the bad-request cases send each of these 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,10 +35,18 @@ class ServeConfig:
     max_concurrent: int = 2  # answers generated at the same time
     max_queue: int = 32  # requests waiting for a free slot before the next ones get 429
     max_body_bytes: int = 1_000_000  # request bodies larger than this get 413
+    # Open connections at most (None: 1000, fewer if the file descriptor limit is lower; see
+    # server.connection_cap). At the cap, the connection waiting longest for its headers is closed.
+    max_connections: int | None = None
+    # Seconds a connection may take to send a request's headers (from its opening, or from the end
+    # of the previous answer); a client that sends nothing, or dribbles bytes, is closed after it.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0  # seconds a request body may go without a byte arriving
     api_key: str | None = None  # when set, /v1 needs "Authorization: Bearer <api_key>"
     model_id: str = "minigpt2"  # the name /v1/models reports
-    # Host headers accepted ("*" or empty: any). `minigpt2 serve` on loopback accepts only loopback
-    # names, so a web page on another site cannot reach the server through DNS rebinding.
+    # Host headers accepted (empty or "*": any; "loopback": every name of this machine's loopback,
+    # as `minigpt2 serve` on a loopback address sets it), so that a web page on another site cannot
+    # reach the server by renaming itself to a loopback address (DNS rebinding).
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -46,14 +55,37 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError(f"max_connections must be >= 1, got {self.max_connections}")
+        for name in ("header_timeout", "body_timeout"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("api_key is empty; give a key or leave it out")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
 
 # The ServeConfig fields that are plain integer limits (command-line options of the same name).
 LIMITS = ("max_message_chars", "max_history_chars", "max_messages", "max_tokens", "max_concurrent",
           "max_queue", "max_body_bytes")  # fmt: skip
+# The ServeConfig fields that bound connections (command-line options of the same name too).
+CONNECTION_LIMITS = ("max_connections", "header_timeout", "body_timeout")
+
+
+def check_api_key(key: str, name: str = "api_key") -> None:
+    """Refuses a key that some HTTP client could not send as typed (``name`` says where it came from).
+    Header values are bytes: httpx (and so the ``openai`` client) encodes them as ASCII, browsers as
+    Latin-1, curl as the terminal's UTF-8, and all drop the spaces around a value; only printable
+    ASCII reaches the server the same from every one."""
+    if not key.strip():
+        raise ConfigError(f"{name} is empty; give a key or leave it out")
+    if key != key.strip():
+        raise ConfigError(f"{name} starts or ends with whitespace, which HTTP drops; remove it")
+    bad = next((c for c in key if not " " <= c <= "~"), None)
+    if bad is not None:
+        where = f"{bad!r} (character {key.index(bad) + 1})"
+        raise ConfigError(f"{name} holds {where}, but HTTP clients can send only printable ASCII in a "
+                          "header: use letters, digits and punctuation")  # fmt: skip
 
 
 MAX_STOP_CHARS = 64  # per stop string; each generated character is checked against every one
@@ -67,10 +99,11 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                503: "server_error"}  # fmt: skip
         body = {"message": self.message, "type": kind.get(self.status, "invalid_request_error"),
                 "param": self.param, "code": self.code}  # fmt: skip
-        headers = {"Retry-After": "1"} if self.status == 429 else None
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse({"error": body}, status_code=self.status, headers=headers)
 
 
