@@ -123,6 +123,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "web":
+        from minigpt2.web import export_web
+
+        page = export_web(Path(args.run), Path(args.out), dtype=args.dtype, force=args.force)
+        print(page.summary())
+        return 0
     from minigpt2.hf import export_hf
 
     out = export_hf(Path(args.run), Path(args.out), force=args.force)

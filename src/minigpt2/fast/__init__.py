@@ -15,8 +15,9 @@ Each drop-in is a subclass that adds no parameters and no state and only overrid
 modules the same way). Outside the cases in the last column each drop-in runs the textbook code.
 Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
 on a CPU, and ``batch.BatchDecoder`` advances many conversations together, one batched step for all
-(the drop-in for running ``core.stream.generate_ids`` once per conversation). Each piece is tested to compute what its textbook piece computes: ``tests/test_fast.py``,
-``tests/test_decode.py``.
+(the drop-in for running ``core.stream.generate_ids`` once per conversation). Each piece is tested
+to compute what its textbook piece computes: ``tests/test_fast.py``, ``tests/test_decode.py``,
+``tests/test_batch.py``.
 
 ``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
 ``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).
