@@ -1,12 +1,17 @@
-"""Load on ``minigpt2 serve``: N concurrent streaming clients against one client alone, same script.
+"""Load on ``minigpt2 serve``: 1, 5, 20 and 50 streaming clients, then 100 at once against the queue.
 
-    python benchmarks/serve_load.py                 # cpu preset (random weights), 20 clients, 10 s
-    python benchmarks/serve_load.py --clients 50 --seconds 20 --max-concurrent 4
+    python benchmarks/serve_load.py                    # cpu preset (random weights), 10 s a client count
+    python benchmarks/serve_load.py --max-concurrent 8 --clients 1,20,50 --seconds 20
 
-A real uvicorn server on loopback, in its own process; each client streams answers of ``--tokens``
-characters in a loop (the official ``openai`` client) until the time is up. The reference is one
-client alone in the same script. Reports characters/s served, time to first character (median and
-95th percentile), requests refused (429) and failed, and whether every answer arrived whole.
+A real uvicorn server on loopback, in its own process, generating through the batched engine: its
+``--max-concurrent`` rows advance together, one character each per model step. Each client streams
+answers of ``--tokens`` characters in a loop (the official ``openai`` client) until the time is up;
+the reference is one client alone, against the same server. Reported per client count: characters/s
+served (all clients together), time to first character (median and 95th percentile), answers
+refused (429) and failed, whether every answer arrived whole, and the CPU cores the server used
+(on a small machine the clients take the rest). Then the burst: ``--burst`` clients each send one
+request at the same moment to a server whose queue holds ``--burst-queue``; every answer let in
+must arrive whole and the rest must get 429; the server's peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import datetime
+import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,60 +47,87 @@ from minigpt2.core.tokenizer import CharTokenizer
 VOCAB = sorted(set("\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def stream_one(api: openai.OpenAI, tokens: int, seed: int) -> tuple[str, str | None, float | None]:
+    """One streamed answer: its text, its finish reason, and seconds to its first character."""
+    start, first = time.monotonic(), None
+    text, finish = "", None
+    stream = api.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"tell me a story {seed}"}],
+        max_tokens=tokens, stream=True, seed=seed, temperature=1.0,
+    )  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.monotonic() - start
+            text += chunk.choices[0].delta.content
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    return text, finish, first
+
+
 def client_loop(base: str, tokens: int, until: float, seed: int) -> dict[str, Any]:
     """Stream answers back to back until ``until``; returns counts and first-character latencies."""
-    api = openai.OpenAI(base_url=base + "v1", api_key="x", max_retries=0, timeout=120)
+    api = openai.OpenAI(base_url=base + "v1", api_key="x", max_retries=0, timeout=300)
     out: dict[str, Any] = {"chars": 0, "answers": 0, "whole": 0, "refused": 0, "failed": 0, "ttfc": []}
     while time.monotonic() < until:
-        start = time.monotonic()
         try:
-            stream = api.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": f"tell me a story {seed}"}],
-                max_tokens=tokens, stream=True, seed=seed, temperature=1.0,
-            )  # fmt: skip
-            text, finish = "", None
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    if not text:
-                        out["ttfc"].append(time.monotonic() - start)
-                    text += chunk.choices[0].delta.content
-                if chunk.choices and chunk.choices[0].finish_reason:
-                    finish = chunk.choices[0].finish_reason
-            out["answers"] += 1
-            out["chars"] += len(text)
-            out["whole"] += finish is not None
+            text, finish, first = stream_one(api, tokens, seed)
         except openai.RateLimitError:
             out["refused"] += 1
             time.sleep(0.5)
+            continue
         except openai.APIError:
             out["failed"] += 1
+            continue
+        out["answers"] += 1
+        out["chars"] += len(text)
+        out["whole"] += finish == "length"  # no stop ids: a whole answer runs to max_tokens
+        if first is not None:
+            out["ttfc"].append(first)
     return out
 
 
 @contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
+def server(args: argparse.Namespace, max_queue: int) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """This script with ``--serve``, in its own process: clients must not share its interpreter."""
     cmd = [sys.executable, __file__, "--serve", "--preset", args.preset, "--tokens", str(args.tokens),
-           "--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.max_queue)]  # fmt: skip
+           "--max-concurrent", str(args.max_concurrent), "--max-queue", str(max_queue)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        yield proc.stdout.readline().strip()
+        yield proc.stdout.readline().strip(), proc
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, all its threads together."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def serve_forever(args: argparse.Namespace) -> None:
-    """The server side: random weights, and no stop tokens (random weights would end most answers
+    """The server side: random weights, and no stop ids (random weights would end most answers
     after a few characters; a load test wants full-length answers). Prints its address."""
     tok = CharTokenizer(VOCAB)
     model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
     torch.manual_seed(0)
     sample = SampleConfig(max_new_tokens=args.tokens)
     bot = Chatbot(GPT(model_cfg).eval(), tok, DialogueTemplate(stop_ids=()), sample=sample)
-    if args.max_concurrent > 1:  # as `minigpt2 serve` does
-        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
     limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue)
     with contextlib.suppress(KeyboardInterrupt):
         serve.run_server(
@@ -100,10 +135,9 @@ def serve_forever(args: argparse.Namespace) -> None:
         )
 
 
-def measure(base: str, clients: int, seconds: float, tokens: int) -> dict[str, Any]:
-    client_loop(base, 5, time.monotonic() + 0.5, 0)  # warm up
+def measure(base: str, pid: int, clients: int, seconds: float, tokens: int) -> dict[str, Any]:
     until = time.monotonic() + seconds
-    start = time.monotonic()
+    start, cpu = time.monotonic(), cpu_seconds(pid)
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: client_loop(base, tokens, until, i), range(clients)))
     took = time.monotonic() - start
@@ -113,7 +147,28 @@ def measure(base: str, clients: int, seconds: float, tokens: int) -> dict[str, A
         "clients": clients, **total, "chars_per_s": total["chars"] / took,
         "ttfc_median_ms": 1000 * statistics.median(ttfc) if ttfc else None,
         "ttfc_p95_ms": 1000 * ttfc[int(0.95 * (len(ttfc) - 1))] if ttfc else None,
+        "server_cores": (cpu_seconds(pid) - cpu) / took,
     }  # fmt: skip
+
+
+def burst(base: str, clients: int, tokens: int) -> dict[str, int]:
+    """``clients`` requests sent at the same moment, one each; how each one ended."""
+    gate = threading.Barrier(clients)
+
+    def one(seed: int) -> str:
+        api = openai.OpenAI(base_url=base + "v1", api_key="x", max_retries=0, timeout=600)
+        gate.wait()
+        try:
+            _, finish, _ = stream_one(api, tokens, seed)
+        except openai.RateLimitError:
+            return "refused"
+        except openai.APIError:
+            return "failed"
+        return "whole" if finish == "length" else "cut"
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        ends = list(pool.map(one, range(clients)))
+    return {end: ends.count(end) for end in ("whole", "cut", "refused", "failed")}
 
 
 def main() -> None:
@@ -121,29 +176,41 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", default="1,5,20,50", help="client counts, the first the reference")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per client count")
     parser.add_argument("--tokens", type=int, default=100, help="characters per answer")
-    parser.add_argument("--max-concurrent", type=int, default=2)
-    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--max-concurrent", type=int, default=serve.ServeConfig.max_concurrent)
+    parser.add_argument("--max-queue", type=int, default=64, help="for the client counts: no 429 at 50")
+    parser.add_argument("--burst", type=int, default=100, help="clients sending one request at once")
+    parser.add_argument("--burst-queue", type=int, default=32, help="the queue the burst meets")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # internal: the server
     args = parser.parse_args()
     if args.serve:
         serve_forever(args)
         return
-    with server(args) as base:
-        rows = [measure(base, 1, args.seconds, args.tokens)]
-        rows.append(measure(base, args.clients, args.seconds, args.tokens))
+    counts = [int(c) for c in args.clients.split(",")]
+    with server(args, args.max_queue) as (base, proc):
+        client_loop(base, 5, time.monotonic() + 1.0, 0)  # warm up
+        rows = [measure(base, proc.pid, n, args.seconds, args.tokens) for n in counts]
     for r in rows:
         r["vs_one_client"] = r["chars_per_s"] / rows[0]["chars_per_s"]
-    print(f"preset {args.preset}, {args.tokens} characters per answer, max_concurrent {args.max_concurrent},"
-          f" max_queue {args.max_queue}; the server runs in its own process")  # fmt: skip
+    with server(args, args.burst_queue) as (base, proc):
+        client_loop(base, 5, time.monotonic() + 1.0, 0)
+        ends = burst(base, args.burst, args.tokens)
+        rss = peak_rss_mib(proc.pid)
+    print(f"{cpu_model()}, {torch.get_num_threads()} torch threads; {datetime.date.today()}; preset "
+          f"{args.preset}, {args.tokens} characters per answer, --max-concurrent {args.max_concurrent} "
+          f"(rows of the batch), --max-queue {args.max_queue}; the server in its own process")  # fmt: skip
     print_table(rows, ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
-                       "ttfc_median_ms", "ttfc_p95_ms"])  # fmt: skip
-    load = rows[1]
-    emit({"clients": args.clients, "chars_per_s": load["chars_per_s"], "ratio": load["vs_one_client"],
-          "answers": load["answers"], "whole": load["whole"], "refused": load["refused"],
-          "failed": load["failed"], "ttfc_p95_ms": load["ttfc_p95_ms"]})  # fmt: skip
+                       "ttfc_median_ms", "ttfc_p95_ms", "server_cores"])  # fmt: skip
+    print(f"\n{args.burst} clients at once against --max-queue {args.burst_queue}: {ends['whole']} answers "
+          f"whole, {ends['cut']} cut short, {ends['refused']} refused (429), {ends['failed']} failed; "
+          f"server peak RSS {rss:.0f} MiB")  # fmt: skip
+    keys = ("chars_per_s", "vs_one_client", "ttfc_median_ms", "ttfc_p95_ms", "whole", "answers", "refused",
+            "failed", "server_cores")  # fmt: skip
+    bursts = {"clients": args.burst, "max_queue": args.burst_queue, **ends, "peak_rss_mib": rss}
+    emit({"max_concurrent": args.max_concurrent, "tokens": args.tokens,
+          "clients": {r["clients"]: {k: r[k] for k in keys} for r in rows}, "burst": bursts})  # fmt: skip
 
 
 if __name__ == "__main__":

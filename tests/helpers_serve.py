@@ -2,9 +2,12 @@
 
 ``tiny_chatbot`` builds an untrained one-layer model with the dialogue template (its answers are
 random characters, which is all transport tests need); ``running`` serves an app with real uvicorn
-on a free loopback port in a background thread and yields its address; ``Held`` stands in for an
-answer that holds its slot until the test releases it. Nothing here waits for time to pass:
-``wait_for`` polls a condition (``idle``: no answer running or waiting) under a generous deadline.
+on a free loopback port in a background thread and yields its address. Two stand-ins for the
+server's batched decoder (``serve.create_app(decoder=...)``): ``Scripted`` answers known text, one
+character a step, and can hold its answers until the test releases them, pace them or fail;
+``Paced`` wraps the real decoder and steps only when the test allows it. Nothing here waits for
+time to pass: ``wait_for`` polls a condition (``idle``: no answer running or waiting) under a
+generous deadline.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,10 +24,11 @@ import httpx
 import torch
 
 from minigpt2 import serve
-from minigpt2.core.chat import Chatbot, ReplyInfo
+from minigpt2.core.chat import Chatbot
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
+from minigpt2.fast.batch import BatchDecoder, Row
 
 # Italian letters too, so UTF-8 multi-byte characters cross the wire in every test.
 CHARS = sorted(set(" \n!',-.:;?abcdefghijklmnopqrstuvwxyzàèéìòù"))
@@ -38,10 +42,16 @@ def tiny_chatbot(seed: int = 0, block_size: int = 32) -> Chatbot:
 
 
 @contextlib.contextmanager
-def running(bot: Chatbot, limits: serve.ServeConfig | None = None, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve ``bot`` on ``host`` (a free port) while the block runs; yields its address (``http://127.0.0.1:PORT/``)."""
+def running(
+    bot: Chatbot,
+    limits: serve.ServeConfig | None = None,
+    host: str = "127.0.0.1",
+    decoder: Callable[[], Any] | None = None,
+) -> Iterator[str]:
+    """Serve ``bot`` on ``host`` (a free port) while the block runs; yields its address
+    (``http://127.0.0.1:PORT/``). ``decoder``: the app's batched decoder (default: the real one)."""
     sock = serve.bind(host, 0)
-    server = serve.make_server(serve.create_app(bot, limits))
+    server = serve.make_server(serve.create_app(bot, limits, decoder))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -84,28 +94,104 @@ def connect(base: str) -> socket.socket:
     return socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=30)
 
 
-class Held:
-    """Replaces ``bot.answer``: yields "a" at once, then each further "a" only after ``release()``,
-    so an answer holds its slot for exactly as long as a test wants. Counts what it produced."""
+class Scripted:
+    """Stands in for the server's ``BatchDecoder``: every row answers ``text`` (repeated up to its
+    max_tokens; "" is an empty answer), one character a step. ``held``: after a row's first
+    character the next ones wait for ``release()``, so an answer holds its slot for exactly as long
+    as a test wants. ``delay``: seconds a step takes. ``fail``: raised by the step that would draw a
+    row's character number ``fail_after`` (by ``add`` if that is 0). Counts the characters it
+    produced and the rows cancelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, tok: CharTokenizer, text: str = "a", *, held: bool = False, delay: float = 0.0,
+                 fail: Exception | None = None, fail_after: int = 0, max_rows: int = 64) -> None:  # fmt: skip
+        self.ids, self.held, self.delay = tok.encode(text), held, delay
+        self.fail, self.fail_after, self.max_rows = fail, fail_after, max_rows
         self.go = threading.Event()
-        self.produced = self.closed = 0
-        self.lock = threading.Lock()
+        self.rows: list[Row] = []
+        self.produced = self.cancelled = 0
 
     def release(self) -> None:
         self.go.set()
 
-    def __call__(self, history: Any, sample: Any, **kw: Any) -> Generator[str, None, None]:
-        info: ReplyInfo = kw["info"]
-        try:
-            for i in range(sample.max_new_tokens):
-                if i and not self.go.wait(60):  # a test that failed before releasing: end, do not hang
-                    return
-                with self.lock:
-                    self.produced += 1
-                info.completion_tokens += 1
-                yield "a"
-        finally:
-            with self.lock:
-                self.closed += 1
+    @property
+    def free(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    def add(self, prompt: Sequence[int], cfg: SampleConfig, *, stop_ids: Sequence[int] = (),
+            min_new_tokens: int = 0, generator: Any = None) -> Row:  # fmt: skip
+        if self.fail is not None and self.fail_after == 0:
+            raise self.fail
+        row = Row(0, cfg, frozenset(stop_ids), min_new_tokens, generator, list(prompt), len(prompt), 0)
+        self.rows.append(row)
+        return row
+
+    def step(self) -> list[tuple[Row, int | None]]:
+        time.sleep(self.delay)
+        ready = [r for r in self.rows if not (self.held and r.new_ids and not self.go.is_set())]
+        if not ready:  # every answer is held: wait a moment, so the loop can take commands
+            self.go.wait(0.01)
+            return []
+        events: list[tuple[Row, int | None]] = []
+        for row in ready:
+            drawn = len(row.new_ids)
+            if self.fail is not None and drawn >= self.fail_after > 0:
+                raise self.fail
+            if not self.ids:  # an empty answer: the row draws a stop id at once
+                self._leave(row, "stop")
+                events.append((row, None))
+                continue
+            row.tokens.append(self.ids[drawn % len(self.ids)])
+            self.produced += 1
+            if drawn + 1 >= row.cfg.max_new_tokens:
+                self._leave(row, "length")
+            events.append((row, row.tokens[-1]))
+        return events
+
+    def cancel(self, row: Row) -> None:
+        if not row.finished:
+            self.cancelled += 1
+            self._leave(row, "cancelled")
+
+    def _leave(self, row: Row, reason: str) -> None:
+        row.finish_reason = reason
+        self.rows.remove(row)
+
+
+class Paced:
+    """The server's real ``BatchDecoder`` over ``bot``, stepping only as far as ``allow(n)`` lets it
+    (``unlimited``: every step, once ``gather`` rows have joined); between steps it waits a moment,
+    so the loop still takes commands. ``steps`` counts the steps taken, ``most`` the most rows one
+    step advanced."""
+
+    def __init__(self, bot: Chatbot, rows: int, unlimited: bool = False, gather: int = 0) -> None:
+        self.inner = BatchDecoder(bot.model, max_rows=rows, precision=bot.precision)
+        self.unlimited, self.gather = unlimited, gather
+        self.steps = self.most = 0
+        self._permits = threading.Semaphore(0)
+
+    def allow(self, n: int = 1) -> None:
+        self._permits.release(n)
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.inner.rows
+
+    @property
+    def free(self) -> int:
+        return self.inner.free
+
+    def add(self, prompt: Sequence[int], cfg: SampleConfig, **kw: Any) -> Row:
+        return self.inner.add(prompt, cfg, **kw)
+
+    def cancel(self, row: Row) -> None:
+        self.inner.cancel(row)
+
+    def step(self) -> list[tuple[Row, int | None]]:
+        if len(self.rows) >= self.gather:
+            self.gather = 0  # gathered once: from now on rows leave and join as they do
+        go = self.unlimited and not self.gather
+        if not go and not self._permits.acquire(timeout=0.01):
+            return []
+        self.steps += 1
+        self.most = max(self.most, len(self.rows))
+        return self.inner.step()

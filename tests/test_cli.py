@@ -159,3 +159,14 @@ def test_presets_lists_every_preset_with_its_size(cli: Run) -> None:
         if c.n_embd * c.n_layer <= 4096:  # small enough to build here and count
             assert f" {GPT(c).num_params():,}" in line
         assert ("(default)" in line) == (name == config.DEFAULT_PRESET)
+
+
+def test_export_web_writes_one_page_and_says_so(cli: Run, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "share" / "chatbot.html"
+    done = cli("export", run_dir, "--format", "web", "--out", out, "--dtype", "fp16")
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and f"wrote {out}" in done.stdout and "fp16" in done.stdout
+    page = out.read_text(encoding="utf-8")
+    assert page.lower().startswith("<!doctype html>") and "https://" not in page.split("<script", 1)[0]
+    refused = cli("export", run_dir, "--format", "web", "--out", run_dir / "page.html")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1

@@ -297,7 +297,7 @@ def test_a_second_process_training_into_the_same_run_is_refused(tmp_path: Path) 
         assert f"another training process is using {run}" in line
         assert first.poll() is None  # undisturbed
         first.send_signal(signal.SIGTERM)  # stops cleanly at the next step, last/ saved
-        assert first.wait(timeout=60) == 0
+        assert first.wait(timeout=60) == 128 + signal.SIGTERM  # as shells expect of a terminated command
     finally:
         if first.poll() is None:
             first.kill()

@@ -3,8 +3,10 @@
 The official ``openai`` package talks to a real uvicorn server (plain and streaming replies), httpx
 sends the bad requests and the raw event stream, 20 concurrent streaming clients check that no reply
 is lost or mixed up, and the ``minigpt2 serve`` command runs as a real process. The queue tests hold
-answers (``helpers_serve.Held``) and wait for the server to report a state, so that no outcome
-depends on how fast the machine is. Connections are ``test_serve_connections.py``'s, Host names,
+answers (``helpers_serve.Scripted``, in place of the batched decoder) and wait for the server to
+report a state, so that no outcome depends on how fast the machine is. What batching itself
+promises (the same answer alone or among others, rows that leave at once, ``n``) is
+``test_serve_batch.py``'s. Connections are ``test_serve_connections.py``'s, Host names,
 methods and key rules ``test_serve_http.py``'s, the browser ``test_serve_browser.py``'s.
 """
 
@@ -18,8 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import httpx
 import openai
 import pytest
 
-from helpers_serve import Held, connect, health, idle, running, tiny_chatbot, wait_for
+from helpers_serve import Scripted, connect, health, idle, running, tiny_chatbot, wait_for
 from minigpt2 import checkpoint, serve
 from minigpt2.core.chat import ReplyInfo, Turn
 from minigpt2.core.config import SampleConfig
@@ -194,7 +195,8 @@ BAD = [
     ({"logprobs": True}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 9}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
@@ -268,31 +270,10 @@ def test_api_key_guards_the_api_but_not_the_page() -> None:
 # --- concurrency, queueing, disconnects, load ---------------------------------------------------
 
 
-class Slow:
-    """Replaces ``bot.answer``: yields "a" every ``delay`` seconds; records what it produced."""
-
-    def __init__(self, delay: float = 0.02) -> None:
-        self.delay, self.produced, self.closed = delay, 0, 0
-        self.lock = threading.Lock()
-
-    def __call__(self, history: Any, sample: SampleConfig, **kw: Any) -> Generator[str, None, None]:
-        info: ReplyInfo = kw["info"]
-        try:
-            for _ in range(sample.max_new_tokens):
-                time.sleep(self.delay)
-                with self.lock:
-                    self.produced += 1
-                info.completion_tokens += 1
-                yield "a"
-        finally:
-            with self.lock:
-                self.closed += 1
-
-
 def test_busy_server_answers_429_when_the_queue_is_full() -> None:
-    bot, held = tiny_chatbot(), Held()
-    bot.answer = held  # type: ignore[method-assign]
-    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=0)) as base:
+    bot = tiny_chatbot()
+    held = Scripted(bot.tokenizer, held=True)
+    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=0), decoder=lambda: held) as base:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}
         with httpx.stream("POST", base + "v1/chat/completions", json=body, timeout=30) as first:
             lines = first.iter_lines()  # kept: dropping the iterator would close the connection
@@ -308,10 +289,10 @@ def test_busy_server_answers_429_when_the_queue_is_full() -> None:
 
 
 def test_waiting_requests_queue_and_all_get_answers() -> None:
-    bot, slow = tiny_chatbot(), Slow(delay=0.005)
-    bot.answer = slow  # type: ignore[method-assign]
+    bot = tiny_chatbot()
+    slow = Scripted(bot.tokenizer, delay=0.005)
     limits = serve.ServeConfig(max_concurrent=1, max_queue=10)
-    with running(bot, limits) as base, concurrent.futures.ThreadPoolExecutor(6) as pool:
+    with running(bot, limits, decoder=lambda: slow) as base, concurrent.futures.ThreadPoolExecutor(6) as pool:
         replies = list(pool.map(lambda _: ask(base, max_tokens=20), range(6)))
     assert [r.status_code for r in replies] == [200] * 6
     assert all(r.json()["choices"][0]["message"]["content"] == "a" * 20 for r in replies)
@@ -319,9 +300,9 @@ def test_waiting_requests_queue_and_all_get_answers() -> None:
 
 def test_a_burst_cannot_slip_past_the_queue_limit() -> None:
     """12 requests released at once against 1 slot + 2 queue places: 3 answered, 9 refused."""
-    bot, held = tiny_chatbot(), Held()
-    bot.answer = held  # type: ignore[method-assign]
-    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=2)) as base:
+    bot = tiny_chatbot()
+    held = Scripted(bot.tokenizer, held=True)
+    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=2), decoder=lambda: held) as base:
         barrier = threading.Barrier(12)
 
         def burst(_: int) -> int:
@@ -350,9 +331,9 @@ def post_and_wait(base: str, body: dict[str, Any]) -> Any:
 
 
 def test_a_client_that_leaves_the_queue_frees_its_place() -> None:
-    bot, held = tiny_chatbot(), Held()
-    bot.answer = held  # type: ignore[method-assign]
-    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=1)) as base:
+    bot = tiny_chatbot()
+    held = Scripted(bot.tokenizer, held=True)
+    with running(bot, serve.ServeConfig(max_concurrent=1, max_queue=1), decoder=lambda: held) as base:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
         with httpx.stream("POST", base + "v1/chat/completions", json=body, timeout=30) as first:
             lines = first.iter_lines()
@@ -371,13 +352,8 @@ def test_a_client_that_leaves_the_queue_frees_its_place() -> None:
 
 def test_an_internal_error_is_a_json_error_not_a_crash() -> None:
     bot = tiny_chatbot()
-
-    def broken(*args: Any, **kw: Any) -> Generator[str, None, None]:
-        yield "a"
-        raise RuntimeError("the model fell over")
-
-    bot.answer = broken  # type: ignore[method-assign]
-    with running(bot) as base:
+    broken = Scripted(bot.tokenizer, fail=RuntimeError("the model fell over"), fail_after=1)
+    with running(bot, decoder=lambda: broken) as base:
         plain = ask(base)
         assert plain.status_code == 500 and "fell over" in plain.json()["error"]["message"]
         with httpx.stream("POST", base + "v1/chat/completions", json={"messages": [
@@ -389,9 +365,9 @@ def test_an_internal_error_is_a_json_error_not_a_crash() -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_stops_its_generation(stream: bool) -> None:
-    bot, slow = tiny_chatbot(), Slow(delay=0.02)
-    bot.answer = slow  # type: ignore[method-assign]
-    with running(bot, serve.ServeConfig(max_tokens=1000)) as base:
+    bot = tiny_chatbot()
+    slow = Scripted(bot.tokenizer, delay=0.02)
+    with running(bot, serve.ServeConfig(max_tokens=1000), decoder=lambda: slow) as base:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": stream}
         endpoint = base + "v1/chat/completions"
         # Streaming: leave after a few events. Not streaming: give up waiting after half a second.
@@ -402,7 +378,10 @@ def test_a_client_that_disconnects_stops_its_generation(stream: bool) -> None:
             for i, _ in enumerate(response.iter_lines()):
                 if i == 5:
                     raise httpx.ReadTimeout("the client leaves")
-        wait_for(lambda: idle(base) and slow.closed == 1, "the generation to stop and free its slot")
+        wait_for(
+            lambda: idle(base) and slow.cancelled == 1 and health(base)["rows"] == 0,
+            "the generation to stop and free its slot and row",
+        )
         assert slow.produced < 1000  # stopped before the end: at least 20 s away, at 0.02 s a character
 
 
@@ -418,7 +397,7 @@ def test_load_twenty_concurrent_streams_lose_and_mix_nothing() -> None:
             streamed = list(pool.map(lambda r: stream_text(base, **r), requests))
         assert [s.strip() for s in streamed] == expected
         wait_for(lambda: idle(base), "every slot to be free")  # a stream's slot is freed after its last byte
-        assert health(base) == {"status": "ok", "model": "minigpt2", "active": 0, "waiting": 0}
+        assert health(base) == {"status": "ok", "model": "minigpt2", "active": 0, "waiting": 0, "rows": 0}
 
 
 # --- the chat logic the server relies on ----------------------------------------------------------

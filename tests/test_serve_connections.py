@@ -21,12 +21,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from helpers_serve import Held, connect, health, running, tiny_chatbot, wait_for
+from helpers_serve import Scripted, connect, health, running, tiny_chatbot, wait_for
 from minigpt2 import checkpoint, serve
 from minigpt2.serve import descriptors
 
@@ -108,11 +107,15 @@ def test_more_idle_connections_than_the_cap_cannot_lock_out_a_client() -> None:
 
 
 def test_when_every_connection_is_busy_a_new_one_gets_503() -> None:
-    bot, held = tiny_chatbot(), Held()
-    bot.answer = held  # type: ignore[method-assign]
+    bot = tiny_chatbot()
+    held = Scripted(bot.tokenizer, held=True)
     limits = serve.ServeConfig(max_connections=2, max_concurrent=2)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
-    with running(bot, limits) as base, httpx.Client(timeout=30) as one, httpx.Client(timeout=30) as two:
+    with (
+        running(bot, limits, decoder=lambda: held) as base,
+        httpx.Client(timeout=30) as one,
+        httpx.Client(timeout=30) as two,
+    ):
         with (
             one.stream("POST", base + "v1/chat/completions", json=body) as first,
             two.stream("POST", base + "v1/chat/completions", json=body) as second,
@@ -162,12 +165,8 @@ def test_running_out_of_descriptors_is_one_line_now_and_then(caplog: pytest.LogC
 
 def test_out_of_descriptors_inside_a_request_is_a_503() -> None:
     bot = tiny_chatbot()
-
-    def no_descriptors(*args: Any, **kw: Any) -> Any:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    bot.answer = no_descriptors  # type: ignore[method-assign]
-    with running(bot) as base:
+    no_descriptors = Scripted(bot.tokenizer, fail=OSError(errno.EMFILE, "Too many open files"))
+    with running(bot, decoder=lambda: no_descriptors) as base:
         body = {"messages": [{"role": "user", "content": "x"}]}
         reply = httpx.post(base + "v1/chat/completions", json=body)
         assert reply.status_code == 503 and "file descriptors" in reply.json()["error"]["message"]

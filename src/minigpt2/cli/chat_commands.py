@@ -113,11 +113,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.run = _default_chatbot(DEFAULT_SOURCE)
     limits.model_id = args.model_id or Path(args.run).resolve().name
     bot = _chatbot(args, sample)
-    if args.max_concurrent > 1:
-        # Answers run side by side in threads: share the cores out rather than oversubscribe them.
-        import torch
-
-        torch.set_num_threads(max(1, torch.get_num_threads() // args.max_concurrent))
 
     def ready(url: str) -> None:
         if not loopback and limits.api_key is None:

@@ -19,10 +19,10 @@ Tests: ``pytest tests/test_chat.py``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from minigpt2 import conversation
 from minigpt2.conversation import parse_option, sample_with
@@ -41,6 +41,14 @@ class ReplyInfo:
     prompt_tokens: int = 0  # ids fed to the model (after trimming to the context window)
     completion_tokens: int = 0  # ids generated, the stop id not counted
     finish_reason: str = "stop"  # "stop": the turn ended (or a stop string); "length": max_new_tokens
+
+
+class Prepared(NamedTuple):
+    """The start of an answer (``Chatbot.prepare``): what ``generate_ids`` takes besides the model."""
+
+    prompt: list[int]
+    stop_ids: tuple[int, ...]
+    min_new_tokens: int
 
 
 @dataclass
@@ -204,6 +212,13 @@ class Chatbot:
         finally:
             self.history.append(Turn("bot", "".join(pieces).strip()))
 
+    def prepare(self, history: Sequence[Turn]) -> Prepared:
+        """What the model needs to write the bot's next turn after ``history``: the prompt (trimmed to
+        leave ``reply_room`` in the window), the template's stop ids, and an answer of at least one id."""
+        budget = self.model.config.block_size - self.reply_room
+        prompt = build_prompt(list(history), self.template, self.tokenizer, max(1, budget))
+        return Prepared(prompt, self.template.stop_ids, 1)
+
     def answer(
         self,
         history: Sequence[Turn],
@@ -214,26 +229,33 @@ class Chatbot:
         info: ReplyInfo | None = None,
     ) -> Generator[str, None, None]:
         """Yield the bot's next turn after ``history``, piece by piece, without touching
-        ``self.history``: one ``Chatbot`` can answer many conversations at once (the HTTP server).
+        ``self.history``: one ``Chatbot`` can answer many conversations at once.
 
         ``sample`` defaults to the bot's own, ``generator`` to a fresh one seeded from
         ``sample.seed``; ``stop_strings`` are added to the template's; ``info``, if given, is
         filled in as the answer streams. Spaces and line breaks at either end are left out, so
-        the streamed answer is exactly the one the history keeps.
-        """
+        the streamed answer is exactly the one the history keeps. It is ``prepare``, ``generate_ids``
+        and ``reply_text`` (a server that draws ids its own way uses the first and last alone)."""
         from minigpt2.core.generate import make_generator
-        from minigpt2.core.stream import decode_stream, generate_ids
+        from minigpt2.core.stream import generate_ids
 
         sample = sample or self.sample
         info = info if info is not None else ReplyInfo()
-        budget = self.model.config.block_size - self.reply_room
-        prompt = build_prompt(list(history), self.template, self.tokenizer, max(1, budget))
+        prompt, stop_ids, min_new_tokens = self.prepare(history)
         info.prompt_tokens = len(prompt)
         ids = generate_ids(
-            self.model, prompt, sample, stop_ids=self.template.stop_ids, precision=self.precision,
+            self.model, prompt, sample, stop_ids=stop_ids, precision=self.precision,
             generator=generator if generator is not None else make_generator(sample.seed),
-            min_new_tokens=1,
+            min_new_tokens=min_new_tokens,
         )  # fmt: skip
+        yield from self.reply_text(ids, sample.max_new_tokens, info, stop_strings)
+
+    def reply_text(self, ids: Iterable[int], max_new_tokens: int, info: ReplyInfo,
+                   stop_strings: Sequence[str] = ()) -> Iterator[str]:  # fmt: skip
+        """The text of an answer from its ids as they are drawn (at most ``max_new_tokens``): it ends
+        at the template's stop strings and ``stop_strings``, without spaces at either end; ``info``
+        counts the ids and says why it ended."""
+        from minigpt2.core.stream import decode_stream
 
         def counted() -> Iterator[int]:
             info.finish_reason = "stop"
@@ -241,13 +263,12 @@ class Chatbot:
                 info.completion_tokens += 1
                 yield i
             # The model ran to the limit (rather than choosing to end its turn).
-            if info.completion_tokens >= sample.max_new_tokens:
+            if info.completion_tokens >= max_new_tokens:
                 info.finish_reason = "length"
 
         stops = (*self.template.stop_strings, *(s for s in stop_strings if s))
-        yield from strip_ends(
-            decode_stream(counted(), self.tokenizer, stop_strings=stops, skip_ids=(UNK_ID,))
-        )
+        text = decode_stream(counted(), self.tokenizer, stop_strings=stops, skip_ids=(UNK_ID,))
+        yield from strip_ends(text)
 
     def next_char_probs(self, k: int = 10) -> list[tuple[str, float]]:
         """The model's ``k`` likeliest first characters for its last answer, with probabilities
@@ -257,8 +278,7 @@ class Chatbot:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UserError(f"next_char_probs needs k, the number of characters to show, >= 1; got {k!r}")
         history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
-        budget = self.model.config.block_size - self.reply_room
-        prompt = build_prompt(history, self.template, self.tokenizer, max(1, budget))
+        prompt = self.prepare(history).prompt
         with torch.inference_mode():
             logits, _ = self.model(torch.tensor([prompt], device=self.model.device))
         probs = torch.softmax(logits[0, -1].float(), dim=-1)

@@ -1,23 +1,28 @@
 """The chatbot over HTTP: an OpenAI-compatible chat-completions API and a one-page web chat.
 
-Only transport lives here. The conversation logic is ``Chatbot.answer`` (``minigpt2.core.chat``): the
-server turns OpenAI ``messages`` into ``Turn``s, asks for the next bot turn, and sends it back whole
-or as server-sent events. Endpoints:
+Only transport lives here. The conversation logic is ``Chatbot``'s (``minigpt2.core.chat``): the
+server turns OpenAI ``messages`` into ``Turn``s, builds the prompt with ``Chatbot.prepare``, draws
+the answer's ids through the batched engine (``minigpt2.fast.batch``), where every running answer
+advances by one character in the same model step, turns them into text with ``Chatbot.reply_text``
+(stop strings, trimming, counting, as ``Chatbot.answer`` does), and sends it back whole or as
+server-sent events. Endpoints:
 
 - ``POST /v1/chat/completions``: ``messages`` in, the reply out; ``"stream": true`` sends
-  ``chat.completion.chunk`` events and ends with ``data: [DONE]``, as OpenAI's API does.
+  ``chat.completion.chunk`` events and ends with ``data: [DONE]``, as OpenAI's API does; ``n`` asks
+  for several answers (choices) at once.
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one model this server holds.
-- ``GET /health``: liveness and load (answers being generated, requests waiting).
+- ``GET /health``: liveness and load (requests being answered and waiting, rows of the batch).
 - ``GET /``: the web chat page (``static/chat.html``: no build step, no external assets).
 
 What keeps it standing: request bodies, messages, histories and ``max_tokens`` are bounded and
 sampling options range-checked (400/413 with an OpenAI-style JSON error); at most ``max_concurrent``
-answers are generated at once, up to ``max_queue`` more wait, and the rest get 429; a client that
-disconnects stops its generation; an optional API key (Bearer, printable ASCII) guards ``/v1``. The
-model runs in worker threads (torch releases the GIL), so the event loop keeps serving while answers
-are made. Connections are bounded too: a deadline for each request's headers, a stall timeout for
-its body, and at most ``max_connections`` open (below the file descriptor limit). On a loopback
-address only loopback ``Host`` names are answered (DNS rebinding).
+answers (the rows of the batch) are generated at once, up to ``max_queue`` more requests wait, and
+the rest get 429; a client that disconnects stops its generation, its row free before the next
+step; an optional API key (Bearer, printable ASCII) guards ``/v1``. The model runs in one decoding
+thread and each answer's text in a thread of its own, so the event loop keeps serving meanwhile.
+Connections are bounded too: a deadline for each request's headers, a stall timeout for its body,
+and at most ``max_connections`` open (below the file descriptor limit). On a loopback address only
+loopback ``Host`` names are answered (DNS rebinding).
 
 The files, in the order a request meets them:
 
@@ -28,14 +33,19 @@ The files, in the order a request meets them:
 - ``connections.py``: uvicorn's h11 protocol with the header deadline, the body stall timeout and
   the cap (imported with uvicorn, by ``make_server`` only).
 - ``hosts.py``: ``HostCheck``, the ``Host`` header check (every loopback spelling alike).
-- ``admission.py``: what the server takes on: ``BodyLimit`` (413), ``Gate`` (slots, queue, 429),
-  answers computed in worker threads, and ``SlotResponse`` (a stream that frees its slot).
+- ``admission.py``: what the server takes on: ``BodyLimit`` (413), ``Gate`` (slots, queue, 429)
+  and ``SlotResponse`` (a stream that frees its slots).
 - ``schema.py``: ``ServeConfig`` and ``LIMITS``, the API key rules, the OpenAI request models,
   ``ApiError``, and the checks that turn a request into turns and sampling options.
-- ``app.py``: ``create_app``: the endpoints, the error handlers, the shape of the answers.
+- ``engine.py``: ``Engine``, the decoding thread that owns the ``BatchDecoder``: rows join, step
+  together and leave; ``Job`` and ``Feed``, one row's generation and the ids it draws.
+- ``replies.py``: ``Reply``, one request's choices: their rows, and their text from the ids.
+- ``app.py``: ``create_app``: the endpoints, the error handlers, the shape of the answers, and the
+  lifespan that starts and stops the decoding thread.
 - ``static/chat.html``: the web chat page.
 
 Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, a load test, bad requests),
+``tests/test_serve_batch.py`` (an answer alone and among others, rows that leave at once, ``n``),
 ``tests/test_serve_connections.py`` (idle, slow and too many connections),
 ``tests/test_serve_http.py`` (Host names, methods, API key rules, addresses) and
 ``tests/test_serve_browser.py`` (headless Chromium, driven by Playwright).

@@ -1,17 +1,18 @@
 """Admission control: how much work the server takes on, and how it lets go of it.
 
-Owns ``Gate`` (at most ``max_concurrent`` answers generated at once, up to ``max_queue`` more
-waiting, the rest refused with 429; a client that leaves the queue gives up its place),
-``pieces`` (an answer computed piece by piece in worker threads, stopped when its reader goes),
-``SlotResponse`` (a server-sent-event stream that frees its slot however it ends) and ``BodyLimit``
-(ASGI middleware: bodies over ``max_body_bytes`` get 413 before they are read whole).
+Owns ``Gate`` (at most ``slots`` rows of the batch in use, a request taking one per choice; up to
+``max_queue`` more requests waiting, in order, the rest refused with 429; a client that leaves the
+queue gives up its place), ``SlotResponse`` (a server-sent-event stream that frees its slots however
+it ends) and ``BodyLimit`` (ASGI middleware: bodies over ``max_body_bytes`` get 413 before they are
+read whole).
 
 Tests: ``pytest tests/test_serve.py`` (the load, queue, 429, disconnect and body-size cases).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi import HTTPException
@@ -26,82 +27,79 @@ class ClientGoneError(Exception):
 
 
 class Gate:
-    """At most ``slots`` answers at once; up to ``queue`` more requests wait, later ones get 429."""
+    """At most ``slots`` slots in use (a request takes ``need``, one per row it will run); up to
+    ``queue`` more requests wait, first come first served, and later ones get 429."""
 
     def __init__(self, slots: int, queue: int) -> None:
         self.slots, self.queue = slots, queue
-        # Requests let in (running or waiting). Counted before any await, so a burst of requests
-        # arriving together cannot slip past the limit while the semaphore hands slots over.
-        self.admitted = self.active = 0
-        self._free = anyio.Semaphore(slots)
-        self.limiter = anyio.CapacityLimiter(slots)  # worker threads for the model
+        self.active = 0  # requests holding slots
+        self.busy = 0  # slots they hold
+        # The waiting requests, oldest first: (slots needed, set once they are theirs). Every change
+        # happens between awaits, so a burst of requests arriving together cannot slip past a limit.
+        self._waiters: deque[tuple[int, anyio.Event]] = deque()
 
     @property
     def waiting(self) -> int:
-        return self.admitted - self.active
+        return len(self._waiters)
 
-    async def enter(self, gone: Callable[[], Awaitable[bool]] | None = None) -> Callable[[], None]:
-        """Wait for a slot; returns the function that frees it (safe to call more than once).
-        ``gone`` is polled while waiting: a client that has left gives up its place in the queue."""
-        if self.admitted >= self.slots + self.queue:
-            raise ApiError(429, f"the server is busy ({self.active} answers running, {self.waiting} "
-                           "waiting); try again shortly", code="server_busy")  # fmt: skip
-        self.admitted += 1
-        try:
-            await self._acquire(gone)
-        except BaseException:
-            self.admitted -= 1
-            raise
-        self.active += 1
+    async def enter(
+        self, gone: Callable[[], Awaitable[bool]] | None = None, need: int = 1
+    ) -> Callable[[], None]:
+        """Wait for ``need`` slots (at most ``slots``); returns the function that frees them (safe to
+        call more than once). ``gone`` is polled while waiting: a client that has left gives up its
+        place in the queue."""
+        if not 1 <= need <= self.slots:
+            raise ValueError(f"need must be in [1, {self.slots}], got {need}")
+        if self._waiters or self.busy + need > self.slots:
+            if len(self._waiters) >= self.queue:
+                raise ApiError(429, f"the server is busy ({self.active} requests running, {self.waiting} "
+                               "waiting); try again shortly", code="server_busy")  # fmt: skip
+            waiter = (need, anyio.Event())
+            self._waiters.append(waiter)
+            try:
+                await self._wait(waiter[1], gone)
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    self._grant()  # the next in line may fit now
+                else:  # the slots were handed over as it gave up: pass them on
+                    self._release(need)
+                raise
+        else:
+            self._take(need)
         freed = False
 
         def leave() -> None:
             nonlocal freed
             if not freed:
                 freed = True
-                self.active -= 1
-                self.admitted -= 1
-                self._free.release()
+                self._release(need)
 
         return leave
 
-    async def _acquire(self, gone: Callable[[], Awaitable[bool]] | None) -> None:
-        if gone is None:
-            await self._free.acquire()
-            return
-        got = False
-        async with anyio.create_task_group() as group:
+    def _take(self, need: int) -> None:
+        self.active += 1
+        self.busy += need
 
-            async def take() -> None:
-                nonlocal got
-                await self._free.acquire()
-                got = True
-                group.cancel_scope.cancel()
+    def _release(self, need: int) -> None:
+        self.active -= 1
+        self.busy -= need
+        self._grant()
 
-            async def watch() -> None:
-                while not await gone():
-                    await anyio.sleep(0.2)
-                group.cancel_scope.cancel()
+    def _grant(self) -> None:
+        """Hand free slots to the waiting requests, oldest first, while the oldest fits."""
+        while self._waiters and self.busy + self._waiters[0][0] <= self.slots:
+            need, event = self._waiters.popleft()
+            self._take(need)
+            event.set()
 
-            group.start_soon(take)
-            group.start_soon(watch)
-        if not got:
-            raise ClientGoneError
-
-
-async def pieces(
-    answer: Generator[str, None, None], limiter: anyio.CapacityLimiter
-) -> AsyncGenerator[str, None]:
-    """The pieces of ``answer``, each computed in a worker thread. Closing this async generator
-    (``contextlib.aclosing``: the client went away) closes ``answer``: no more tokens are made."""
-    try:
-        while True:
-            piece = await anyio.to_thread.run_sync(next, answer, None, limiter=limiter)
-            if piece is None:
-                return
-            yield piece
-    finally:
-        answer.close()
+    @staticmethod
+    async def _wait(event: anyio.Event, gone: Callable[[], Awaitable[bool]] | None) -> None:
+        while not event.is_set():
+            with anyio.move_on_after(0.2 if gone is not None else None):
+                await event.wait()
+            if not event.is_set() and gone is not None and await gone():
+                raise ClientGoneError
 
 
 class SlotResponse(StreamingResponse):

@@ -1,27 +1,30 @@
 """The app: ``create_app`` wires the endpoints, the error handlers and the middleware together.
 
-Owns ``Routes`` (the endpoints of one app, as methods sharing its bot, limits and gate), the
+Owns ``Routes`` (the endpoints of one app, as methods sharing its bot, limits, gate and engine), the
 exception handlers that turn every failure into OpenAI's ``{"error": {...}}`` JSON (a 405 keeps its
-``Allow`` header), and the shape of the answers: a whole ``chat.completion``, or
-``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. What a request may ask is
-checked in ``schema``; how many answers run at once is ``admission``'s; which ``Host`` is answered,
+``Allow`` header), and the shape of the answers: a whole ``chat.completion`` with one choice per
+``n``, or ``chat.completion.chunk`` server-sent events (each carrying its choice's ``index``) ending
+with ``data: [DONE]``. What a request may ask is checked in ``schema``; how many answers run at once
+is ``admission``'s; the decoding thread that advances them all together is ``engine``'s, started and
+stopped with the app (its lifespan), and their text ``replies``'; which ``Host`` is answered,
 ``hosts``'; the socket and uvicorn are ``server``'s. There are no interactive docs at ``/docs``:
 they load their scripts from a CDN, blank offline (``/openapi.json`` is served).
 
 Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, raw HTTP, bad requests),
-``tests/test_serve_http.py`` (methods, ``/docs``, Host names, keys) and ``tests/test_serve_browser.py``
-(the page at ``/``).
+``tests/test_serve_batch.py`` (``n``, answers among others), ``tests/test_serve_http.py`` (methods,
+``/docs``, Host names, keys) and ``tests/test_serve_browser.py`` (the page at ``/``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
@@ -30,24 +33,38 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt2.core.chat import Chatbot, ReplyInfo
-from minigpt2.core.generate import make_generator
+from minigpt2.core.chat import Chatbot
 from minigpt2.errors import UserError
-from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse, pieces
+from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse
 from minigpt2.serve.descriptors import OUT_OF_DESCRIPTORS, out_of_descriptors
+from minigpt2.serve.engine import Decoder, Engine
 from minigpt2.serve.hosts import HostCheck
-from minigpt2.serve.schema import LIMITS, ApiError, ChatRequest, ServeConfig, sampling, stop_strings, to_turns
+from minigpt2.serve.replies import Reply
+from minigpt2.serve.schema import (
+    LIMITS,
+    ApiError,
+    ChatRequest,
+    ServeConfig,
+    choices,
+    sampling,
+    stop_strings,
+    to_turns,
+)
 
 log = logging.getLogger(__name__)
 
 
-def create_app(bot: Chatbot, limits: ServeConfig | None = None) -> FastAPI:
-    """The ASGI app serving ``bot``. Run it with uvicorn (``minigpt2 serve`` does)."""
+def create_app(
+    bot: Chatbot, limits: ServeConfig | None = None, decoder: Callable[[], Decoder] | None = None
+) -> FastAPI:
+    """The ASGI app serving ``bot``. Run it with uvicorn (``minigpt2 serve`` does). ``decoder`` makes
+    the batched decoder the answers are drawn from (default: a ``BatchDecoder`` over ``bot.model``
+    with ``max_concurrent`` rows); tests give one that paces or scripts its steps."""
     limits = limits or ServeConfig()
-    routes = Routes(bot, limits)
+    routes = Routes(bot, limits, decoder)
     app = FastAPI(title="minigpt2", summary="An OpenAI-compatible API for a character-level GPT-2",
-                  docs_url=None, redoc_url=None)  # fmt: skip
-    app.state.gate, app.state.limits = routes.gate, limits
+                  docs_url=None, redoc_url=None, lifespan=routes.lifespan)  # fmt: skip
+    app.state.gate, app.state.limits, app.state.engine = routes.gate, limits, routes.engine
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     if limits.allowed_hosts:  # added last, so it runs first: a refused Host gets nothing else
         app.add_middleware(HostCheck, allowed=limits.allowed_hosts)
@@ -113,9 +130,14 @@ async def http_error(request: Request, err: StarletteHTTPException) -> JSONRespo
 class Routes:
     """The endpoints of one app; the bot, the limits and the gate are shared by all its requests."""
 
-    def __init__(self, bot: Chatbot, limits: ServeConfig) -> None:
+    def __init__(
+        self, bot: Chatbot, limits: ServeConfig, decoder: Callable[[], Decoder] | None = None
+    ) -> None:
         self.bot, self.limits = bot, limits
         self.gate = Gate(limits.max_concurrent, limits.max_queue)
+        self.engine = Engine(decoder or (lambda: batch_decoder(bot, limits.max_concurrent)))
+        # One text thread per row (see replies); made with the app, so none exists before it runs.
+        self.threads: ThreadPoolExecutor | None = None
         # OpenAI's model object, plus what the web page needs to start its controls from: the sampling
         # defaults and the limits this server was started with (clients ignore unknown fields).
         self.model_card = {
@@ -124,6 +146,21 @@ class Routes:
                          "top_p": bot.sample.top_p, "max_tokens": limits.default_max_tokens},
             "limits": {name: getattr(limits, name) for name in LIMITS},
         }  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.engine.start()
+        try:
+            yield
+        finally:
+            self.engine.stop()
+            if self.threads is not None:
+                self.threads.shutdown(wait=False, cancel_futures=True)
+
+    def text_threads(self) -> ThreadPoolExecutor:
+        if self.threads is None:
+            self.threads = ThreadPoolExecutor(self.limits.max_concurrent, thread_name_prefix="minigpt2-text")
+        return self.threads
 
     def add_to(self, app: FastAPI) -> None:
         guarded = [Depends(self.authorised)]
@@ -152,8 +189,10 @@ class Routes:
         return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
     async def health(self) -> dict[str, Any]:
+        # active: requests being answered; waiting: queued; rows: rows of the batch generating now.
         gate = self.gate
-        return {"status": "ok", "model": self.limits.model_id, "active": gate.active, "waiting": gate.waiting}
+        return {"status": "ok", "model": self.limits.model_id, "active": gate.active, "waiting": gate.waiting,
+                "rows": self.engine.running}  # fmt: skip
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_card]}
@@ -172,13 +211,21 @@ class Routes:
             sample = sampling(body, self.bot, self.limits)
         except UserError as err:  # SampleConfig's own checks, e.g. a non-finite number
             raise ApiError(400, str(err)) from None
-        info = ReplyInfo()
-        answer = self.bot.answer(turns, sample, generator=make_generator(sample.seed),
-                                 stop_strings=stop_strings(body), info=info)  # fmt: skip
+        n, stops = choices(body, self.limits), stop_strings(body)
         try:
-            leave = await self.gate.enter(request.is_disconnected)
+            leave = await self.gate.enter(request.is_disconnected, need=n)
         except ClientGoneError:  # nobody will read this; the slot it waited for goes to the next request
             return JSONResponse({"error": {"message": "the client went away", "type": "client_gone"}}, 408)
+        try:
+            reply = Reply(self.bot, self.engine, self.text_threads(), turns, sample, stops, n)
+        except BaseException:
+            leave()
+            raise
+
+        def done() -> None:  # the rows first: a request let in by leave() finds them free
+            reply.close()
+            leave()
+
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -186,60 +233,61 @@ class Routes:
         }
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
-            return SlotResponse(self._events(answer, info, head, with_usage), leave)
-        return await self._whole(answer, info, head, request, leave)
+            return SlotResponse(self._events(reply, head, with_usage), done)
+        return await self._whole(reply, head, request, done)
 
-    async def _events(
-        self, answer: Generator[str, None, None], info: ReplyInfo, head: dict[str, Any], with_usage: bool
-    ) -> AsyncIterator[str]:
-        """The answer as ``chat.completion.chunk`` events: the role, each piece, the finish reason."""
+    async def _events(self, reply: Reply, head: dict[str, Any], with_usage: bool) -> AsyncIterator[str]:
+        """The answers as ``chat.completion.chunk`` events: each choice's role, its pieces as they
+        come (``index`` says whose), its finish reason once it ends; then the usage if asked."""
         chunk = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
-        yield chunk_event(chunk, {"role": "assistant", "content": ""})
+        for index in range(len(reply.infos)):
+            yield chunk_event(chunk, index, {"role": "assistant", "content": ""})
         try:
-            async with contextlib.aclosing(pieces(answer, self.gate.limiter)) as stream:
-                async for piece in stream:
-                    yield chunk_event(chunk, {"content": piece})
+            async for index, piece in reply.pieces():
+                if piece is None:
+                    yield chunk_event(chunk, index, {}, reply.infos[index].finish_reason)
+                else:
+                    yield chunk_event(chunk, index, {"content": piece})
         except Exception as err:  # the headers are sent: report it in the stream, then end
             log.exception("generation failed")
             yield sse({"error": {"message": f"internal error: {err}", "type": "server_error"}})
             return
-        yield chunk_event(chunk, {}, info.finish_reason)
         if with_usage:
-            yield sse({**chunk, "choices": [], "usage": usage(info)})
+            yield sse({**chunk, "choices": [], "usage": reply.usage()})
         yield sse("[DONE]")
 
     async def _whole(
-        self,
-        answer: Generator[str, None, None],
-        info: ReplyInfo,
-        head: dict[str, Any],
-        request: Request,
-        leave: Callable[[], None],
+        self, reply: Reply, head: dict[str, Any], request: Request, done: Callable[[], None]
     ) -> JSONResponse:
-        """The answer as one ``chat.completion``; the slot is freed as soon as generation ends."""
-        text = []
+        """The answers as one ``chat.completion``; the slots are freed as soon as generation ends."""
         try:
-            async with contextlib.aclosing(pieces(answer, self.gate.limiter)) as stream:
-                async for piece in stream:
-                    text.append(piece)
-                    if await request.is_disconnected():  # nobody is waiting for the rest
-                        break
+            texts = await reply.whole(lambda: disconnect(request))
         finally:
-            leave()
-        message = {"role": "assistant", "content": "".join(text)}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": info.finish_reason}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
-                             "usage": usage(info), "system_fingerprint": None})  # fmt: skip
+            done()
+        answers = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+             "finish_reason": info.finish_reason}
+            for i, (text, info) in enumerate(zip(texts, reply.infos, strict=True))
+        ]  # fmt: skip
+        return JSONResponse({**head, "object": "chat.completion", "choices": answers, "usage": reply.usage(),
+                             "system_fingerprint": None})  # fmt: skip
 
 
-def usage(info: ReplyInfo) -> dict[str, int]:
-    """OpenAI's token counts of a finished answer (read once generation is over)."""
-    return {"prompt_tokens": info.prompt_tokens, "completion_tokens": info.completion_tokens,
-            "total_tokens": info.prompt_tokens + info.completion_tokens}  # fmt: skip
+async def disconnect(request: Request) -> None:
+    """Returns once the client has gone (its request body is read: what comes next is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-def chunk_event(chunk: dict[str, Any], delta: dict[str, str], finish: str | None = None) -> str:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+def batch_decoder(bot: Chatbot, rows: int) -> Decoder:
+    """The decoder the answers are drawn from: ``rows`` generations over ``bot.model`` in one pass."""
+    from minigpt2.fast.batch import BatchDecoder
+
+    return BatchDecoder(bot.model, max_rows=rows, precision=bot.precision)
+
+
+def chunk_event(chunk: dict[str, Any], index: int, delta: dict[str, str], finish: str | None = None) -> str:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     return sse({**chunk, "choices": [choice]})
 
 

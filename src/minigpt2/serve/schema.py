@@ -2,8 +2,9 @@
 
 Owns ``ServeConfig`` (the limits, each a ``minigpt2 serve`` option), ``LIMITS``, ``ApiError``
 (an error sent as OpenAI's ``{"error": {...}}`` JSON), the pydantic models of the request, and the
-functions that turn a request into what ``Chatbot.answer`` takes: ``to_turns`` (messages to turns,
-bounded), ``sampling`` (options over the bot's defaults, range-checked) and ``stop_strings``.
+functions that turn a request into what an answer takes: ``to_turns`` (messages to turns, bounded),
+``sampling`` (options over the bot's defaults, range-checked), ``choices`` (``n``) and
+``stop_strings``.
 Nothing here touches the network or the model, so every check answers before a slot is taken.
 
 Tests: ``pytest tests/test_serve.py`` (the bad-request cases send each of these through the server).
@@ -32,7 +33,9 @@ class ServeConfig:
     max_messages: int = 200  # messages in one request
     max_tokens: int = 1000  # the most characters one answer may ask for
     default_max_tokens: int = 300  # when the request does not say (`serve --max-new-tokens`); <= max_tokens
-    max_concurrent: int = 2  # answers generated at the same time
+    # Rows of the batch: answers generated together, one character each per batched model step
+    # (a request with n choices takes n); the measurements behind 32 are in cli/parser.py.
+    max_concurrent: int = 32
     max_queue: int = 32  # requests waiting for a free slot before the next ones get 429
     max_body_bytes: int = 1_000_000  # request bodies larger than this get 413
     # Open connections at most (None: 1000, fewer if the file descriptor limit is lower; see
@@ -89,6 +92,7 @@ def check_api_key(key: str, name: str = "api_key") -> None:
 
 
 MAX_STOP_CHARS = 64  # per stop string; each generated character is checked against every one
+MAX_CHOICES = 8  # OpenAI's n: answers to one request (each takes a row of the batch)
 
 
 class ApiError(Exception):
@@ -187,8 +191,6 @@ def to_turns(request: ChatRequest, limits: ServeConfig) -> list[Turn]:
 
 def sampling(request: ChatRequest, bot: Chatbot, limits: ServeConfig) -> SampleConfig:
     """The request's sampling options over the bot's defaults, range-checked as OpenAI does."""
-    if request.n not in (None, 1):
-        raise ApiError(400, "n must be 1: this server returns one choice", "n")
     plain_text = (request.response_format or {}).get("type", "text") == "text"
     unsupported = [("logprobs", bool(request.logprobs)), ("tools", bool(request.tools)),
                    ("response_format", not plain_text)]  # fmt: skip
@@ -220,6 +222,15 @@ def sampling(request: ChatRequest, bot: Chatbot, limits: ServeConfig) -> SampleC
     if request.seed is not None and request.seed < 0:
         options["seed"] = None
     return SampleConfig(**{**vars(bot.sample), **options, "max_new_tokens": max_tokens})
+
+
+def choices(request: ChatRequest, limits: ServeConfig) -> int:
+    """The request's ``n``: answers to generate, each a row of the batch, so at most the rows there are."""
+    most = min(MAX_CHOICES, limits.max_concurrent)
+    n = 1 if request.n is None else request.n
+    if not 1 <= n <= most:
+        raise ApiError(400, f"n must be in [1, {most}], got {n}", "n")
+    return n
 
 
 def stop_strings(request: ChatRequest) -> list[str]:

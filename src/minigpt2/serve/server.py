@@ -102,7 +102,8 @@ def make_server(app: FastAPI, limits: ServeConfig | None = None) -> uvicorn.Serv
     limits = limits or getattr(app.state, "limits", None) or ServeConfig()
     protocol = guarded_protocol(connection_cap(limits.max_connections), limits.header_timeout,
                                 limits.body_timeout)  # fmt: skip
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http=protocol,
+    # The lifespan starts the app's decoding thread and stops it when the server stops.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=protocol,
                             ws="none")  # fmt: skip
     return Server(config)
 
