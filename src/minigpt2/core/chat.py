@@ -18,6 +18,7 @@ Tests: ``pytest tests/test_chat.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
 
+# torch (and what imports it) is imported inside the methods that run the model: the templates and
+# the prompt rules here are also used where torch is not needed yet.
 if TYPE_CHECKING:
     import torch
 
@@ -279,7 +282,8 @@ class Chatbot:
             raise UserError(f"next_char_probs needs k, the number of characters to show, >= 1; got {k!r}")
         history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
         prompt = self.prepare(history).prompt
-        with torch.inference_mode():
+        autocast = self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:  # the precision the answers are drawn in
             logits, _ = self.model(torch.tensor([prompt], device=self.model.device))
         probs = torch.softmax(logits[0, -1].float(), dim=-1)
         top = torch.topk(probs, min(k, probs.numel()))

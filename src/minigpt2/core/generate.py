@@ -29,6 +29,8 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """The reference loop: up to ``max_new_tokens`` ids after ``prompt``, within one context window."""
+    if not prompt:
+        raise ValueError("generation needs at least one prompt id")
     device = model.device
     cache = KVCache(model.config)
     idx = torch.tensor([list(prompt)[-model.config.block_size :]], device=device)  # (1, T)

@@ -46,7 +46,8 @@ class KVCache:
         return None if self.kv is None else self.kv[:, 1]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this layer's new k, v (B, nh, T, hs) and return all keys/values so far (B, nh, Tk, hs)."""
+        """Store this layer's new k, v (B, nh, T, hs) and return all keys/values so far (B, nh, Tk, hs).
+        ``pos`` stays: the model advances it once every layer has stored its T positions."""
         T = k.size(2)
         if self.kv is None:
             c = self.config
@@ -222,7 +223,8 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied head is the token embedding). ``non_embedding``
-        leaves out the position embeddings too, as GPT-2's parameter counts do."""
+        leaves out the position embeddings, as GPT-2's parameter counts do (``wte`` stays: it is
+        also the head's weight)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 

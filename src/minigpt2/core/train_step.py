@@ -76,7 +76,9 @@ def train_step(
     if not model.training:  # after an evaluation: dropout on again (only then: train() walks
         model.train()  # every module, ~0.1 ms, and a tiny model's whole step is a few ms)
 
-    total = torch.zeros((), device=params[0].device)  # the step's loss, added up without waiting
+    # The step's loss, added up on the device: no float() per pass, which would make the CPU wait
+    # for the GPU each time.
+    total = torch.zeros((), device=params[0].device)
     for x, y, weight, last in passes:  # x, y: (B, T)
         # DDP averages gradients across processes once, on the last pass.
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()

@@ -6,11 +6,12 @@
 |----------------------------------|-----------------------------------------|------------------------|
 | ``nn.Dropout``                   | ``dropout.FastDropout``: SFC64 masks    | CPU training           |
 | ``nn.GELU(approximate="tanh")``  | ``gelu.CompiledGELU``: one loop         | CPU training           |
-| ``CausalSelfAttention.attend``   | ``attention.CPUTrainingAttention``      | CPU training (bf16)    |
+| ``CausalSelfAttention.attend``   | ``attention.CPUTrainingAttention``      | CPU training           |
 | ``GPT.forward`` for one token    | ``decode.FastGPT``: the flat decode step | generation            |
 
-Each drop-in is a subclass that adds no parameters and no state and only overrides ``forward``
-(or ``attend``), so the model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
+Each drop-in is a subclass that adds no parameters (``FastGPT`` keeps only a cache of transposed
+views of the weights, rebuilt at every prompt) and only overrides ``forward`` (or ``attend``), so the
+model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 ``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
 modules the same way). Outside the cases in the last column each drop-in runs the textbook code.
 Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
@@ -56,6 +57,7 @@ def speed_up(model: GPT) -> GPT:
 def to_reference(model: GPT) -> GPT:
     """Undo ``speed_up``: every module back to its textbook class (in place)."""
     textbook = {fast: plain for plain, fast in DROP_INS.items()}
+    model.__dict__.pop("_decoder", None)  # FastGPT's views of the weights go with it
     for module in model.modules():
         plain = textbook.get(type(module))
         if plain is not None:

@@ -4,8 +4,8 @@ In CPU training, plain matrix products (which run on the CPU's bf16 units under 
 PyTorch's CPU flash-attention backward, and three details of the written-out attention make it
 faster still, computing the same function:
 
-- q is scaled by 1/sqrt(hs) before the product, not the scores after: the same numbers on a tensor
-  Tk/hs times smaller;
+- q is scaled by 1/sqrt(hs) before the product, not the scores after: the same function (to
+  rounding) on a tensor Tk/hs times smaller;
 - the causal mask is added as a bias of 0 / -inf: an addition costs a fraction of a ``masked_fill``
   with a bool mask on the CPU, forward and backward;
 - the softmax runs in the scores' own dtype: under autocast that is bf16, whose kernels sum in fp32

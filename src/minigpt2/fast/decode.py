@@ -64,8 +64,9 @@ class Decoder:
 
     Fill the cache first with the model itself (``model(idx, cache=cache)`` for the prompt), then
     call ``step`` once per new token. Inference only: no dropout, no gradients. The tensors are
-    taken when the decoder is made: in-place updates (training, ``load_state_dict``) show, but
-    build a new decoder after ``model.to(...)`` (``generate_ids`` makes one per call).
+    taken when the decoder is made: in-place updates (training, ``load_state_dict``) show, but a
+    decoder made before ``model.to(...)`` keeps the old tensors. ``FastGPT`` makes a new one after
+    every prompt or refill; a caller that drives ``Decoder`` itself must do the same.
     """
 
     def __init__(self, model: GPT) -> None:
@@ -134,6 +135,6 @@ class FastGPT(GPT):
             self._decoder = None
             return super().forward(idx, targets, cache)
         assert cache is not None
-        if self._decoder is None:
-            self._decoder = Decoder(self)
-        return self._decoder.step(idx[0], cache).view(1, 1, -1), None  # (1, 1, V)
+        decoder = self._decoder or Decoder(self)  # one read: another thread may reset it meanwhile
+        self._decoder = decoder
+        return decoder.step(idx[0], cache).view(1, 1, -1), None  # (1, 1, V)
