@@ -208,6 +208,7 @@ def render_page(data: dict[str, Any], weights_b64: str) -> bytes:
         # Inside <script>, these would end the element (or change how the parser reads it).
         assert not re.search(r"</script|<!--", code, re.IGNORECASE), "a script part holds </script or <!--"
     parts = {
+        "STYLE": served_style(),
         "TITLE": html.escape(data["name"]),
         # "<" only occurs inside JSON strings, where \u003c means the same and cannot end the element.
         "MODEL_DATA": json.dumps(data, ensure_ascii=False).replace("<", "\\u003c"),
@@ -217,6 +218,15 @@ def render_page(data: dict[str, Any], weights_b64: str) -> bytes:
     }
     template = files.joinpath("page.html").read_text(encoding="utf-8")
     return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: parts[m.group(1)], template).encode("utf-8")
+
+
+def served_style() -> str:
+    """The ``<style>`` element of the served web chat, so that the page looks like it with one
+    stylesheet to maintain. Read as a file of the package: importing ``minigpt2.serve`` would need
+    the server's dependencies, which exporting does not."""
+    served = resources.files("minigpt2").joinpath("serve/static/chat.html").read_text(encoding="utf-8")
+    start, end = served.index("<style>"), served.index("</style>") + len("</style>")
+    return served[start:end]
 
 
 def model_name(ckpt_dir: Path) -> str:
