@@ -9,6 +9,10 @@ inside one context window (transformers' ``generate`` cannot go past it; minigpt
 their KV caches: minigpt2's engine (``speed_up``) in fp32 and under bf16 autocast, and
 ``GPT2LMHeadModel.generate`` in fp32. The paths take turns for ``--rounds`` rounds (medians). Both
 produce the same ids in fp32 (checked), so the comparison is of the same work.
+
+It also measures how fast this machine reads memory (summing a 512 MiB tensor on every thread) and
+prints the ceiling that sets at batch 1: each character reads every weight once, so no path can
+write more than (read rate) / (bytes of weights) characters a second at that precision.
 """
 
 from __future__ import annotations
@@ -63,6 +67,17 @@ def theirs(hf: torch.nn.Module, new: int) -> tuple[float, list[int]]:
     return len(ids) / (time.perf_counter() - start), ids
 
 
+def read_rate(seconds: float = 2.0) -> float:
+    """Bytes per second this machine reads from memory (a sum over a tensor far larger than its caches)."""
+    big = torch.ones(128 * 2**20)  # 512 MiB of fp32
+    big.sum()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        big.sum()
+        count += 1
+    return count * big.numel() * 4 / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,9 +106,16 @@ def main() -> None:
     reference = statistics.median(speeds["transformers generate, fp32"])
     rows = [{"path": name, "chars_per_s": statistics.median(v), "ratio": statistics.median(v) / reference,
              "rounds": " ".join(f"{x:.0f}" for x in v)} for name, v in speeds.items()]  # fmt: skip
+    rate = read_rate()
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())  # the tied head is read once more
+    ceiling = rate / weight_bytes
     print(f"preset {args.preset}: {model.num_params():,} parameters, {new} new characters; same ids: {same}")
     print_table(rows, ["path", "chars_per_s", "ratio", "rounds"])
+    print(f"memory read {rate / 1e9:.1f} GB/s; fp32 weights {weight_bytes / 2**20:.1f} MiB: at most"
+          f" {ceiling:,.0f} characters/s in fp32, {2 * ceiling:,.0f} with 2-byte weights, {4 * ceiling:,.0f}"
+          f" with 1-byte weights")  # fmt: skip
     emit({"preset": args.preset, "new": new, "same_ids": same, "transformers_chars_per_s": reference,
+          "read_gb_per_s": rate / 1e9, "fp32_ceiling_chars_per_s": ceiling,
           **{r["path"]: r["chars_per_s"] for r in rows}})  # fmt: skip
 
 

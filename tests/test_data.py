@@ -270,3 +270,58 @@ def test_prepare_shakespeare_downloads_once_then_uses_the_cache(
     again = data.prepare("shakespeare", tmp_path / "second", block_size=128)
     assert again["train_tokens"] == meta["train_tokens"]
     assert np.array_equal(_read_split(tmp_path / "second", "train"), train)
+
+
+def test_mix_adds_training_text_and_keeps_the_validation_split(
+    tmp_path: Path, cli: Callable[..., object]
+) -> None:
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Zounds! Quoth the raven (Ж), wherefore art thou? " * 200, encoding="utf-8")
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    data.prepare("chatterbot:italian", plain, block_size=64)
+    meta = data.prepare("chatterbot:italian", mixed, block_size=64, mix=str(extra), mix_share=0.3)
+    train, val, tok = _check_prepared(mixed, meta)
+    plain_train, plain_val, plain_tok = _check_prepared(plain, json.loads((plain / "meta.json").read_text()))
+    assert "Ж" in tok.chars and "Ж" not in plain_tok.chars  # the vocabulary covers both
+    # The validation split is the corpus's own, character for character; only the ids may differ.
+    assert tok.decode(val.tolist()) == plain_tok.decode(plain_val.tolist())
+    # The training split: the corpus's split repeated whole, then every character of the mixed-in text.
+    own = plain_tok.decode(plain_train.tolist())
+    mix = meta["mix"]
+    assert mix["source"] == str(extra) and mix["source_repeats"] == 1 and mix["mix_repeats"] >= 2
+    expected = own * mix["source_repeats"] + extra.read_text(encoding="utf-8") * mix["mix_repeats"]
+    assert tok.decode(train.tolist()) == expected
+    assert abs(mix["share"] - 0.3) < 0.05  # the share asked for, to within one copy of the text
+
+    # A mixed-in text longer than the corpus: the corpus is repeated instead.
+    long_text = tmp_path / "long.txt"
+    long_text.write_text("the quick brown fox. " * 30_000, encoding="utf-8")
+    meta = data.prepare("chatterbot:italian", tmp_path / "long", block_size=64, mix=str(long_text))
+    assert meta["mix"]["source_repeats"] >= 5 and meta["mix"]["mix_repeats"] == 1
+    assert abs(meta["mix"]["share"] - 0.5) < 0.05
+
+    args = ("--out", tmp_path / "o", "--mix", extra, "--mix-share", ".3")
+    printed = cli("prepare", "chatterbot:italian", *args)
+    assert "mixed in" in printed.stdout and "% of the training split" in printed.stdout  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("share", ["0", "1", "1.5"])
+def test_a_mix_share_outside_zero_one_is_one_clear_error(
+    tmp_path: Path,
+    cli: Callable[..., object],
+    one_line_error: Callable[..., str],
+    text_corpus: Path,
+    share: str,
+) -> None:
+    out = tmp_path / "out"
+    args = ("--out", out, "--mix", text_corpus, "--mix-share", share)
+    line = one_line_error(cli("prepare", text_corpus, *args))
+    assert "--mix-share" in line and not out.exists()
+
+
+def test_a_missing_mix_source_is_one_clear_error(
+    tmp_path: Path, cli: Callable[..., object], one_line_error: Callable[..., str], text_corpus: Path
+) -> None:
+    out = tmp_path / "out"
+    line = one_line_error(cli("prepare", text_corpus, "--out", out, "--mix", tmp_path / "nope.txt"))
+    assert "nope.txt" in line and not out.exists()

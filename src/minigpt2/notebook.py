@@ -77,9 +77,10 @@ class LivePlot(Callback):
 
 
 def ensure_chatbot(
-    source: str, root: str | Path = ".", preset: str = "chat", overrides: dict[str, Any] | None = None
+    source: str, root: str | Path = ".", preset: str | None = None, overrides: dict[str, Any] | None = None
 ) -> Path:
-    """The trained run for ``source`` under ``root``; trains it here, with a live plot, if missing."""
+    """The trained run for ``source`` under ``root``; trains it here, with a live plot, if missing
+    (``source``'s recipe, or ``preset`` instead: ``recipes.ensure_chatbot``)."""
     from IPython.display import Image, display
     from tqdm.auto import tqdm
 

@@ -1,13 +1,15 @@
 """Ready-made runs: the default chatbot that ``make chat``, ``minigpt2 quickstart`` and the notebook use.
 
-``ensure_chatbot`` prepares the corpus if its data folder is missing, trains the ``chat`` preset if
-the run has no ``best`` checkpoint yet (resuming an interrupted run), and returns the run directory.
-A run that already exists is used as it is, so the second ``make chat`` starts chatting at once.
+``ensure_chatbot`` prepares the corpus if its data folder is missing (with the text its recipe mixes
+in), trains the recipe's preset if the run has no ``best`` checkpoint yet (resuming an interrupted
+run), and returns the run directory. A run that already exists is used as it is, so the second
+``make chat`` starts chatting at once. ``benchmarks/chat_quality.py`` measures the recipes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,45 @@ from minigpt2.training.metrics import Callback
 DEFAULT_SOURCE = "chatterbot:english"
 
 
+@dataclass(frozen=True)
+class ChatRecipe:
+    """How a default chatbot is trained: a preset (plus overrides) on its corpus, with ``mix``, another
+    SOURCE, making up ``mix_share`` of the training characters (``data.prepare``)."""
+
+    preset: str = "chat"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    mix: str | None = None
+    mix_share: float = 0.5
+
+
+# The recipe before text was mixed in: the `chat` preset on the dialogues alone (the reference of
+# benchmarks/chat_quality.py), and still the recipe of any other corpus.
+TODAY = ChatRecipe()
+
+# English dialogues are few (190,777 training characters): the `chat` preset memorises them within
+# ~1,100 steps (val loss 0.875, then rising). With Shakespeare's works as half of the training
+# characters, it learns English spelling from them and is still improving when the 8 minutes end
+# (docs/performance.md, section 3).
+ENGLISH = ChatRecipe(mix="shakespeare", mix_share=0.5)
+
+
+def recipe_for(source: str) -> ChatRecipe:
+    """The recipe of the default chatbot for ``source``."""
+    if source in ("chatterbot", "chatterbot:english"):
+        return ENGLISH
+    return TODAY
+
+
+def _slug(source: str) -> str:
+    return source.replace(":", "-").replace("/", "_")
+
+
 def default_paths(source: str = DEFAULT_SOURCE, root: Path = Path(".")) -> tuple[Path, Path]:
-    """The data folder and run directory used for ``source``: ``data/<name>``, ``runs/chat-<name>``."""
-    name = source.replace(":", "-").replace("/", "_")
-    return root / "data" / name, root / "runs" / f"chat-{name}"
+    """The data folder and run directory used for ``source``: ``data/<name>`` (``data/<name>+<mix>``
+    when its recipe mixes text in), ``runs/chat-<name>``."""
+    mix = recipe_for(source).mix
+    data_name = _slug(source) + (f"+{_slug(mix)}" if mix else "")
+    return root / "data" / data_name, root / "runs" / f"chat-{_slug(source)}"
 
 
 def has_model(run_dir: Path) -> bool:
@@ -41,23 +78,29 @@ def ensure_chatbot(
     source: str = DEFAULT_SOURCE,
     data_dir: Path | None = None,
     run_dir: Path | None = None,
-    preset: str = "chat",
+    preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> Path:
-    """A trained run for ``source``, training one (or finishing an interrupted one) if needed."""
+    """A trained run for ``source``, training one (or finishing an interrupted one) if needed.
+
+    ``preset`` None trains ``source``'s recipe (its preset and overrides); a preset given is trained
+    as it is, on the recipe's data (mix included). ``overrides`` apply last."""
     default_data, default_run = default_paths(source)
     data_dir, run_dir = data_dir or default_data, run_dir or default_run
     if is_ready(run_dir):
         return run_dir
+    recipe = recipe_for(source)
     resume = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
     # An interrupted run goes on with the settings it started with (a newer preset may differ).
     if resume:
         model_cfg, train_cfg = config.saved_run_configs(run_dir, overrides)
     else:
-        model_cfg, train_cfg = config.resolve(preset, overrides=overrides)
+        settings = {**(recipe.overrides if preset is None else {}), **(overrides or {})}
+        model_cfg, train_cfg = config.resolve(preset or recipe.preset, overrides=settings)
     if not (data_dir / "meta.json").is_file():
-        data.prepare(source, data_dir, block_size=model_cfg.block_size)
+        block = model_cfg.block_size
+        data.prepare(source, data_dir, block_size=block, mix=recipe.mix, mix_share=recipe.mix_share)
     from minigpt2.training.trainer import train
 
     train(data_dir, run_dir, model_cfg, train_cfg, resume=resume, callbacks=callbacks)

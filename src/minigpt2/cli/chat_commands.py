@@ -69,13 +69,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return cmd_chat(args)
 
 
-def _default_chatbot(source: str, preset: str = "chat") -> str:
+def _default_chatbot(source: str, preset: str | None = None) -> str:
     """The run directory of the default chatbot for ``source``, trained first if needed."""
     from minigpt2 import recipes
 
     data_dir, run_dir = recipes.default_paths(source)
     if not recipes.is_ready(run_dir):
-        print(f"training the default chatbot on {source} into {run_dir} (once; Ctrl-C stops early)")
+        mix = recipes.recipe_for(source).mix
+        mixed = f" (with {mix} mixed in)" if mix else ""
+        print(f"training the default chatbot on {source}{mixed} into {run_dir} (once; Ctrl-C stops early)")
     bar = progress_bar()
     try:
         return str(recipes.ensure_chatbot(source, data_dir, run_dir, preset=preset, callbacks=[bar]))

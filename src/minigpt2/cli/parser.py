@@ -129,6 +129,10 @@ def _prepare(sub: Subparsers) -> None:
                    help="a .txt file, a folder of .txt files, chatterbot[:LANG] or shakespeare")  # fmt: skip
     p.add_argument("--out", help="output folder (default data/<source>)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out (default 0.1)")
+    p.add_argument("--mix", metavar="SOURCE",
+                   help="another SOURCE to train on too (e.g. shakespeare); val stays SOURCE's")  # fmt: skip
+    p.add_argument("--mix-share", type=float, default=0.5,
+                   help="share of the training characters that come from --mix (default 0.5)")  # fmt: skip
     add_force_option(p)
     p.add_argument("--block-size", type=int, default=128,
                    help="context window each split must hold (default 128)")  # fmt: skip
@@ -177,7 +181,8 @@ def _quickstart(sub: Subparsers) -> None:
     p = sub.add_parser("quickstart", help="train the default chatbot if there is none, then chat")
     p.add_argument("--lang", default="english", help="chatterbot-corpus language (default english)")
     p.add_argument("--source", default=None, help="any SOURCE instead (a .txt file, shakespeare, ...)")
-    p.add_argument("--preset", default="chat", help="training preset (default chat)")
+    p.add_argument("--preset", default=None,
+                   help="training preset (default: the corpus's recipe, the chat preset)")  # fmt: skip
     add_chat_options(p)
     p.set_defaults(func=cmd_quickstart)
 

@@ -28,14 +28,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from minigpt2 import data
 
     out = Path(args.out) if args.out else Path("data") / _slug(args.source)
-    meta = data.prepare(
-        args.source, out, val_fraction=args.val_fraction, block_size=args.block_size, force=args.force
-    )
+    meta = data.prepare(args.source, out, val_fraction=args.val_fraction, block_size=args.block_size,
+                        force=args.force, mix=args.mix, mix_share=args.mix_share)  # fmt: skip
     vocab = meta["tokenizer"]["chars"]
     print(
         f"prepared {args.source} -> {out}: {meta['train_tokens']:,} train and"
         f" {meta['val_tokens']:,} val tokens, {len(vocab)} distinct characters ({meta['kind']})"
     )
+    if meta["mix"]:
+        mix = meta["mix"]
+        copies = f"{args.source} {mix['source_repeats']}x, {mix['source']} {mix['mix_repeats']}x"
+        print(f"mixed in {mix['source']}: {mix['tokens']:,} characters, {mix['share']:.0%} of the training"
+              f" split ({copies})")  # fmt: skip
     return 0
 
 
