@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, print_table
+from common import cpu_model, emit, print_table
 
 from minigpt2.core import config
 from minigpt2.core.config import SampleConfig
@@ -35,13 +35,6 @@ from minigpt2.fast import speed_up
 from minigpt2.fast.batch import generate_many
 
 VOCAB = sorted(set("\n !&'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz[]_0123456789\""))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def make_model(preset: str) -> GPT:

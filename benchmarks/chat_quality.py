@@ -1,4 +1,4 @@
-"""The default chatbot's quality for its time: today's recipe against the new one, side by side.
+"""The default chatbot's quality for its time: its recipe against the dialogues alone, side by side.
 
     python benchmarks/chat_quality.py                      # english, 8 minutes each
     python benchmarks/chat_quality.py --lang italian --minutes 8
@@ -17,7 +17,9 @@ on a quiet one.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, print_table
+from common import cpu_model, emit, print_table
 
 from minigpt2 import corpora, data, recipes
 from minigpt2.core import config
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--lang", default="english", help="chatterbot-corpus language (default english)")
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget of each recipe")
     parser.add_argument("--questions", type=int, default=60, help="validation questions to answer")
-    parser.add_argument("--only", choices=["today", "new"], help="train one recipe only")
+    parser.add_argument("--only", choices=["alone", "recipe"], help="train one recipe only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -85,19 +87,22 @@ def main() -> None:
     _, val_convs = data.split_conversations(conversations, 0.1)
     questions = [c[0] for c in val_convs[: args.questions]]
     known = {w for c in conversations for turn in c for w in words(turn)}
-    chosen = {"today": recipes.TODAY, "new": recipes.recipe_for(source)}
+    chosen = {"alone": recipes.ALONE, "recipe": recipes.recipe_for(source)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, recipe in chosen.items():
             if args.only in (None, name):
                 rows.append(run_recipe(name, recipe, source, args.minutes, Path(tmp), questions, known))
-    print(f"\n{source}, {args.minutes:g} minutes each, {len(questions)} validation questions")
+    print(
+        f"\n{source}, {args.minutes:g} minutes each, {len(questions)} validation questions; {cpu_model()},"
+        f" {os.cpu_count()} cores, {datetime.date.today()}"
+    )
     print_table(rows, ["recipe", "mix", "train_chars", "steps", "best_step", "minutes", "best_val_loss",
                        "real_words"])  # fmt: skip
     for r in rows:
         for question, answer in zip(questions, r["examples"], strict=False):
             print(f"  [{r['recipe']}] {question!r} -> {answer!r}")
-    emit({"source": source, "minutes": args.minutes, "rows": rows})
+    emit({"source": source, "minutes": args.minutes, "cpu": cpu_model(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import openai
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, print_table
+from common import cpu_model, emit, print_table
 
 from minigpt2 import serve
 from minigpt2.core import config
@@ -45,13 +45,6 @@ from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 
 VOCAB = sorted(set("\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def stream_one(api: openai.OpenAI, tokens: int, seed: int) -> tuple[str, str | None, float | None]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, print_table
+from common import cpu_model, emit, print_table
 
 from minigpt2.core import config
 from minigpt2.core.config import SampleConfig
@@ -109,7 +109,10 @@ def main() -> None:
     rate = read_rate()
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())  # the tied head is read once more
     ceiling = rate / weight_bytes
-    print(f"preset {args.preset}: {model.num_params():,} parameters, {new} new characters; same ids: {same}")
+    print(
+        f"preset {args.preset}: {model.num_params():,} parameters, {new} new characters; same ids: {same};"
+        f" {cpu_model()}"
+    )
     print_table(rows, ["path", "chars_per_s", "ratio", "rounds"])
     print(f"memory read {rate / 1e9:.1f} GB/s; fp32 weights {weight_bytes / 2**20:.1f} MiB: at most"
           f" {ceiling:,.0f} characters/s in fp32, {2 * ceiling:,.0f} with 2-byte weights, {4 * ceiling:,.0f}"

@@ -28,7 +28,7 @@ def test_the_default_recipes_and_their_folders(tmp_path: Path) -> None:
     assert data_dir == tmp_path / "data" / "chatterbot-english+shakespeare"
     assert run_dir == tmp_path / "runs" / "chat-chatterbot-english"
     # A user's own text is trained as it is: nothing mixed in, the folders named after it alone.
-    assert recipes.recipe_for("notes/diary.txt") == recipes.TODAY and recipes.TODAY.mix is None
+    assert recipes.recipe_for("notes/diary.txt") == recipes.ALONE and recipes.ALONE.mix is None
     assert recipes.default_paths("shakespeare", tmp_path)[0] == tmp_path / "data" / "shakespeare"
 
 

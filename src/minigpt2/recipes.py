@@ -32,9 +32,9 @@ class ChatRecipe:
     mix_share: float = 0.5
 
 
-# The recipe before text was mixed in: the `chat` preset on the dialogues alone (the reference of
-# benchmarks/chat_quality.py), and still the recipe of any other corpus.
-TODAY = ChatRecipe()
+# The `chat` preset on the corpus alone: the recipe of any corpus not measured below, and the
+# reference of benchmarks/chat_quality.py.
+ALONE = ChatRecipe()
 
 # English dialogues are few (190,777 training characters): the `chat` preset memorises them within
 # ~1,100 steps (val loss 0.875, then rising). With Shakespeare's works as half of the training
@@ -56,7 +56,7 @@ def recipe_for(source: str) -> ChatRecipe:
         return ENGLISH
     if source == "chatterbot:italian":
         return ITALIAN
-    return TODAY
+    return ALONE
 
 
 def _slug(source: str) -> str:
