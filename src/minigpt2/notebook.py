@@ -96,7 +96,8 @@ def ensure_chatbot(
 
 
 # What ``load_chatbot`` passes on to ``Chatbot.from_run``; every other keyword is a sampling option.
-LOAD_OPTIONS = ("device", "dtype", "template", "engine", "user_name", "bot_name", "speaker_end")
+LOAD_OPTIONS = ("device", "dtype", "template", "engine", "decode_weights",
+                "user_name", "bot_name", "speaker_end")  # fmt: skip
 
 
 def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Chatbot:
@@ -104,7 +105,8 @@ def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Ch
 
     Keywords: the sampling options (``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
     ``max_new_tokens``), checked before the model is loaded, and how to load it (``device``,
-    ``dtype``, ``template``, ``engine``, ``user_name``, ``bot_name``, ``speaker_end``).
+    ``dtype``, ``template``, ``engine``, ``decode_weights``, ``user_name``, ``bot_name``,
+    ``speaker_end``).
     """
     from minigpt2.core.config import CHAT_SAMPLE
 

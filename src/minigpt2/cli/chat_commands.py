@@ -35,7 +35,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from minigpt2.inference import load_for_inference
 
     cfg = sample_config(args)
-    loaded = load_for_inference(args.run, args.device, args.dtype, args.engine, generation=True)
+    loaded = load_for_inference(args.run, args.device, args.dtype, args.engine, generation=True,
+                                decode_weights=args.decode_weights)  # fmt: skip
     warn_unknown(loaded.tokenizer, args.prompt)
     sys.stdout.write(args.prompt)
     pieces = stream_text(
@@ -52,7 +53,8 @@ def _chatbot(args: argparse.Namespace, sample: Any) -> Any:
     from minigpt2.core.chat import Chatbot
 
     return Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
-                            engine=args.engine, user_name=args.user_name, bot_name=args.bot_name,
+                            engine=args.engine, decode_weights=args.decode_weights,
+                            user_name=args.user_name, bot_name=args.bot_name,
                             sample=sample)  # fmt: skip
 
 

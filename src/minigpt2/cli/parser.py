@@ -46,14 +46,20 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=f"(preset or default {default})")  # fmt: skip
 
 
-def add_inference_options(p: argparse.ArgumentParser) -> None:
+def add_inference_options(p: argparse.ArgumentParser, generation: bool = True) -> None:
     # `train` has its own --engine (TrainConfig's field, from add_config_flags) and not these.
+    # `eval` scores whole windows, so it has no --decode-weights (only the one-character steps read them).
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision (default auto: bf16 where the hardware has it)")  # fmt: skip
     p.add_argument("--engine", default="fast", choices=["fast", "reference"],
                    help="fast: the engine's faster drop-ins (same results); "
                         "reference: the textbook model alone")  # fmt: skip
+    if generation:
+        p.add_argument("--decode-weights", default="auto", choices=["auto", "int8", "fp32"],
+                       help="the weights each generated character reads: int8 (a quarter of the bytes, "
+                            "loss within ~0.001 of fp32) or fp32 (as trained, exact); default auto: "
+                            "int8 on a CPU for models of 10 MiB or more")  # fmt: skip
 
 
 def add_sampling_options(
@@ -166,7 +172,7 @@ def _eval(sub: Subparsers) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many windows (0 = all)")
-    add_inference_options(p)
+    add_inference_options(p, generation=False)
     p.set_defaults(func=cmd_eval)
 
 

@@ -177,12 +177,13 @@ class Chatbot:
         dtype: str = "auto",
         template: str | None = None,
         engine: str = "fast",
+        decode_weights: str = "auto",
         **kw: Any,
     ) -> Chatbot:
         """Load a trained run; the template defaults to the one its checkpoint names."""
         from minigpt2.inference import load_for_inference
 
-        loaded = load_for_inference(run, device, dtype, engine)
+        loaded = load_for_inference(run, device, dtype, engine, decode_weights=decode_weights)
         name = template or loaded.ckpt.meta.get("chat_template") or "dialogue"
         options = {k: kw.pop(k) for k in ("user_name", "bot_name", "speaker_end") if k in kw}
         return cls(

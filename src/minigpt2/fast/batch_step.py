@@ -1,10 +1,11 @@
 """The forward pass of batched decoding: ``Decoder.step`` for B rows, each at its own position.
 
-``BatchStep`` holds ``model``'s weights as ``Decoder`` flattens them (plain tensors, the linear
-weights pre-transposed for ``addmm``) and a KV cache of ``max_rows`` slots, one (n_layer, 2,
-max_rows, nh, block_size, hs) buffer. A call feeds one id to each of the rows in slots 0 .. B-1
-and returns their next-token logits: the same kernels as ``Decoder.step`` (layer norm, addmm,
-SDPA, tanh-GELU) with B rows in each product, so the weights are read once for all rows.
+``BatchStep`` holds ``model``'s weights as ``Decoder`` flattens them (plain tensors, and each
+linear layer as ``DenseLinear``, or ``Int8Linear`` where the model's ``decode_weights`` is "int8")
+and a KV cache of ``max_rows`` slots, one (n_layer, 2, max_rows, nh, block_size, hs) buffer. A
+call feeds one id to each of the rows in slots 0 .. B-1 and returns their next-token logits: the
+same kernels as ``Decoder.step`` (layer norm, the linear layers' products, SDPA, tanh-GELU) with B
+rows in each product, so the weights are read once for all rows.
 
 Rows of different lengths share the pass: row b's id gets the position embedding of its own
 position pos[b], its k and v are written at that position of its slot (one copy per layer for all
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minigpt2.core.model import GPT
-from minigpt2.fast.decode import Decoder
+from minigpt2.fast.decode import decoder_for
 
 
 class BatchStep:
@@ -31,7 +32,7 @@ class BatchStep:
     """
 
     def __init__(self, model: GPT, max_rows: int) -> None:
-        self.w = Decoder(model)
+        self.w = decoder_for(model)  # its weights, as the model's decode_weights names them
         self.config, self.max_rows, self.device = model.config, max_rows, model.device
         self.kv: Tensor | None = None
         self._where: Tensor | None = None  # (max_rows, 2, nh): see cache()
@@ -72,16 +73,14 @@ class BatchStep:
         mask = (torch.arange(Tk, device=ids.device) <= pos[:, None]).view(B, 1, 1, Tk) if ragged else None
         where = self._where[:B] + pos.view(B, 1, 1)  # (B, 2, nh): each row's new k, v rows in a layer
         for layer, lw in enumerate(w.blocks):
-            qkv = torch.addmm(
-                lw.attn_b, F.layer_norm(x, (C,), lw.ln_1_w, lw.ln_1_b, eps), lw.attn_w_t
-            )  # (B, 3C)
+            qkv = lw.attn(F.layer_norm(x, (C,), lw.ln_1_w, lw.ln_1_b, eps))  # (B, 3C)
             cache = kv[layer]  # (2, R, nh, block_size, hs), contiguous
             cache.view(-1, hs).index_put_((where,), qkv[:, C:].view(B, 2, nh, hs))
             q = qkv[:, :C].view(B, nh, 1, hs)
             y = F.scaled_dot_product_attention(q, cache[0, :B, :, :Tk], cache[1, :B, :, :Tk], attn_mask=mask)
             # (B, nh, 1, hs) -> (B, C); added in place into x so that the residual stream stays fp32
             # under autocast, as in the model (see Decoder.step).
-            x.add_(torch.addmm(lw.attn_proj_b, y.reshape(B, C), lw.attn_proj_w_t))
-            h = torch.addmm(lw.fc_b, F.layer_norm(x, (C,), lw.ln_2_w, lw.ln_2_b, eps), lw.fc_w_t)  # (B, 4C)
-            x.add_(torch.addmm(lw.mlp_proj_b, F.gelu(h, approximate="tanh"), lw.mlp_proj_w_t))
+            x.add_(lw.attn_proj(y.reshape(B, C)))
+            h = lw.fc(F.layer_norm(x, (C,), lw.ln_2_w, lw.ln_2_b, eps))  # (B, 4C)
+            x.add_(lw.mlp_proj(F.gelu(h, approximate="tanh")))
         return torch.mm(F.layer_norm(x, (C,), *w.ln_f, eps), w.head_t)  # (B, V)

@@ -6,78 +6,80 @@ dropout checks, head reshapes and cache bookkeeping, and on a CPU that overhead 
 products themselves (a step of the ``shakespeare`` preset: 4.5 ms through the modules, 2.4 ms here,
 same numbers, in one run). ``Decoder.step`` does the same arithmetic as ``model.py`` with the same
 kernels as its default attention (layer norm, the addmm behind each linear layer, SDPA, tanh-GELU),
-straight over the weights, and writes into the same ``KVCache``.
+straight over the weights, and writes into the same ``KVCache``. With ``weights="int8"`` the
+four linear layers of each block read int8 copies of their weights instead (``fast/int8.py``: a
+quarter of the bytes, different numbers), the rest is the same.
 
 ``FastGPT`` is the drop-in for ``GPT``: its ``forward`` sends one new token with a filled cache, at
 inference, through ``Decoder.step``, and everything else (prompts, refills, training) through
 ``GPT.forward``; so the textbook's generation loop runs unchanged and gets the fast step.
-``tests/test_decode.py`` checks that both give the same logits and the same tokens.
+Its ``decode_weights`` ("fp32" unless set, as ``load_for_inference`` does) names the weights.
+``tests/test_decode.py`` checks that both give the same logits and the same tokens in fp32;
+``tests/test_int8.py`` the int8 steps.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt2.core.model import GPT, KVCache
+from minigpt2.core.model import GPT, Block, KVCache
+from minigpt2.fast.int8 import DenseLinear, Int8Linear, Linear
 
 
 class _BlockWeights(NamedTuple):
-    """One ``Block``'s parameters as plain tensors (no ``nn.Parameter`` dispatch), the linear
-    layers' weights transposed to (in, out): ``torch.addmm(b, x, w_t)`` is what ``F.linear(x, w, b)``
-    runs, without the transpose and dispatch each call (~5% of a step)."""
+    """One ``Block``'s parameters as plain tensors (no ``nn.Parameter`` dispatch) and its four
+    linear layers as ``DenseLinear`` or ``Int8Linear`` (``fast/int8.py``): x (B, in) -> (B, out)."""
 
     ln_1_w: Tensor
     ln_1_b: Tensor
-    attn_w_t: Tensor  # (C, 3C): q, k, v for all heads at once
-    attn_b: Tensor
-    attn_proj_w_t: Tensor  # (C, C)
-    attn_proj_b: Tensor
+    attn: Linear  # C -> 3C: q, k, v for all heads at once
+    attn_proj: Linear  # C -> C
     ln_2_w: Tensor
     ln_2_b: Tensor
-    fc_w_t: Tensor  # (C, 4C)
-    fc_b: Tensor
-    mlp_proj_w_t: Tensor  # (4C, C)
-    mlp_proj_b: Tensor
+    fc: Linear  # C -> 4C
+    mlp_proj: Linear  # 4C -> C
 
 
-# ``Block``'s parameter names, in ``_BlockWeights``'s order.
-_BLOCK_PARAMS = tuple(
-    f"{module}.{kind}"
-    for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-    for kind in ("weight", "bias")
-)
+def _block_weights(block: Block, linear: Callable[[Tensor, Tensor], Linear]) -> _BlockWeights:
+    def layer(module: nn.Linear) -> Linear:
+        return linear(module.weight, module.bias)
 
-
-def _block_weights(block: nn.Module) -> _BlockWeights:
-    params = dict(block.named_parameters())  # "ln_1.weight", "attn.c_attn.bias", ...
-    tensors = (params[name].detach() for name in _BLOCK_PARAMS)
-    # The 2-D ones are the linear weights; .t() is a view, so the model's memory is still shared.
-    return _BlockWeights(*(t.t() if t.dim() == 2 else t for t in tensors))
+    ln_1, ln_2, attn, mlp = block.ln_1, block.ln_2, block.attn, block.mlp
+    return _BlockWeights(
+        ln_1.weight.detach(), ln_1.bias.detach(), layer(attn.c_attn), layer(attn.c_proj),
+        ln_2.weight.detach(), ln_2.bias.detach(), layer(mlp.c_fc), layer(mlp.c_proj),
+    )  # fmt: skip
 
 
 class Decoder:
     """One-token steps for batch-1 generation with ``model``'s weights (shared, not copied).
 
     Fill the cache first with the model itself (``model(idx, cache=cache)`` for the prompt), then
-    call ``step`` once per new token. Inference only: no dropout, no gradients. The tensors are
-    taken when the decoder is made: in-place updates (training, ``load_state_dict``) show, but a
-    decoder made before ``model.to(...)`` keeps the old tensors. ``FastGPT`` makes a new one after
-    every prompt or refill; a caller that drives ``Decoder`` itself must do the same.
+    call ``step`` once per new token. Inference only: no dropout, no gradients. ``weights``: "fp32"
+    runs the linear layers over the model's own tensors, taken when the decoder is made (in-place
+    updates show; ``model.to(...)`` makes new tensors the decoder does not see); "int8" over an
+    int8 copy of them (``fast/int8.py``), which no update reaches. ``decoder_for`` hands out a
+    model's decoder and makes a new one whenever the weights have changed.
     """
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, weights: str = "fp32") -> None:
+        if weights not in ("fp32", "int8"):
+            raise ValueError(f"weights must be fp32 or int8, got {weights!r}")
         c = model.config
+        self.weights = weights
         self.n_embd, self.n_head, self.hs = c.n_embd, c.n_head, c.n_embd // c.n_head
         t = model.transformer
         self.eps = t.ln_f.eps  # every LayerNorm of GPT-2 has the same
         self.wte, self.wpe = t.wte.weight.detach(), t.wpe.weight.detach()  # (V, C), (block_size, C)
         self.head_t = model.lm_head.weight.detach().t()  # (C, V): wte, as the weights are tied
         self.ln_f = (t.ln_f.weight.detach(), t.ln_f.bias.detach())
-        self.blocks = [_block_weights(b) for b in t.h]
+        linear = Int8Linear if weights == "int8" else DenseLinear
+        self.blocks = [_block_weights(cast(Block, b), linear) for b in t.h]
 
     def step(self, token: int | Tensor, cache: KVCache) -> Tensor:
         """Feed ``token`` (an id, or a (1,) tensor of one) at position ``cache.pos`` and return the
@@ -90,12 +92,12 @@ class Decoder:
         pos, C, nh, hs, eps = cache.pos, self.n_embd, self.n_head, self.hs, self.eps
         if pos >= self.wpe.size(0):
             raise ValueError(f"{pos + 1} positions exceed the context window of {self.wpe.size(0)}")
-        # (1, C): the residual stream of the one new position (2-D, so each linear is one addmm).
+        # (1, C): the residual stream of the one new position (2-D, so each linear is one product).
         x = (self.wte[token] + self.wpe[pos]).view(1, C)
         for layer, w in enumerate(self.blocks):
             # Attention: q, k, v for all heads, (1, 3C); this position's k and v join the cache in
             # one copy (the cache keeps both in one buffer for that).
-            qkv = torch.addmm(w.attn_b, F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b, eps), w.attn_w_t)
+            qkv = w.attn(F.layer_norm(x, (C,), w.ln_1_w, w.ln_1_b, eps))
             kv = cache.kv[layer, :, :, :, : pos + 1]  # (2, 1, nh, Tk, hs), a view into the cache
             kv.select(3, pos).copy_(qkv[:, C:].view(2, 1, nh, hs))
             q = qkv[:, :C].view(1, nh, 1, hs)
@@ -104,18 +106,35 @@ class Decoder:
             # reshape, not view: on a GPU, SDPA may return a slice of a padded head dimension.
             # Added in place into x (a fresh tensor of this step), not into the product: under
             # autocast the product is bf16, and the residual stream stays fp32, as in the model.
-            x.add_(torch.addmm(w.attn_proj_b, y.reshape(1, C), w.attn_proj_w_t))
+            x.add_(w.attn_proj(y.reshape(1, C)))
             # MLP: C -> 4C -> GELU (tanh) -> C.
-            h = torch.addmm(w.fc_b, F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b, eps), w.fc_w_t)
-            x.add_(torch.addmm(w.mlp_proj_b, F.gelu(h, approximate="tanh"), w.mlp_proj_w_t))
+            h = w.fc(F.layer_norm(x, (C,), w.ln_2_w, w.ln_2_b, eps))
+            x.add_(w.mlp_proj(F.gelu(h, approximate="tanh")))
         cache.pos = pos + 1
         return torch.mm(F.layer_norm(x, (C,), *self.ln_f, eps), self.head_t)[0]  # (V,)
 
 
-class FastGPT(GPT):
-    """``GPT`` whose one-token inference steps run through ``Decoder.step`` (same numbers)."""
+def decoder_for(model: GPT) -> Decoder:
+    """``model``'s decoder, with the weights ``model.decode_weights`` names ("fp32" unless set):
+    the one made last while the parameters are the same tensors, not updated in place since
+    (an int8 copy takes ~20 ms to make for 10M parameters), else a new one."""
+    weights = getattr(model, "decode_weights", "fp32")
+    # Each tensor's storage and in-place version count: training steps, load_state_dict and
+    # .to() change one of them.
+    key = (weights, *((p.data_ptr(), p._version) for p in model.parameters()))
+    made: tuple[tuple[object, ...], Decoder] | None = model.__dict__.get("_decoder_made")
+    if made is None or made[0] != key:
+        made = (key, Decoder(model, weights))
+        model.__dict__["_decoder_made"] = made
+    return made[1]
 
-    _decoder: Decoder | None = None  # built at the first step after each prompt
+
+class FastGPT(GPT):
+    """``GPT`` whose one-token inference steps run through ``Decoder.step`` (same numbers with
+    ``decode_weights`` "fp32"; "int8": the linear layers' weights as int8, ``fast/int8.py``)."""
+
+    decode_weights = "fp32"  # set on a model for inference (``inference.load_for_inference``)
+    _decoder: Decoder | None = None  # for the steps after the current prompt
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
@@ -130,11 +149,11 @@ class FastGPT(GPT):
             and not torch.is_grad_enabled()
         )
         if not one_step:
-            # A prompt or a refill (or training): the model itself. Decoding starts afresh after it,
-            # with a decoder over the weights as they are now (after .to(), load_state_dict, ...).
+            # A prompt or a refill (or training): the model itself. The steps after it ask
+            # decoder_for again, which sees whether the weights changed (.to(), training, ...).
             self._decoder = None
             return super().forward(idx, targets, cache)
         assert cache is not None
-        decoder = self._decoder or Decoder(self)  # one read: another thread may reset it meanwhile
+        decoder = self._decoder or decoder_for(self)  # one read: another thread may reset it meanwhile
         self._decoder = decoder
         return decoder.step(idx[0], cache).view(1, 1, -1), None  # (1, 1, V)
