@@ -43,6 +43,8 @@ from minigpt2.core.chat import Chatbot, DialogueTemplate
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
+from minigpt2.fast import speed_up
+from minigpt2.fast.int8 import DECODE_WEIGHTS, choose_decode_weights
 
 VOCAB = sorted(set("\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
@@ -90,7 +92,8 @@ def client_loop(base: str, tokens: int, until: float, seed: int) -> dict[str, An
 def server(args: argparse.Namespace, max_queue: int) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """This script with ``--serve``, in its own process: clients must not share its interpreter."""
     cmd = [sys.executable, __file__, "--serve", "--preset", args.preset, "--tokens", str(args.tokens),
-           "--max-concurrent", str(args.max_concurrent), "--max-queue", str(max_queue)]  # fmt: skip
+           "--max-concurrent", str(args.max_concurrent), "--max-queue", str(max_queue),
+           "--decode-weights", args.decode_weights]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -120,7 +123,11 @@ def serve_forever(args: argparse.Namespace) -> None:
     model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
     torch.manual_seed(0)
     sample = SampleConfig(max_new_tokens=args.tokens)
-    bot = Chatbot(GPT(model_cfg).eval(), tok, DialogueTemplate(stop_ids=()), sample=sample)
+    model = speed_up(GPT(model_cfg)).eval()
+    weights = choose_decode_weights(model, args.decode_weights)  # as `minigpt2 serve` loads a run
+    model.decode_weights = weights.name
+    print(f"decode weights: {weights.name} ({weights.reason})", file=sys.stderr, flush=True)
+    bot = Chatbot(model, tok, DialogueTemplate(stop_ids=()), sample=sample)
     limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue)
     with contextlib.suppress(KeyboardInterrupt):
         serve.run_server(
@@ -176,6 +183,8 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="for the client counts: no 429 at 50")
     parser.add_argument("--burst", type=int, default=100, help="clients sending one request at once")
     parser.add_argument("--burst-queue", type=int, default=32, help="the queue the burst meets")
+    parser.add_argument("--decode-weights", default="auto", choices=DECODE_WEIGHTS,
+                        help="the server's, as `minigpt2 serve --decode-weights` (default auto)")  # fmt: skip
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # internal: the server
     args = parser.parse_args()
     if args.serve:

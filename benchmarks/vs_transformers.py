@@ -6,9 +6,11 @@
 Random weights (speed does not depend on them), copied into ``transformers.GPT2LMHeadModel`` the way
 ``minigpt2 export`` maps them. Both generate ``--new`` characters greedily after a 3-character prompt,
 inside one context window (transformers' ``generate`` cannot go past it; minigpt2's would slide), with
-their KV caches: minigpt2's engine (``speed_up``) in fp32 and under bf16 autocast, and
-``GPT2LMHeadModel.generate`` in fp32. The paths take turns for ``--rounds`` rounds (medians). Both
-produce the same ids in fp32 (checked), so the comparison is of the same work.
+their KV caches: ``GPT2LMHeadModel.generate`` in fp32, and minigpt2's engine (``speed_up``) in fp32,
+under bf16 autocast and with int8 decoding weights (``fast/int8.py``: what ``--decode-weights
+auto`` picks on a CPU for models of 4 MiB or more). The paths take turns for ``--rounds`` rounds
+(medians). Both produce the same ids in fp32 (checked), so the comparison is of the same work
+(int8 weights change the numbers: ``benchmarks/decode_weights.py`` measures by how much).
 
 It also measures how fast this machine reads memory (summing a 512 MiB tensor on every thread) and
 prints the ceiling that sets at batch 1: each character reads every weight once, so no path can
@@ -33,6 +35,8 @@ from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.fast import speed_up
+from minigpt2.fast.decode import FastGPT
+from minigpt2.fast.int8 import choose_decode_weights
 from minigpt2.hf import _conv1d, _hf_config
 from minigpt2.precision import choose_precision
 
@@ -49,7 +53,8 @@ def hf_twin(model: GPT) -> torch.nn.Module:
     return hf
 
 
-def ours(model: GPT, new: int, dtype: str) -> tuple[float, list[int]]:
+def ours(model: FastGPT, new: int, dtype: str, weights: str = "fp32") -> tuple[float, list[int]]:
+    model.decode_weights = weights
     cfg = SampleConfig(max_new_tokens=new, temperature=0.0)
     precision = choose_precision(torch.device("cpu"), dtype)
     start = time.perf_counter()
@@ -90,6 +95,8 @@ def main() -> None:
     new = args.new or model_cfg.block_size - len(PROMPT)
     torch.manual_seed(0)
     model = speed_up(GPT(model_cfg)).eval()
+    assert isinstance(model, FastGPT)
+    default = choose_decode_weights(model, "auto")  # what chat, sample and serve pick for this model
     hf = hf_twin(model)
     _, mine = ours(model, new, "fp32")
     _, their_ids = theirs(hf, new)
@@ -98,6 +105,7 @@ def main() -> None:
         "transformers generate, fp32": lambda: theirs(hf, new)[0],
         "minigpt2 engine, fp32": lambda: ours(model, new, "fp32")[0],
         "minigpt2 engine, bf16 autocast": lambda: ours(model, new, "bf16")[0],
+        "minigpt2 engine, int8 weights": lambda: ours(model, new, "fp32", "int8")[0],
     }
     speeds: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.rounds):
@@ -111,7 +119,7 @@ def main() -> None:
     ceiling = rate / weight_bytes
     print(
         f"preset {args.preset}: {model.num_params():,} parameters, {new} new characters; same ids: {same};"
-        f" {cpu_model()}"
+        f" {cpu_model()}; decode weights by default: {default.name} ({default.reason})"
     )
     print_table(rows, ["path", "chars_per_s", "ratio", "rounds"])
     print(f"memory read {rate / 1e9:.1f} GB/s; fp32 weights {weight_bytes / 2**20:.1f} MiB: at most"

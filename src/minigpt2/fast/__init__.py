@@ -14,11 +14,14 @@ views of the weights, rebuilt at every prompt) and only overrides ``forward`` (o
 model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 ``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
 modules the same way). Outside the cases in the last column each drop-in runs the textbook code.
-Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
+``FastGPT.decode_weights`` ("fp32" unless ``inference.load_for_inference`` sets it) chooses the
+weights its one-token steps read: "int8" is ``int8.Int8Linear``, a quarter of the bytes and
+slightly different numbers (``--decode-weights``, ``auto`` = int8 on a CPU for models of 4 MiB or
+more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
 on a CPU, and ``batch.BatchDecoder`` advances many conversations together, one batched step for all
 (the drop-in for running ``core.stream.generate_ids`` once per conversation). Each piece is tested
 to compute what its textbook piece computes: ``tests/test_fast.py``, ``tests/test_decode.py``,
-``tests/test_batch.py``.
+``tests/test_batch.py`` (and the int8 steps to stay close to it: ``tests/test_int8.py``).
 
 ``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
 ``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).

@@ -33,10 +33,11 @@ from minigpt2.errors import ConfigError
 DECODE_WEIGHTS = ("auto", "int8", "fp32")
 
 # ``auto`` picks int8 from this size of the blocks' fp32 weights up. Below it the weights stay in
-# the CPU's caches between characters, so fewer bytes save nothing and the kernel's casts cost:
-# measured one step (AMD EPYC, 32 MiB L3): ``cpu`` preset (7 MiB) 0.33 ms fp32 against 0.39 ms
-# int8; ``chat`` (12 MiB) 1.18 against 0.40; ``shakespeare`` (41 MiB) 3.9 against 1.1.
-AUTO_MIN_BYTES = 10 * 2**20
+# the CPU's caches between characters, so fewer bytes save little and the kernel's casts cost.
+# Measured (AMD EPYC, 32 MiB L3, 2 threads, medians of interleaved runs, 2026-12-01): one row,
+# ``tiny`` (0.1 MiB) 0.71x; ``cpu`` (7 MiB) 1.06-1.08x (20 rows of a batch: 1.12-1.35x);
+# ``chat`` (12 MiB) 2.2x; ``shakespeare`` (41 MiB) 3.2x.
+AUTO_MIN_BYTES = 4 * 2**20
 
 # The kernel reads the inner dimension 16 values at a time and has no tail: other sizes give
 # wrong numbers or crash (checked by ``tests/test_int8.py``).

@@ -60,6 +60,10 @@ class Feed:
         """An id; None: no more ids; an exception: the generation failed."""
         self._items.put(item)
 
+    def waiting(self) -> bool:
+        """True if the next item is already here (iterating would not block)."""
+        return not self._items.empty()
+
     def __iter__(self) -> Iterator[int]:
         return self
 

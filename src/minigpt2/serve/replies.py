@@ -6,7 +6,9 @@ generator (seed, seed + 1, ... when the request gives a seed), and its text is `
 over the job's ``Feed``: the chatbot's own stop strings, trimming and counting, as ``Chatbot.answer``
 has them. ``reply_text`` pulls ids and the feed blocks until the next one is drawn, so each choice's
 text runs in a thread of its own (``threads``, one per row), which hands each piece to the event
-loop; ``pieces`` gives them to the endpoint as they come, ``whole`` all at the end. A choice whose
+loop, together with the pieces after it whose ids are already drawn; ``pieces`` gives them to the
+endpoint as they come (joining a choice's pieces that arrived together: a server that falls behind
+sends fewer, longer chunks), ``whole`` all at the end. A choice whose
 text ends early (a stop string) cancels its row at once; ``close`` (the client went away) cancels
 every row and wakes every text thread, so nothing is left generating for nobody.
 
@@ -50,10 +52,17 @@ class Reply:
 
     def _write(self, index: int, job: Job, text: Iterator[str]) -> None:
         """A text thread: one choice's pieces to the event loop as they come, then its end (None)
-        or the error that ended it."""
+        or the error that ended it. Pieces whose next id is already drawn go together: a busy
+        server sends fewer, longer chunks instead of falling behind one character at a time."""
         try:
+            held: list[str] = []
             for piece in text:
-                self._post(index, piece)
+                held.append(piece)
+                if not job.feed.waiting():
+                    self._post(index, "".join(held))
+                    held.clear()
+            if held:
+                self._post(index, "".join(held))
             self._post(index, None)
         except Exception as err:
             self._post(index, err)
@@ -69,12 +78,15 @@ class Reply:
         """(choice, piece) as each piece comes, and (choice, None) once that choice has ended (its
         ``infos`` entry is then final). Raises the error that ended a choice, if one did."""
         while self._left:
-            index, item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                self._left -= 1
-            yield index, item
+            items = [await self._queue.get()]
+            while not self._queue.empty():  # everything posted meanwhile: one chunk per choice
+                items.append(self._queue.get_nowait())
+            for index, item in _joined(items):
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    self._left -= 1
+                yield index, item
 
     async def whole(self, gone: Callable[[], Awaitable[None]]) -> list[str]:
         """Each choice's whole text; cut short once ``gone`` returns (the client left, so nobody is
@@ -111,3 +123,22 @@ class Reply:
         prompt = self.infos[0].prompt_tokens
         completion = sum(info.completion_tokens for info in self.infos)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _joined(
+    items: list[tuple[int, str | BaseException | None]],
+) -> list[tuple[int, str | BaseException | None]]:
+    """``items`` in order, with each run of one choice's pieces joined into one piece (a run ends at
+    that choice's end or error, which keep their place after it)."""
+    out: list[tuple[int, str | BaseException | None]] = []
+    last: dict[int, int] = {}  # choice -> where its open run of text is in out
+    for index, item in items:
+        if isinstance(item, str) and index in last:
+            at = last[index]
+            out[at] = (index, str(out[at][1]) + item)
+            continue
+        last.pop(index, None)
+        if isinstance(item, str):
+            last[index] = len(out)
+        out.append((index, item))
+    return out
