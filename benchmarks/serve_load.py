@@ -1,15 +1,17 @@
 """Load on ``minigpt2 serve``: 1, 5, 20 and 50 streaming clients, then 100 at once against the queue.
 
-    python benchmarks/serve_load.py                    # cpu preset (random weights), 10 s a client count
+    python benchmarks/serve_load.py                    # cpu preset (random weights), 3 x 10 s a client count
     python benchmarks/serve_load.py --max-concurrent 8 --clients 1,20,50 --seconds 20
 
 A real uvicorn server on loopback, in its own process, generating through the batched engine: its
 ``--max-concurrent`` rows advance together, one character each per model step. Each client streams
 answers of ``--tokens`` characters in a loop (the official ``openai`` client) until the time is up;
-the reference is one client alone, against the same server. Reported per client count: characters/s
-served (all clients together), time to first character (median and 95th percentile), answers
-refused (429) and failed, whether every answer arrived whole, and the CPU cores the server used
-(on a small machine the clients take the rest). Then the burst: ``--burst`` clients each send one
+the reference is one client alone, against the same server. The client counts take turns for
+``--rounds`` rounds; each is reported by its median round: characters/s served (all clients
+together), time to first character (median and 95th percentile), answers refused (429) and failed,
+whether every answer arrived whole, and the CPU cores the server used (on a small machine the
+clients take the rest). The server decodes with ``--decode-weights`` and streams with
+``--stream-interval``, as ``minigpt2 serve`` does. Then the burst: ``--burst`` clients each send one
 request at the same moment to a server whose queue holds ``--burst-queue``; every answer let in
 must arrive whole and the rest must get 429; the server's peak RSS is reported.
 """
@@ -93,7 +95,8 @@ def server(args: argparse.Namespace, max_queue: int) -> Iterator[tuple[str, subp
     """This script with ``--serve``, in its own process: clients must not share its interpreter."""
     cmd = [sys.executable, __file__, "--serve", "--preset", args.preset, "--tokens", str(args.tokens),
            "--max-concurrent", str(args.max_concurrent), "--max-queue", str(max_queue),
-           "--decode-weights", args.decode_weights]  # fmt: skip
+           "--decode-weights", args.decode_weights,
+           "--stream-interval", str(args.stream_interval)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -128,7 +131,8 @@ def serve_forever(args: argparse.Namespace) -> None:
     model.decode_weights = weights.name
     print(f"decode weights: {weights.name} ({weights.reason})", file=sys.stderr, flush=True)
     bot = Chatbot(model, tok, DialogueTemplate(stop_ids=()), sample=sample)
-    limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                               stream_interval=args.stream_interval)  # fmt: skip
     with contextlib.suppress(KeyboardInterrupt):
         serve.run_server(
             serve.create_app(bot, limits), "127.0.0.1", 0, on_ready=lambda url: print(url, flush=True)
@@ -149,6 +153,13 @@ def measure(base: str, pid: int, clients: int, seconds: float, tokens: int) -> d
         "ttfc_p95_ms": 1000 * ttfc[int(0.95 * (len(ttfc) - 1))] if ttfc else None,
         "server_cores": (cpu_seconds(pid) - cpu) / took,
     }  # fmt: skip
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median characters/s (the upper one of an even count), with every
+    round's characters/s under "rounds"."""
+    ordered = sorted(runs, key=lambda r: r["chars_per_s"])
+    return {**ordered[len(ordered) // 2], "rounds": " ".join(f"{r['chars_per_s']:.0f}" for r in runs)}
 
 
 def burst(base: str, clients: int, tokens: int) -> dict[str, int]:
@@ -177,7 +188,8 @@ def main() -> None:
     )
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--clients", default="1,5,20,50", help="client counts, the first the reference")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per client count")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per client count and round")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of all client counts (medians)")
     parser.add_argument("--tokens", type=int, default=100, help="characters per answer")
     parser.add_argument("--max-concurrent", type=int, default=serve.ServeConfig.max_concurrent)
     parser.add_argument("--max-queue", type=int, default=64, help="for the client counts: no 429 at 50")
@@ -185,15 +197,21 @@ def main() -> None:
     parser.add_argument("--burst-queue", type=int, default=32, help="the queue the burst meets")
     parser.add_argument("--decode-weights", default="auto", choices=DECODE_WEIGHTS,
                         help="the server's, as `minigpt2 serve --decode-weights` (default auto)")  # fmt: skip
+    parser.add_argument("--stream-interval", type=float, default=serve.ServeConfig.stream_interval,
+                        help="the server's, as `minigpt2 serve --stream-interval`")  # fmt: skip
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # internal: the server
     args = parser.parse_args()
     if args.serve:
         serve_forever(args)
         return
     counts = [int(c) for c in args.clients.split(",")]
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     with server(args, args.max_queue) as (base, proc):
         client_loop(base, 5, time.monotonic() + 1.0, 0)  # warm up
-        rows = [measure(base, proc.pid, n, args.seconds, args.tokens) for n in counts]
+        for _ in range(args.rounds):  # the client counts take turns, so a slow minute hits them all
+            for n in counts:
+                runs[n].append(measure(base, proc.pid, n, args.seconds, args.tokens))
+    rows = [median_run(runs[n]) for n in counts]
     for r in rows:
         r["vs_one_client"] = r["chars_per_s"] / rows[0]["chars_per_s"]
     with server(args, args.burst_queue) as (base, proc):
@@ -204,7 +222,7 @@ def main() -> None:
           f"{args.preset}, {args.tokens} characters per answer, --max-concurrent {args.max_concurrent} "
           f"(rows of the batch), --max-queue {args.max_queue}; the server in its own process")  # fmt: skip
     print_table(rows, ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
-                       "ttfc_median_ms", "ttfc_p95_ms", "server_cores"])  # fmt: skip
+                       "ttfc_median_ms", "ttfc_p95_ms", "server_cores", "rounds"])  # fmt: skip
     print(f"\n{args.burst} clients at once against --max-queue {args.burst_queue}: {ends['whole']} answers "
           f"whole, {ends['cut']} cut short, {ends['refused']} refused (429), {ends['failed']} failed; "
           f"server peak RSS {rss:.0f} MiB")  # fmt: skip

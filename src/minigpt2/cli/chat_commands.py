@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loopback = serve.is_loopback(args.host)
     limits = serve.ServeConfig(
         **{name: getattr(args, name) for name in (*serve.LIMITS, *serve.CONNECTION_LIMITS)},
-        default_max_tokens=args.max_new_tokens, api_key=api_key,
+        default_max_tokens=args.max_new_tokens, api_key=api_key, stream_interval=args.stream_interval,
         # On loopback, only loopback Host names: a web page elsewhere cannot rename itself to reach it.
         allowed_hosts=(serve.LOOPBACK,) if loopback else (),
     )  # fmt: skip

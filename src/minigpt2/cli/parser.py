@@ -95,6 +95,9 @@ def add_chat_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
 # preset, random weights, 100-character answers, two sweeps): 20 streaming clients were served 2.8-2.9k
 # characters/s at 8 rows, 3.6k at 16, 3.2-3.7k at 32 and 3.0-3.2k at 50; from 32 rows all 20 run at
 # once (first character within 0.1 s, p95), where 16 rows queue 4 of them (p95 0.56 s).
+# --stream-interval's default, as serve.ServeConfig's (importing serve here would slow --help; a test
+# checks that they agree).
+STREAM_INTERVAL = 0.05
 ROWS_HELP = ("answers generated together, one character each per batched model step (the rows of the batch; "
              "a request with n choices takes n); on a 2-core AMD EPYC, 20 streaming clients got 2.8k "
              "characters/s at 8 rows, 3.2-3.7k at 32 and their first character within 0.1 s")  # fmt: skip
@@ -205,6 +208,10 @@ def _serve(sub: Subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (or set MINIGPT2_API_KEY)")  # fmt: skip
     p.add_argument("--model-id", default=None, help="the model name the API reports (default: RUN's name)")
     add_serve_limits(p)
+    p.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL, metavar="SECONDS",
+                   help="least time between two chunks of a streamed answer; what is generated "
+                        f"meanwhile goes in the next (default {STREAM_INTERVAL}; 0: each piece at "
+                        "once)")  # fmt: skip
     add_chat_options(p, prompt=False)
     p.set_defaults(func=cmd_serve)
 

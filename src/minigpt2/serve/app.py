@@ -217,7 +217,8 @@ class Routes:
         except ClientGoneError:  # nobody will read this; the slot it waited for goes to the next request
             return JSONResponse({"error": {"message": "the client went away", "type": "client_gone"}}, 408)
         try:
-            reply = Reply(self.bot, self.engine, self.text_threads(), turns, sample, stops, n)
+            reply = Reply(self.bot, self.engine, self.text_threads(), turns, sample, stops, n,
+                          self.limits.stream_interval)  # fmt: skip
         except BaseException:
             leave()
             raise

@@ -55,10 +55,17 @@ class Feed:
     def __init__(self) -> None:
         self._items: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
         self._over = False
+        self._ended = threading.Event()  # set once the end (None or an error) is put
 
     def put(self, item: int | BaseException | None) -> None:
         """An id; None: no more ids; an exception: the generation failed."""
         self._items.put(item)
+        if not isinstance(item, int):
+            self._ended.set()
+
+    def wait_end(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the end is put meanwhile (or was already)."""
+        self._ended.wait(seconds)
 
     def waiting(self) -> bool:
         """True if the next item is already here (iterating would not block)."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 
 import anyio
@@ -37,9 +38,10 @@ class Reply:
     Made on the event loop that will read it."""
 
     def __init__(self, bot: Chatbot, engine: Engine, threads: Executor, history: Sequence[Turn],
-                 sample: SampleConfig, stop_strings: Sequence[str] = (), n: int = 1) -> None:  # fmt: skip
+                 sample: SampleConfig, stop_strings: Sequence[str] = (), n: int = 1,
+                 interval: float = 0.0) -> None:  # fmt: skip
         prompt, stop_ids, min_new_tokens = bot.prepare(history)
-        self._engine, self._loop = engine, asyncio.get_running_loop()
+        self._engine, self._loop, self._interval = engine, asyncio.get_running_loop(), interval
         self._queue: asyncio.Queue[tuple[int, str | BaseException | None]] = asyncio.Queue()
         self._left = n  # choices not yet ended
         self.infos = [ReplyInfo(prompt_tokens=len(prompt)) for _ in range(n)]
@@ -51,18 +53,12 @@ class Reply:
             threads.submit(self._write, index, job, text)
 
     def _write(self, index: int, job: Job, text: Iterator[str]) -> None:
-        """A text thread: one choice's pieces to the event loop as they come, then its end (None)
-        or the error that ended it. Pieces whose next id is already drawn go together: a busy
-        server sends fewer, longer chunks instead of falling behind one character at a time."""
+        """A text thread: one choice's chunks to the event loop (``chunks``), then its end (None) or
+        the error that ended it."""
         try:
-            held: list[str] = []
-            for piece in text:
-                held.append(piece)
-                if not job.feed.waiting():
-                    self._post(index, "".join(held))
-                    held.clear()
-            if held:
-                self._post(index, "".join(held))
+            # Waiting between chunks stops early when the answer ends: its last chunk goes at once.
+            for chunk in chunks(text, job.feed.waiting, self._interval, sleep=job.feed.wait_end):
+                self._post(index, chunk)
             self._post(index, None)
         except Exception as err:
             self._post(index, err)
@@ -123,6 +119,41 @@ class Reply:
         prompt = self.infos[0].prompt_tokens
         completion = sum(info.completion_tokens for info in self.infos)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chunks(
+    pieces: Iterable[str],
+    waiting: Callable[[], bool],
+    interval: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[str]:
+    """``pieces`` joined into chunks: the first at once, each next one ``interval`` seconds or more
+    after the last (``sleep`` waits out the rest while the ids behind it are drawn), and none while
+    ``waiting()`` says the next piece's id is already here. So a stream costs the server and its
+    client one chunk per interval, not one per character, and a text is held back at most
+    ``interval`` (0: only the pieces that are already here go together)."""
+    held: list[str] = []
+    due = clock()  # when the next chunk may go
+    try:
+        for piece in pieces:
+            held.append(piece)
+            if waiting():
+                continue
+            rest = due - clock()
+            if rest > 0:
+                sleep(rest)
+                if waiting():  # more was drawn meanwhile: it goes in this chunk
+                    continue
+            yield "".join(held)
+            held.clear()
+            due = clock() + interval
+    except Exception:  # the generation failed: what was said before it is still shown
+        if held:
+            yield "".join(held)
+        raise
+    if held:
+        yield "".join(held)
 
 
 def _joined(

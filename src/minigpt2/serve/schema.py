@@ -23,6 +23,10 @@ from minigpt2.core.chat import Chatbot, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.errors import ConfigError
 
+# The default of ``ServeConfig.stream_interval``; the measurements behind it are in
+# docs/performance.md (serving).
+STREAM_INTERVAL = 0.05
+
 
 @dataclass
 class ServeConfig:
@@ -45,6 +49,10 @@ class ServeConfig:
     # of the previous answer); a client that sends nothing, or dribbles bytes, is closed after it.
     header_timeout: float = 10.0
     body_timeout: float = 30.0  # seconds a request body may go without a byte arriving
+    # Seconds at least between two chunks of one streamed answer (the first goes at once): what is
+    # generated meanwhile goes in the next chunk. A chunk costs the server and the client far more
+    # than a character; 0 sends each piece as soon as it exists.
+    stream_interval: float = STREAM_INTERVAL
     api_key: str | None = None  # when set, /v1 needs "Authorization: Bearer <api_key>"
     model_id: str = "minigpt2"  # the name /v1/models reports
     # Host headers accepted (empty or "*": any; "loopback": every name of this machine's loopback,
@@ -63,6 +71,10 @@ class ServeConfig:
         for name in ("header_timeout", "body_timeout"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.stream_interval) and 0 <= self.stream_interval <= 1):
+            raise ConfigError(
+                f"stream_interval must be a number of seconds in [0, 1], got {self.stream_interval}"
+            )
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
         if self.api_key is not None:
             check_api_key(self.api_key)
