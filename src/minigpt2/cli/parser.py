@@ -91,16 +91,17 @@ def add_chat_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     add_inference_options(p)
 
 
-# --max-concurrent: the rows of the batch. 32 from benchmarks/serve_load.py on a 2-core AMD EPYC (cpu
-# preset, random weights, 100-character answers, two sweeps): 20 streaming clients were served 2.8-2.9k
-# characters/s at 8 rows, 3.6k at 16, 3.2-3.7k at 32 and 3.0-3.2k at 50; from 32 rows all 20 run at
-# once (first character within 0.1 s, p95), where 16 rows queue 4 of them (p95 0.56 s).
 # --stream-interval's default, as serve.ServeConfig's (importing serve here would slow --help; a test
 # checks that they agree).
 STREAM_INTERVAL = 0.05
+# --max-concurrent: the rows of the batch. 32 from benchmarks/serve_load.py on a 2-core AMD EPYC (cpu
+# preset, random weights, int8 decoding weights, 100-character answers, 2026-12-01, two rounds):
+# 20 streaming clients were served 3.9-4.0k characters/s at 8 rows, 3.8-3.9k at 16 and 4.2-4.7k at
+# 32; from 32 rows all 20 run at once (first character within 0.12 s, p95), where 8 and 16 rows
+# queue some of them (p95 0.58 and 0.54 s).
 ROWS_HELP = ("answers generated together, one character each per batched model step (the rows of the batch; "
-             "a request with n choices takes n); on a 2-core AMD EPYC, 20 streaming clients got 2.8k "
-             "characters/s at 8 rows, 3.2-3.7k at 32 and their first character within 0.1 s")  # fmt: skip
+             "a request with n choices takes n); on a 2-core AMD EPYC, 20 streaming clients got 3.9k "
+             "characters/s at 8 rows, 4.2-4.7k at 32 and their first character within 0.12 s")  # fmt: skip
 
 
 def add_serve_limits(p: argparse.ArgumentParser) -> None:

@@ -5,14 +5,16 @@ Owns ``Reply``: a request's ``n`` answers to one prompt (OpenAI's ``n``). The pr
 generator (seed, seed + 1, ... when the request gives a seed), and its text is ``Chatbot.reply_text``
 over the job's ``Feed``: the chatbot's own stop strings, trimming and counting, as ``Chatbot.answer``
 has them. ``reply_text`` pulls ids and the feed blocks until the next one is drawn, so each choice's
-text runs in a thread of its own (``threads``, one per row), which hands each piece to the event
-loop, together with the pieces after it whose ids are already drawn; ``pieces`` gives them to the
-endpoint as they come (joining a choice's pieces that arrived together: a server that falls behind
-sends fewer, longer chunks), ``whole`` all at the end. A choice whose
-text ends early (a stop string) cancels its row at once; ``close`` (the client went away) cancels
-every row and wakes every text thread, so nothing is left generating for nobody.
+text runs in a thread of its own (``threads``, one per row), which hands its text to the event loop
+in ``chunks``: the first piece at once, then what is generated within the server's
+``stream_interval`` together (a chunk costs the server and its client far more than a character).
+``pieces`` gives them to the endpoint as they come (joining a choice's chunks that arrived
+together), ``whole`` all at the end. A choice whose text ends early (a stop string) cancels its row
+at once; ``close`` (the client went away) cancels every row and wakes every text thread, so nothing
+is left generating for nobody.
 
-Tests: ``pytest tests/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave).
+Tests: ``pytest tests/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave) and
+``tests/test_serve_replies.py`` (chunks).
 """
 
 from __future__ import annotations
