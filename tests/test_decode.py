@@ -71,12 +71,23 @@ def test_step_under_bf16_autocast_is_the_model_under_bf16_autocast(make_model: F
     torch.testing.assert_close(steps.float(), full[0, 4:12], atol=0.1, rtol=0.05)  # bf16 of fp32
 
 
-def test_step_refuses_an_empty_or_full_or_batched_cache(make_model: Factory) -> None:
+def test_step_on_an_empty_cache_is_the_model_on_one_id(make_model: Factory) -> None:
+    model = make_model(block_size=8, spread=0.3)
+    with torch.inference_mode():
+        cache, reference_cache = KVCache(model.config), KVCache(model.config)
+        logits = Decoder(model).step(3, cache)
+        reference = model(torch.tensor([[3]]), cache=reference_cache)[0][0, -1]
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    assert cache.pos == reference_cache.pos == 1
+    assert cache.kv is not None and reference_cache.kv is not None
+    assert cache.kv.dtype == reference_cache.kv.dtype and cache.kv.shape == reference_cache.kv.shape
+    torch.testing.assert_close(cache.kv, reference_cache.kv, atol=1e-5, rtol=1e-5)
+
+
+def test_step_refuses_a_full_or_batched_cache(make_model: Factory) -> None:
     model = make_model(block_size=8)
     decoder = Decoder(model)
     with torch.inference_mode():
-        with pytest.raises(ValueError, match="filled by the model"):
-            decoder.step(1, KVCache(model.config))
         batched = KVCache(model.config, batch_size=2)
         model(torch.zeros(2, 3, dtype=torch.long), cache=batched)
         with pytest.raises(ValueError, match="batch-1"):

@@ -24,7 +24,7 @@ from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import ConfigError
 from minigpt2.fast import speed_up
-from minigpt2.fast.batch import generate_many
+from minigpt2.fast.batch import BatchDecoder, generate_many
 from minigpt2.fast.decode import Decoder, decoder_for
 from minigpt2.fast.int8 import AUTO_MIN_BYTES, Int8Linear, choose_decode_weights, quantize
 from minigpt2.inference import load_for_inference
@@ -87,7 +87,7 @@ def test_generation_reads_the_weights_the_model_names(make_model: Factory) -> No
     decoder = Decoder(model, "int8")
     with torch.inference_mode():
         cache = KVCache(model.config)
-        logits = model(torch.tensor([[1, 2]]), cache=cache)[0][0, -1]
+        GPT.forward(model, torch.tensor([[1, 2]]), cache=cache)  # the prompt but its last id
         by_hand, token = [], 3
         for _ in range(20):
             logits = decoder.step(token, cache)
@@ -127,6 +127,24 @@ def test_batched_rows_with_int8_weights_give_the_ids_of_each_alone(make_model: F
         together[i].append(token)
     alone = [list(generate_ids(model, p, cfg)) for p in prompts]
     assert together == alone
+
+
+def test_a_prompts_first_logits_are_the_int8_steps_alone_and_in_a_batch(make_model: Factory) -> None:
+    """A prompt's last id goes through the int8 step alone (``FastGPT``) as in a batch
+    (``BatchDecoder``), so the first id of an answer is drawn from the same numbers in both."""
+    model = speed_up(make_model(block_size=16, n_embd=32, spread=0.3))
+    model.decode_weights = "int8"
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8]]  # one id only: the step starts the cache itself
+    decoder = BatchDecoder(model, max_rows=4)
+    rows = [decoder.add(p, SampleConfig(max_new_tokens=3, temperature=0.0)) for p in prompts]
+    decoder.step()
+    for prompt, row in zip(prompts, rows, strict=True):
+        with torch.inference_mode():
+            alone = model(torch.tensor([prompt]), cache=KVCache(model.config))[0][0, -1]  # (V,)
+            fp32 = GPT.forward(model, torch.tensor([prompt]))[0][0, -1]  # the model's own numbers
+        assert row.logits is not None
+        torch.testing.assert_close(row.logits, alone, atol=1e-5, rtol=1e-5)
+        assert (alone - fp32).abs().max() > 1e-4  # and they are the int8 step's, not the model's
 
 
 def test_auto_picks_int8_for_a_large_model_on_a_cpu(make_model: Factory) -> None:

@@ -186,7 +186,8 @@ class BatchDecoder:
         cache = KVCache(self.model.config)
         idx = torch.tensor([window], dtype=torch.long, device=self.model.device)  # (1, T)
         with self._autocast():
-            self.model(idx, cache=cache)
+            # The model's own forward: FastGPT would send an int8 model's last id through its step.
+            GPT.forward(self.model, idx, cache=cache)
             assert cache.kv is not None
             self.batch.put(row.slot, cache.kv[:, :, 0, :, : row.length])
 

@@ -13,7 +13,9 @@ quarter of the bytes, different numbers), the rest is the same.
 ``FastGPT`` is the drop-in for ``GPT``: its ``forward`` sends one new token with a filled cache, at
 inference, through ``Decoder.step``, and everything else (prompts, refills, training) through
 ``GPT.forward``; so the textbook's generation loop runs unchanged and gets the fast step.
-Its ``decode_weights`` ("fp32" unless set, as ``load_for_inference`` does) names the weights.
+Its ``decode_weights`` ("fp32" unless set, as ``load_for_inference`` does) names the weights; with
+"int8", a prompt's last id goes through the step too (the model fills the cache with the others),
+as ``BatchDecoder`` feeds it, so an answer's first id comes from the same numbers alone or batched.
 ``tests/test_decode.py`` checks that both give the same logits and the same tokens in fp32;
 ``tests/test_int8.py`` the int8 steps.
 """
@@ -85,13 +87,20 @@ class Decoder:
         """Feed ``token`` (an id, or a (1,) tensor of one) at position ``cache.pos`` and return the
         next token's logits (V,).
 
-        The cache must already hold the earlier positions (batch 1) and have room for one more;
+        The cache (batch 1) holds the earlier positions, if any, and must have room for one more;
         it advances by one."""
-        if cache.kv is None or cache.batch_size != 1:
-            raise ValueError("Decoder.step needs a batch-1 cache filled by the model first")
+        if cache.batch_size != 1:
+            raise ValueError("Decoder.step needs a batch-1 cache")
         pos, C, nh, hs, eps = cache.pos, self.n_embd, self.n_head, self.hs, self.eps
         if pos >= self.wpe.size(0):
             raise ValueError(f"{pos + 1} positions exceed the context window of {self.wpe.size(0)}")
+        if cache.kv is None:  # nothing cached yet: the buffer the model would make (KVCache.update)
+            device = self.wte.device
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.dtype
+            c = cache.config
+            shape = (c.n_layer, 2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
+            cache.kv = torch.zeros(shape, dtype=dtype, device=device)
         # (1, C): the residual stream of the one new position (2-D, so each linear is one product).
         x = (self.wte[token] + self.wpe[pos]).view(1, C)
         for layer, w in enumerate(self.blocks):
@@ -139,21 +148,23 @@ class FastGPT(GPT):
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        one_step = (
-            cache is not None
-            and cache.pos > 0
-            and cache.batch_size == 1
-            and idx.shape == (1, 1)
-            and targets is None
-            and not self.training
-            and not torch.is_grad_enabled()
-        )
-        if not one_step:
-            # A prompt or a refill (or training): the model itself. The steps after it ask
-            # decoder_for again, which sees whether the weights changed (.to(), training, ...).
+        inference = targets is None and not self.training and not torch.is_grad_enabled()
+        if cache is None or cache.batch_size != 1 or idx.size(0) != 1 or not inference:
+            return super().forward(idx, targets, cache)  # training, or no cache to decode into
+        one_token = cache.pos > 0 and idx.size(1) == 1
+        if not one_token:
+            # A prompt or a refill: the model itself. The steps after it ask decoder_for again,
+            # which sees whether the weights changed (.to(), training, ...).
             self._decoder = None
-            return super().forward(idx, targets, cache)
-        assert cache is not None
+            if self.decode_weights != "int8":
+                return super().forward(idx, targets, cache)
+            # With int8 weights the model fills the cache with all but the last id, and the last
+            # goes through the int8 step, as BatchDecoder feeds every row's newest id through its
+            # batched step: the first id after a prompt is drawn from the same numbers alone as
+            # in a batch.
+            if idx.size(1) > 1:
+                super().forward(idx[:, :-1], cache=cache)
+            idx = idx[:, -1:]
         decoder = self._decoder or decoder_for(self)  # one read: another thread may reset it meanwhile
         self._decoder = decoder
         return decoder.step(idx[0], cache).view(1, 1, -1), None  # (1, 1, V)
