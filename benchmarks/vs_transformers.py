@@ -8,7 +8,7 @@ Random weights (speed does not depend on them), copied into ``transformers.GPT2L
 inside one context window (transformers' ``generate`` cannot go past it; minigpt2's would slide), with
 their KV caches: ``GPT2LMHeadModel.generate`` in fp32, and minigpt2's engine (``speed_up``) in fp32,
 under bf16 autocast and with int8 decoding weights (``fast/int8.py``: what ``--decode-weights
-auto`` picks on a CPU for models of 4 MiB or more). The paths take turns for ``--rounds`` rounds
+auto`` picks on a CPU for blocks of 4 MiB or more in fp32). The paths take turns for ``--rounds`` rounds
 (medians). Both produce the same ids in fp32 (checked), so the comparison is of the same work
 (int8 weights change the numbers: ``benchmarks/decode_weights.py`` measures by how much).
 

@@ -71,13 +71,14 @@ def test_step_under_bf16_autocast_is_the_model_under_bf16_autocast(make_model: F
     torch.testing.assert_close(steps.float(), full[0, 4:12], atol=0.1, rtol=0.05)  # bf16 of fp32
 
 
-def test_step_on_an_empty_cache_is_the_model_on_one_id(make_model: Factory) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_step_on_an_empty_cache_is_the_model_on_one_id(make_model: Factory, bf16: bool) -> None:
     model = make_model(block_size=8, spread=0.3)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         cache, reference_cache = KVCache(model.config), KVCache(model.config)
         logits = Decoder(model).step(3, cache)
         reference = model(torch.tensor([[3]]), cache=reference_cache)[0][0, -1]
-    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.float(), reference.float(), atol=1e-5, rtol=1e-5)
     assert cache.pos == reference_cache.pos == 1
     assert cache.kv is not None and reference_cache.kv is not None
     assert cache.kv.dtype == reference_cache.kv.dtype and cache.kv.shape == reference_cache.kv.shape

@@ -15,14 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from helpers_serve import tiny_chatbot
+from helpers_serve import running, tiny_chatbot
 from minigpt2.cli.parser import build_parser
 from minigpt2.core.chat import Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.errors import ConfigError
 from minigpt2.serve import ServeConfig
+from minigpt2.serve import app as app_module
 from minigpt2.serve.engine import Feed, Job
 from minigpt2.serve.replies import Reply, _joined, chunks
 
@@ -46,14 +48,15 @@ class Drawn:
         self.cancelled += 1
 
 
-def test_ids_already_drawn_go_out_as_one_piece_per_choice() -> None:
+def test_ids_already_drawn_go_out_as_one_chunk_per_choice() -> None:
     bot = tiny_chatbot()
     drawn = Drawn(bot.tokenizer.encode("hello there"))
     engine: Any = drawn  # in the Engine's place
 
     async def read() -> list[tuple[int, str | None]]:
         with ThreadPoolExecutor(2) as threads:
-            reply = Reply(bot, engine, threads, [Turn("user", "hi")], SampleConfig(max_new_tokens=40), n=2)
+            history, sample = [Turn("user", "hi")], SampleConfig(max_new_tokens=40)
+            reply = Reply(bot, engine, threads, history, sample, n=2, interval=10.0)
             return [piece async for piece in reply.pieces()]
 
     pieces = asyncio.run(read())
@@ -72,45 +75,59 @@ def test_joined_joins_each_choices_run_of_pieces_and_keeps_ends_in_place() -> No
 
 
 class Arrivals:
-    """Pieces that arrive at given times on a clock the test owns: reading one moves the clock to
-    its arrival (if that is later), ``sleep`` moves it on, ``waiting`` says whether the next piece
-    has arrived by now."""
+    """Pieces that arrive at given times, and the answer's end at ``end``, on a clock the test owns:
+    reading a piece moves the clock to its arrival (if that is later); ``wait`` moves it on by the
+    seconds, or less, to the next arrival; ``waiting`` says whether the next piece (or the end) has
+    arrived by now. ``sent`` records each chunk with the time it went."""
 
-    def __init__(self, arrivals: list[tuple[float, str]]) -> None:
-        self.arrivals, self.now = arrivals, 0.0
+    def __init__(self, arrivals: list[tuple[float, str]], end: float) -> None:
+        self.arrivals, self.end, self.now = arrivals, end, 0.0
+        self.sent: list[tuple[str, float]] = []
 
     def pieces(self) -> Iterator[str]:
         while self.arrivals:
             at, piece = self.arrivals.pop(0)
             self.now = max(self.now, at)
             yield piece
+        self.now = max(self.now, self.end)
+
+    def next_arrival(self) -> float:
+        return self.arrivals[0][0] if self.arrivals else self.end
 
     def waiting(self) -> bool:
-        return bool(self.arrivals) and self.arrivals[0][0] <= self.now
+        return self.next_arrival() <= self.now
 
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+    def wait(self, seconds: float) -> None:
+        self.now = min(self.now + seconds, max(self.now, self.next_arrival()))
+
+    def chunks(self, interval: float) -> list[tuple[str, float]]:
+        for chunk in chunks(self.pieces(), self.waiting, interval, clock=lambda: self.now, wait=self.wait):
+            self.sent.append((chunk, self.now))
+        return self.sent
+
+
+EVERY_10_MS = [(0.0, "a"), (0.01, "b"), (0.02, "c"), (0.03, "d"), (0.04, "e"), (0.1, "f")]
 
 
 @pytest.mark.parametrize(
     ("interval", "expected"),
     [
-        (0.025, ["a", "bc", "de", "f"]),  # the first at once; then at most one chunk per 25 ms
-        (0.0, ["a", "b", "c", "d", "e", "f"]),  # each piece as it comes
-        (1.0, ["a", "bcdef"]),  # the rest after a second (an answer's end does not wait: see below)
+        # the first at once; then one chunk at each due time, with what came meanwhile
+        (0.025, [("a", 0.0), ("bc", 0.025), ("de", 0.05), ("f", 0.1)]),
+        (0.0, [("a", 0.0), ("b", 0.01), ("c", 0.02), ("d", 0.03), ("e", 0.04), ("f", 0.1)]),
+        # the rest as soon as the answer ends (at 0.1), not when the interval is up (at 1.0)
+        (1.0, [("a", 0.0), ("bcdef", 0.1)]),
     ],
 )
-def test_chunks_hold_pieces_for_the_interval_after_each_chunk(interval: float, expected: list[str]) -> None:
-    times = Arrivals([(0.0, "a"), (0.01, "b"), (0.02, "c"), (0.03, "d"), (0.04, "e"), (0.1, "f")])
-    got = list(chunks(times.pieces(), times.waiting, interval, clock=lambda: times.now, sleep=times.sleep))
-    assert got == expected
+def test_chunks_go_at_most_once_an_interval_and_the_end_at_once(
+    interval: float, expected: list[tuple[str, float]]
+) -> None:
+    assert Arrivals(list(EVERY_10_MS), end=0.1).chunks(interval) == expected
 
 
 def test_pieces_already_here_go_in_one_chunk_without_waiting() -> None:
-    times = Arrivals([(0.0, "a"), (0.0, "b"), (0.0, "c")])
-    slept: list[float] = []
-    got = list(chunks(times.pieces(), times.waiting, 10.0, clock=lambda: times.now, sleep=slept.append))
-    assert got == ["abc"] and slept == []
+    times = Arrivals([(0.0, "a"), (0.0, "b"), (0.0, "c")], end=0.0)
+    assert times.chunks(10.0) == [("abc", 0.0)]
 
 
 def test_pieces_held_when_the_generation_fails_come_before_the_error() -> None:
@@ -120,21 +137,24 @@ def test_pieces_held_when_the_generation_fails_come_before_the_error() -> None:
 
     out: list[str] = []
     with pytest.raises(RuntimeError, match="fell over"):
-        for chunk in chunks(failing(), lambda: True, 10.0, sleep=lambda _: None):
+        for chunk in chunks(failing(), lambda: True, 10.0, wait=lambda _: None):
             out.append(chunk)
     assert out == ["half"]
 
 
-def test_the_wait_between_chunks_ends_when_the_answer_does() -> None:
-    """``Feed.wait_end`` is the text thread's sleep: an answer's last chunk is not held back."""
-    feed = Feed()
-    feed.put(7)
-    waiter = threading.Thread(target=feed.wait_end, args=(3600,), daemon=True)
-    waiter.start()
-    feed.put(None)
-    waiter.join(timeout=60)
-    assert not waiter.is_alive()
-    assert list(feed) == [7]
+def test_a_feed_wakes_its_reader_when_the_next_item_comes() -> None:
+    """``Feed.wait_next`` is the text thread's wait between chunks: it returns at once when an
+    item is there, and when the next one is put (an id, or the end)."""
+    for item in (7, None):
+        feed = Feed()
+        waiter = threading.Thread(target=feed.wait_next, args=(3600,), daemon=True)
+        waiter.start()
+        waiter.join(timeout=0.05)
+        assert waiter.is_alive()  # nothing put yet: still waiting
+        feed.put(item)
+        waiter.join(timeout=60)
+        assert not waiter.is_alive()
+        feed.wait_next(3600)  # an item is there: returns at once
 
 
 def test_stream_interval_defaults_agree_and_are_checked(
@@ -146,3 +166,18 @@ def test_stream_interval_defaults_agree_and_are_checked(
         ServeConfig(stream_interval=-0.01)
     line = one_line_error(cli("serve", saved_run, "--stream-interval", "5"))
     assert "stream_interval" in line
+
+
+def test_the_server_streams_with_its_stream_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    intervals: list[float] = []
+
+    class Recorded(Reply):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            intervals.append(self._interval)
+
+    monkeypatch.setattr(app_module, "Reply", Recorded)
+    with running(tiny_chatbot(), ServeConfig(stream_interval=0.3)) as base:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        assert httpx.post(base + "v1/chat/completions", json=body, timeout=30).status_code == 200
+    assert intervals == [0.3]

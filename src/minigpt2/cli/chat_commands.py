@@ -121,8 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         if not loopback and limits.api_key is None:
             err(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+        weights = getattr(bot.model, "decode_weights", "fp32")  # the fast engine's (--decode-weights)
         print(f"serving {args.run} as {limits.model_id!r}: web chat at {url}, OpenAI API at {url}v1"
-              f"{' (API key required)' if limits.api_key else ''}; Ctrl-C stops", flush=True)  # fmt: skip
+              f"{' (API key required)' if limits.api_key else ''}; {weights} decoding weights; Ctrl-C stops",
+              flush=True)  # fmt: skip
         others = serve.addresses(args.host, urlsplit(url).port or args.port)[1:]
         if others:  # listening on every interface: where other machines can find it
             print(f"also at {', '.join(others)} (this machine's other addresses)", flush=True)

@@ -59,7 +59,7 @@ def add_inference_options(p: argparse.ArgumentParser, generation: bool = True) -
         p.add_argument("--decode-weights", default="auto", choices=["auto", "int8", "fp32"],
                        help="the weights each generated character reads: int8 (a quarter of the bytes, "
                             "loss within ~0.001 of fp32) or fp32 (as trained, exact); default auto: "
-                            "int8 on a CPU for models of 4 MiB or more")  # fmt: skip
+                            "int8 on a CPU when the blocks' fp32 weights are 4 MiB or more")  # fmt: skip
 
 
 def add_sampling_options(

@@ -136,7 +136,9 @@ def converse(bot: Any, run: str) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         line_editing()
-        print(f"chatting with {run} ({bot.template.name} template); /help for commands, Ctrl-D to quit")
+        weights = getattr(bot.model, "decode_weights", "fp32")  # the fast engine's (--decode-weights)
+        print(f"chatting with {run} ({bot.template.name} template, {weights} decoding weights); "
+              "/help for commands, Ctrl-D to quit")  # fmt: skip
     while (raw := read_line(interactive)) is not None:
         note = cut_note(raw) if interactive else None
         line = clean(raw)

@@ -279,13 +279,18 @@ class Chatbot:
         (temperature 1, no filters): what it was choosing from when it began to reply."""
         import torch
 
+        from minigpt2.core.model import KVCache
+
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UserError(f"next_char_probs needs k, the number of characters to show, >= 1; got {k!r}")
         history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
         prompt = self.prepare(history).prompt
         autocast = self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
         with torch.inference_mode(), autocast:  # the precision the answers are drawn in
-            logits, _ = self.model(torch.tensor([prompt], device=self.model.device))
+            # Through a fresh cache, as an answer starts: the numbers its first character is drawn
+            # from (with the engine's int8 decoding weights, the last position is an int8 step).
+            cache = KVCache(self.model.config)
+            logits, _ = self.model(torch.tensor([prompt], device=self.model.device), cache=cache)
         probs = torch.softmax(logits[0, -1].float(), dim=-1)
         top = torch.topk(probs, min(k, probs.numel()))
         shown = {"\n": "⏎", " ": "␣"}

@@ -16,7 +16,7 @@ model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 modules the same way). Outside the cases in the last column each drop-in runs the textbook code.
 ``FastGPT.decode_weights`` ("fp32" unless ``inference.load_for_inference`` sets it) chooses the
 weights its one-token steps read: "int8" is ``int8.Int8Linear``, a quarter of the bytes and
-slightly different numbers (``--decode-weights``, ``auto`` = int8 on a CPU for models of 4 MiB or
+slightly different numbers (``--decode-weights``, ``auto`` = int8 on a CPU for blocks of 4 MiB or
 more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
 on a CPU, and ``batch.BatchDecoder`` advances many conversations together, one batched step for all
 (the drop-in for running ``core.stream.generate_ids`` once per conversation). Each piece is tested

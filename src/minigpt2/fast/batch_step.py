@@ -75,7 +75,8 @@ class BatchStep:
         for layer, lw in enumerate(w.blocks):
             qkv = lw.attn(F.layer_norm(x, (C,), lw.ln_1_w, lw.ln_1_b, eps))  # (B, 3C)
             cache = kv[layer]  # (2, R, nh, block_size, hs), contiguous
-            cache.view(-1, hs).index_put_((where,), qkv[:, C:].view(B, 2, nh, hs))
+            # .to: under autocast the cache is bf16, and an int8 layer's product is fp32
+            cache.view(-1, hs).index_put_((where,), qkv[:, C:].view(B, 2, nh, hs).to(cache.dtype))
             q = qkv[:, :C].view(B, nh, 1, hs)
             y = F.scaled_dot_product_attention(q, cache[0, :B, :, :Tk], cache[1, :B, :, :Tk], attn_mask=mask)
             # (B, nh, 1, hs) -> (B, C); added in place into x so that the residual stream stays fp32

@@ -61,8 +61,8 @@ def _block_weights(block: Block, linear: Callable[[Tensor, Tensor], Linear]) -> 
 class Decoder:
     """One-token steps for batch-1 generation with ``model``'s weights (shared, not copied).
 
-    Fill the cache first with the model itself (``model(idx, cache=cache)`` for the prompt), then
-    call ``step`` once per new token. Inference only: no dropout, no gradients. ``weights``: "fp32"
+    Fill the cache with the prompt through the model's own forward (``GPT.forward(model, idx,
+    cache=cache)``), or start from an empty one, then call ``step`` once per new token. Inference only: no dropout, no gradients. ``weights``: "fp32"
     runs the linear layers over the model's own tensors, taken when the decoder is made (in-place
     updates show; ``model.to(...)`` makes new tensors the decoder does not see); "int8" over an
     int8 copy of them (``fast/int8.py``), which no update reaches. ``decoder_for`` hands out a
@@ -124,12 +124,13 @@ class Decoder:
 
 
 def decoder_for(model: GPT) -> Decoder:
-    """``model``'s decoder, with the weights ``model.decode_weights`` names ("fp32" unless set):
-    the one made last while the parameters are the same tensors, not updated in place since
-    (an int8 copy takes ~20 ms to make for 10M parameters), else a new one."""
-    weights = getattr(model, "decode_weights", "fp32")
+    """``model``'s decoder, with the weights ``model.decode_weights`` names ("fp32" unless set;
+    int8 only on a CPU, as its kernel is a CPU one: a model moved elsewhere decodes in fp32): the
+    one made last while the parameters are the same tensors, not updated in place since (an int8
+    copy takes ~20 ms to make for 10M parameters), else a new one."""
+    weights = getattr(model, "decode_weights", "fp32") if model.device.type == "cpu" else "fp32"
     # Each tensor's storage and in-place version count: training steps, load_state_dict and
-    # .to() change one of them.
+    # .to() change one of them (writing through ``p.data`` does not: it bypasses the count).
     key = (weights, *((p.data_ptr(), p._version) for p in model.parameters()))
     made: tuple[tuple[object, ...], Decoder] | None = model.__dict__.get("_decoder_made")
     if made is None or made[0] != key:

@@ -4,9 +4,9 @@ Generating one character at batch 1 runs every linear layer as a matrix-vector p
 CPU that product waits on memory: it reads each fp32 weight once and does one multiply-add with it.
 Stored as int8 (one byte, and one scale per output row), the weights take a quarter of the
 bytes, and PyTorch's weight-only int8 kernel (``aten._weight_int8pack_mm``, bf16 activations,
-fp32 sums) multiplies by them without making an fp32 copy. Measured (``benchmarks/
-vs_transformers.py``, ``shakespeare`` shape, AMD EPYC, 2 threads): one step 3.5 ms in fp32 against
-0.7 ms in int8.
+fp32 sums) multiplies by them without making an fp32 copy. Measured (``python
+benchmarks/int8_speed.py``, AMD EPYC, 2 threads, 2026-12-01): one ``shakespeare`` stream 195
+characters/s in fp32 against 721 in int8 (3.7x), a batched step of one row 3.86 ms against 1.00.
 
 The numbers change: each weight becomes ``scale[row] * q`` with q an integer in -127 .. 127 and
 ``scale[row] = max |w[row, :]| / 127`` (symmetric, per output row, as in LLM.int8 and gpt-fast's
@@ -34,13 +34,14 @@ DECODE_WEIGHTS = ("auto", "int8", "fp32")
 
 # ``auto`` picks int8 from this size of the blocks' fp32 weights up. Below it the weights stay in
 # the CPU's caches between characters, so fewer bytes save little and the kernel's casts cost.
-# Measured (AMD EPYC, 32 MiB L3, 2 threads, medians of interleaved runs, 2026-12-01): one row,
-# ``tiny`` (0.1 MiB) 0.71x; ``cpu`` (7 MiB) 1.06-1.08x (20 rows of a batch: 1.12-1.35x);
-# ``chat`` (12 MiB) 2.2x; ``shakespeare`` (41 MiB) 3.2x.
+# ``python benchmarks/int8_speed.py`` (AMD EPYC, 32 MiB L3, 2 threads, 2026-12-01), int8 against
+# fp32 for one stream / batched steps of 1, 5 and 20 rows: ``tiny`` (0.1 MiB) 0.69x / 0.76x, 0.79x,
+# 0.58x; ``cpu`` (6.8 MiB) 1.14x / 1.34x, 1.42x, 1.16x; ``chat`` (12 MiB) 2.5x / 2.5x, 1.9x, 1.27x;
+# ``shakespeare`` (41 MiB) 3.7x / 3.8x, 2.8x, 1.25x.
 AUTO_MIN_BYTES = 4 * 2**20
 
-# The kernel reads the inner dimension 16 values at a time and has no tail: other sizes give
-# wrong numbers or crash (checked by ``tests/test_int8.py``).
+# The kernel reads the inner dimension 16 values at a time and has no tail: other sizes gave wrong
+# sums (8, 24) or crashed (33) when tried, so they are refused (``tests/test_int8.py`` checks that).
 _INNER_MULTIPLE = 16
 
 

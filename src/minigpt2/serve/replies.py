@@ -58,8 +58,7 @@ class Reply:
         """A text thread: one choice's chunks to the event loop (``chunks``), then its end (None) or
         the error that ended it."""
         try:
-            # Waiting between chunks stops early when the answer ends: its last chunk goes at once.
-            for chunk in chunks(text, job.feed.waiting, self._interval, sleep=job.feed.wait_end):
+            for chunk in chunks(text, job.feed.waiting, self._interval, wait=job.feed.wait_next):
                 self._post(index, chunk)
             self._post(index, None)
         except Exception as err:
@@ -128,24 +127,26 @@ def chunks(
     waiting: Callable[[], bool],
     interval: float,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    wait: Callable[[float], None] = time.sleep,
 ) -> Iterator[str]:
-    """``pieces`` joined into chunks: the first at once, each next one ``interval`` seconds or more
-    after the last (``sleep`` waits out the rest while the ids behind it are drawn), and none while
-    ``waiting()`` says the next piece's id is already here. So a stream costs the server and its
-    client one chunk per interval, not one per character, and a text is held back at most
-    ``interval`` (0: only the pieces that are already here go together)."""
+    """``pieces`` joined into chunks: the first goes at once, each next one ``interval`` seconds or
+    more after the last, with every piece that came meanwhile. ``waiting()`` says whether the next
+    piece's id is already here (it joins the chunk first, for at most one more interval);
+    ``wait(seconds)`` returns when the seconds are up or, earlier, when the next id comes, which is
+    decoded at once (a stop string ends the text then, and an answer's end is sent then, not at the
+    next interval). So a stream costs the server and its client one chunk per interval, not one per
+    character (0: each piece as it comes)."""
     held: list[str] = []
     due = clock()  # when the next chunk may go
     try:
         for piece in pieces:
             held.append(piece)
-            if waiting():
-                continue
-            rest = due - clock()
-            if rest > 0:
-                sleep(rest)
-                if waiting():  # more was drawn meanwhile: it goes in this chunk
+            now = clock()
+            if waiting() and now < due + interval:
+                continue  # the next piece is already here: it goes in this chunk
+            if now < due:
+                wait(due - now)
+                if clock() < due:  # the next id came first: decode it now, send at the due time
                     continue
             yield "".join(held)
             held.clear()
@@ -161,8 +162,9 @@ def chunks(
 def _joined(
     items: list[tuple[int, str | BaseException | None]],
 ) -> list[tuple[int, str | BaseException | None]]:
-    """``items`` in order, with each run of one choice's pieces joined into one piece (a run ends at
-    that choice's end or error, which keep their place after it)."""
+    """``items`` with each run of one choice's pieces joined into one piece, at the run's first
+    place (a run ends at that choice's end or error, which come after it): each choice's items keep
+    their order, as do the runs, ends and errors by their first item."""
     out: list[tuple[int, str | BaseException | None]] = []
     last: dict[int, int] = {}  # choice -> where its open run of text is in out
     for index, item in items:
