@@ -8,9 +8,9 @@ A real uvicorn server on loopback, in its own process, generating through the ba
 answers of ``--tokens`` characters in a loop (the official ``openai`` client) until the time is up;
 the reference is one client alone, against the same server. The client counts take turns for
 ``--rounds`` rounds; each is reported by its median round: characters/s served (all clients
-together), time to first character (median and 95th percentile), answers refused (429) and failed,
-whether every answer arrived whole, and the CPU cores the server used (on a small machine the
-clients take the rest). The server decodes with ``--decode-weights`` and streams with
+together), time to first character (median and 95th percentile), chunks per answer (the role and
+the finish are one each), answers refused (429) and failed, whether every answer arrived whole,
+and the CPU cores the server used (on a small machine the clients take the rest). The server decodes with ``--decode-weights`` and streams with
 ``--stream-interval``, as ``minigpt2 serve`` does. Then the burst: ``--burst`` clients each send one
 request at the same moment to a server whose queue holds ``--burst-queue``; every answer let in
 must arrive whole and the rest must get 429; the server's peak RSS is reported.
@@ -51,30 +51,33 @@ from minigpt2.fast.int8 import DECODE_WEIGHTS, choose_decode_weights
 VOCAB = sorted(set("\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
 
 
-def stream_one(api: openai.OpenAI, tokens: int, seed: int) -> tuple[str, str | None, float | None]:
-    """One streamed answer: its text, its finish reason, and seconds to its first character."""
+def stream_one(api: openai.OpenAI, tokens: int, seed: int) -> tuple[str, str | None, float | None, int]:
+    """One streamed answer: its text, its finish reason, seconds to its first character, and the
+    chunks it came in."""
     start, first = time.monotonic(), None
-    text, finish = "", None
+    text, finish, chunks = "", None, 0
     stream = api.chat.completions.create(
         model="m", messages=[{"role": "user", "content": f"tell me a story {seed}"}],
         max_tokens=tokens, stream=True, seed=seed, temperature=1.0,
     )  # fmt: skip
     for chunk in stream:
+        chunks += 1
         if chunk.choices and chunk.choices[0].delta.content:
             first = first if first is not None else time.monotonic() - start
             text += chunk.choices[0].delta.content
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
-    return text, finish, first
+    return text, finish, first, chunks
 
 
 def client_loop(base: str, tokens: int, until: float, seed: int) -> dict[str, Any]:
     """Stream answers back to back until ``until``; returns counts and first-character latencies."""
     api = openai.OpenAI(base_url=base + "v1", api_key="x", max_retries=0, timeout=300)
-    out: dict[str, Any] = {"chars": 0, "answers": 0, "whole": 0, "refused": 0, "failed": 0, "ttfc": []}
+    out: dict[str, Any] = {"chars": 0, "answers": 0, "whole": 0, "refused": 0, "failed": 0, "chunks": 0,
+                           "ttfc": []}  # fmt: skip
     while time.monotonic() < until:
         try:
-            text, finish, first = stream_one(api, tokens, seed)
+            text, finish, first, chunks = stream_one(api, tokens, seed)
         except openai.RateLimitError:
             out["refused"] += 1
             time.sleep(0.5)
@@ -84,6 +87,7 @@ def client_loop(base: str, tokens: int, until: float, seed: int) -> dict[str, An
             continue
         out["answers"] += 1
         out["chars"] += len(text)
+        out["chunks"] += chunks
         out["whole"] += finish == "length"  # no stop ids: a whole answer runs to max_tokens
         if first is not None:
             out["ttfc"].append(first)
@@ -146,9 +150,12 @@ def measure(base: str, pid: int, clients: int, seconds: float, tokens: int) -> d
         results = list(pool.map(lambda i: client_loop(base, tokens, until, i), range(clients)))
     took = time.monotonic() - start
     ttfc = sorted(t for r in results for t in r["ttfc"])
-    total = {k: sum(r[k] for r in results) for k in ("chars", "answers", "whole", "refused", "failed")}
+    total = {
+        k: sum(r[k] for r in results) for k in ("chars", "answers", "whole", "refused", "failed", "chunks")
+    }
     return {
         "clients": clients, **total, "chars_per_s": total["chars"] / took,
+        "chunks_per_answer": total["chunks"] / max(1, total["answers"]),
         "ttfc_median_ms": 1000 * statistics.median(ttfc) if ttfc else None,
         "ttfc_p95_ms": 1000 * ttfc[int(0.95 * (len(ttfc) - 1))] if ttfc else None,
         "server_cores": (cpu_seconds(pid) - cpu) / took,
@@ -170,7 +177,7 @@ def burst(base: str, clients: int, tokens: int) -> dict[str, int]:
         api = openai.OpenAI(base_url=base + "v1", api_key="x", max_retries=0, timeout=600)
         gate.wait()
         try:
-            _, finish, _ = stream_one(api, tokens, seed)
+            _, finish, _, _ = stream_one(api, tokens, seed)
         except openai.RateLimitError:
             return "refused"
         except openai.APIError:
@@ -221,13 +228,14 @@ def main() -> None:
     print(f"{cpu_model()}, {torch.get_num_threads()} torch threads; {datetime.date.today()}; preset "
           f"{args.preset}, {args.tokens} characters per answer, --max-concurrent {args.max_concurrent} "
           f"(rows of the batch), --max-queue {args.max_queue}; the server in its own process")  # fmt: skip
-    print_table(rows, ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
-                       "ttfc_median_ms", "ttfc_p95_ms", "server_cores", "rounds"])  # fmt: skip
+    columns = ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
+               "ttfc_median_ms", "ttfc_p95_ms", "chunks_per_answer", "server_cores", "rounds"]  # fmt: skip
+    print_table(rows, columns)
     print(f"\n{args.burst} clients at once against --max-queue {args.burst_queue}: {ends['whole']} answers "
           f"whole, {ends['cut']} cut short, {ends['refused']} refused (429), {ends['failed']} failed; "
           f"server peak RSS {rss:.0f} MiB")  # fmt: skip
     keys = ("chars_per_s", "vs_one_client", "ttfc_median_ms", "ttfc_p95_ms", "whole", "answers", "refused",
-            "failed", "server_cores")  # fmt: skip
+            "failed", "chunks_per_answer", "server_cores")  # fmt: skip
     bursts = {"clients": args.burst, "max_queue": args.burst_queue, **ends, "peak_rss_mib": rss}
     emit({"max_concurrent": args.max_concurrent, "tokens": args.tokens,
           "clients": {r["clients"]: {k: r[k] for k in keys} for r in rows}, "burst": bursts})  # fmt: skip
