@@ -10,10 +10,11 @@ the reference is one client alone, against the same server. The client counts ta
 ``--rounds`` rounds; each is reported by its median round: characters/s served (all clients
 together), time to first character (median and 95th percentile), chunks per answer (the role and
 the finish are one each), answers refused (429) and failed, whether every answer arrived whole,
-and the CPU cores the server used (on a small machine the clients take the rest). The server decodes with ``--decode-weights`` and streams with
-``--stream-interval``, as ``minigpt2 serve`` does. Then the burst: ``--burst`` clients each send one
-request at the same moment to a server whose queue holds ``--burst-queue``; every answer let in
-must arrive whole and the rest must get 429; the server's peak RSS is reported.
+and the CPU cores the server used (on a small machine the clients take the rest). The server
+decodes with ``--decode-weights`` and streams with ``--stream-interval``, as ``minigpt2 serve``
+does. Then the burst: ``--burst`` clients each send one request at the same moment to a server
+whose queue holds ``--burst-queue``; every answer let in must arrive whole and the rest must get
+429; the server's peak RSS is reported.
 """
 
 from __future__ import annotations

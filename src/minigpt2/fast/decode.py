@@ -62,11 +62,12 @@ class Decoder:
     """One-token steps for batch-1 generation with ``model``'s weights (shared, not copied).
 
     Fill the cache with the prompt through the model's own forward (``GPT.forward(model, idx,
-    cache=cache)``), or start from an empty one, then call ``step`` once per new token. Inference only: no dropout, no gradients. ``weights``: "fp32"
-    runs the linear layers over the model's own tensors, taken when the decoder is made (in-place
-    updates show; ``model.to(...)`` makes new tensors the decoder does not see); "int8" over an
-    int8 copy of them (``fast/int8.py``), which no update reaches. ``decoder_for`` hands out a
-    model's decoder and makes a new one whenever the weights have changed.
+    cache=cache)``), or start from an empty one, then call ``step`` once per new token. Inference
+    only: no dropout, no gradients. ``weights``: "fp32" runs the linear layers over the model's own
+    tensors, taken when the decoder is made (in-place updates show; ``model.to(...)`` makes new
+    tensors the decoder does not see); "int8" over an int8 copy of them (``fast/int8.py``), which
+    no update reaches. ``decoder_for`` hands out a model's decoder and makes a new one whenever the
+    weights have changed.
     """
 
     def __init__(self, model: GPT, weights: str = "fp32") -> None:
