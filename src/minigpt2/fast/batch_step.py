@@ -42,9 +42,8 @@ class BatchStep:
         if self.kv is None:
             c, R, device = self.config, self.max_rows, self.device
             nh, block = c.n_head, c.block_size
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
             shape = (c.n_layer, 2, R, nh, block, c.n_embd // nh)
-            self.kv = torch.zeros(shape, dtype=dtype or self.w.wte.dtype, device=device)
+            self.kv = torch.zeros(shape, dtype=self.w.compute_dtype(), device=device)
             # A layer's cache seen as (2 * R * nh * block_size, hs) rows: the k (kind 0) or v (kind 1)
             # of head h of slot b at position 0 is row ((kind * R + b) * nh + h) * block_size.
             slot = torch.arange(R, device=device).view(R, 1, 1) + R * torch.arange(2, device=device).view(

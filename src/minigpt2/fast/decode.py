@@ -84,6 +84,12 @@ class Decoder:
         linear = Int8Linear if weights == "int8" else DenseLinear
         self.blocks = [_block_weights(cast(Block, b), linear) for b in t.h]
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in here: the autocast dtype inside an autocast region (the
+        dtype of the k and v a cache holds), else its weights'."""
+        device = self.wte.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.wte.dtype
+
     def step(self, token: int | Tensor, cache: KVCache) -> Tensor:
         """Feed ``token`` (an id, or a (1,) tensor of one) at position ``cache.pos`` and return the
         next token's logits (V,).
@@ -96,12 +102,9 @@ class Decoder:
         if pos >= self.wpe.size(0):
             raise ValueError(f"{pos + 1} positions exceed the context window of {self.wpe.size(0)}")
         if cache.kv is None:  # nothing cached yet: the buffer the model would make (KVCache.update)
-            device = self.wte.device
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.dtype
             c = cache.config
             shape = (c.n_layer, 2, 1, c.n_head, c.block_size, c.n_embd // c.n_head)
-            cache.kv = torch.zeros(shape, dtype=dtype, device=device)
+            cache.kv = torch.zeros(shape, dtype=self.compute_dtype(), device=self.wte.device)
         # (1, C): the residual stream of the one new position (2-D, so each linear is one product).
         x = (self.wte[token] + self.wpe[pos]).view(1, C)
         for layer, w in enumerate(self.blocks):
