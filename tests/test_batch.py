@@ -21,11 +21,11 @@ import torch
 
 from helpers_model import all_logits
 from minigpt2.core.config import SampleConfig
-from minigpt2.core.generate import make_generator
+from minigpt2.core.generate import make_generator, sample
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.fast import speed_up
-from minigpt2.fast.batch import BatchDecoder, Row, generate_many
+from minigpt2.fast.batch import BatchDecoder, Row, draw_together, generate_many
 from minigpt2.precision import Precision
 
 Factory = Callable[..., GPT]
@@ -116,6 +116,35 @@ def test_a_seeded_sampled_row_is_the_same_alone_and_among_20_others(varied: Fact
     run_all(crowd)
     assert len(row.new_ids) == 50
     assert ours.new_ids == row.new_ids == alone(model, prompt, cfg)
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(0.0, 0), (0.7, 40), (1.0, 0), (1.3, 3)])
+def test_a_draw_together_is_each_rows_draw_alone(temperature: float, top_k: int) -> None:
+    """``draw_together`` gives each row the id ``sample`` draws from it alone with the same
+    generator, and leaves each generator where ``sample`` leaves it."""
+    logits = torch.randn(64, 65, generator=torch.Generator().manual_seed(top_k)) * 3  # (B, V)
+    together_gens = [make_generator(seed) for seed in range(64)]
+    alone_gens = [make_generator(seed) for seed in range(64)]
+    together = draw_together(logits, temperature, top_k, together_gens)
+    assert together == [
+        sample(row, temperature, top_k, 1.0, g) for row, g in zip(logits, alone_gens, strict=True)
+    ]
+    assert [g.get_state().equal(h.get_state()) for g, h in zip(together_gens, alone_gens, strict=True)] == [
+        True
+    ] * 64
+
+
+def test_twenty_rows_drawn_together_are_each_the_same_alone(varied: Factory) -> None:
+    model = varied(block_size=16)
+    cfg = SampleConfig(max_new_tokens=30, temperature=0.8, top_k=10)  # the same options, other seeds
+    prompts = prompts_of(range(1, 21))
+    generators = [make_generator(100 + i) for i in range(20)]
+    together: list[list[int]] = [[] for _ in prompts]
+    for i, token in generate_many(model, prompts, cfg, generators=generators, max_rows=20):
+        together[i].append(token)
+    assert together == [
+        list(generate_ids(model, p, cfg, generator=make_generator(100 + i))) for i, p in enumerate(prompts)
+    ]
 
 
 def test_rows_keep_their_own_stop_ids_max_tokens_and_options(varied: Factory) -> None:

@@ -17,10 +17,13 @@ more than the L3 cache), and each row still pays its own refills and sampling (a
 
 Each row follows ``generate_ids``'s rules with its own options (``SampleConfig``, stop ids,
 ``min_new_tokens``, repetition penalty over its window) and its own ``torch.Generator``, and draws
-each id with the same function (``core/stream.next_token``), so a seeded row gives the same ids
-alone or among others (up to the rounding of a product with B rows against one, which flips an id
-only on a near tie). Past the context window a row slides as ``generate_ids`` does: it keeps its
-newest ``block_size // 2`` ids and refills its slot from them.
+each id as ``core/stream.next_token`` does, so a seeded row gives the same ids alone or among
+others (up to the rounding of a product with B rows against one, which flips an id only on a near
+tie). Rows with the same plain options (temperature and top-k; no top-p, penalty or barred stop
+ids) are drawn in one batched operation (``draw_together``: the same ids, each from its row's
+generator), which costs a third of drawing them one by one. Past the context window a row slides
+as ``generate_ids`` does: it keeps its newest ``block_size // 2`` ids and refills its slot from
+them.
 
 Row b lives in slot b of the batched cache: running rows stay in slots 0 .. B-1 (a leaving row's
 slot takes the last row's cache), so a step never computes an empty slot; rows of different
@@ -154,20 +157,44 @@ class BatchDecoder:
         pos = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,): where each id goes
         with self._autocast():
             logits = self.batch(ids, pos, max(lengths) + 1, ragged=min(lengths) != max(lengths))
-        logits = logits.float().cpu()  # (B, V): one transfer for all rows, then drawn row by row
+        logits = logits.float().cpu()  # (B, V): one transfer for all rows
         rows = list(self.rows)  # before any row leaves (and the last one moves into its slot)
-        for row in rows:
+        for row, row_logits in zip(rows, logits, strict=True):
             row.length += 1
-        return [(row, self._draw(row, row_logits)) for row, row_logits in zip(rows, logits, strict=True)]
+            row.logits = row_logits
+        drawn = self._draw_all(rows, logits)
+        return [(row, self._take(row, nxt)) for row, nxt in zip(rows, drawn, strict=True)]
 
-    def _draw(self, row: Row, logits: Tensor) -> int | None:
-        """Pick ``row``'s next id from its logits (V,) as generate_ids does; end the row if it is done."""
-        row.logits = logits
+    def _draw_all(self, rows: list[Row], logits: Tensor) -> list[int]:
+        """Each row's next id from its logits (B, V), as ``generate_ids`` draws it alone. Rows that
+        share plain options (no penalty, no top-p, no ids barred yet) are drawn together
+        (``draw_together``); the others one by one, as ``generate_ids`` does."""
+        drawn = [0] * len(rows)
+        together: dict[tuple[float, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            cfg, barred = row.cfg, len(row.tokens) - row.prompt_len < row.min_new_tokens and row.stops
+            if barred or cfg.repetition_penalty != 1.0 or cfg.top_p < 1.0:
+                drawn[i] = self._draw(row, logits[i])
+            else:
+                together.setdefault((cfg.temperature, cfg.top_k), []).append(i)
+        for (temperature, top_k), members in together.items():
+            generators = [rows[i].generator for i in members]
+            for i, nxt in zip(
+                members, draw_together(logits[members], temperature, top_k, generators), strict=True
+            ):
+                drawn[i] = nxt
+        return drawn
+
+    def _draw(self, row: Row, logits: Tensor) -> int:
+        """``row``'s next id from its logits (V,), alone, as generate_ids draws it."""
         if len(row.tokens) - row.prompt_len < row.min_new_tokens and row.stops:
             logits = logits.index_fill(0, torch.tensor(sorted(row.stops)), float("-inf"))
         # The window's ids matter only to the repetition penalty; skip building them otherwise.
         window = torch.tensor(row.tokens[row.start :]) if row.cfg.repetition_penalty != 1.0 else self._no_ids
-        nxt = next_token(logits, row.cfg, window, row.generator)
+        return next_token(logits, row.cfg, window, row.generator)
+
+    def _take(self, row: Row, nxt: int) -> int | None:
+        """``row`` goes on with ``nxt``, or ends (a stop id, or its ``max_new_tokens``-th id)."""
         if nxt in row.stops:
             self._leave(row, "stop")
             return None
@@ -199,6 +226,25 @@ class BatchDecoder:
             self.batch.move(last.slot, row.slot, last.length)
             last.slot, self.rows[row.slot] = row.slot, last
         row.slot = -1
+
+
+def draw_together(
+    logits: Tensor, temperature: float, top_k: int, generators: Sequence[torch.Generator]
+) -> list[int]:
+    """``core.generate.sample`` for B rows with the same temperature and top-k (top-p 1), in one
+    batched draw: logits (B, V) -> B ids, each the one ``sample`` draws from its row alone with
+    its generator. ``torch.multinomial`` draws one sample from probabilities p as
+    argmax(p / e) with e exponential noise from the generator (one draw per id), so each row's
+    noise comes from its own generator and the rest is one operation for all rows."""
+    if temperature == 0:
+        return logits.argmax(dim=-1).tolist()
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): each row's k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    noise = torch.stack([torch.empty(probs.size(-1)).exponential_(1, generator=g) for g in generators])
+    return (probs / noise).argmax(dim=-1).tolist()
 
 
 def generate_many(
