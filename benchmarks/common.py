@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a prepared corpus, a peak matmul rate, and result printing.
+"""Shared pieces of the benchmarks: a prepared corpus, a peak matmul rate, the batched step's time,
+and result printing.
 
 Every benchmark compares against a reference measured in the same script, prints a table, and
 ends with one JSON line of its figures.
@@ -17,6 +18,9 @@ from typing import Any
 import torch
 
 from minigpt2 import corpora, data
+from minigpt2.core.config import SampleConfig
+from minigpt2.core.model import GPT
+from minigpt2.fast.batch import BatchDecoder
 from minigpt2.fileio import atomic_write_text
 
 CLASSIC_CHARS = 1_115_394  # the size of the classic tiny-shakespeare corpus
@@ -51,6 +55,29 @@ def matmul_tflops(dtype: torch.dtype, device: str | torch.device = "cpu", second
             sync(device)
     sync(device)
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def batch_stepper(model: GPT, weights: str, rows: int) -> BatchDecoder:
+    """A batched decoder with ``rows`` rows of different lengths, one step taken."""
+    model.decode_weights = weights
+    decoder = BatchDecoder(model, max_rows=rows)
+    for i in range(rows):
+        length = 1 + (7 * i) % (model.config.block_size // 2)  # mixed lengths within half a window
+        decoder.add([1 + i % 5] * length, SampleConfig(max_new_tokens=10**6, seed=i))
+    decoder.step()
+    return decoder
+
+
+@torch.inference_mode()
+def step_ms(decoder: BatchDecoder, steps: int = 20) -> float:
+    """Milliseconds of one batched model step (the forward pass only) over the decoder's rows."""
+    rows = decoder.rows
+    ids = torch.tensor([r.tokens[-1] for r in rows])
+    pos = torch.tensor([r.length for r in rows])
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.batch(ids, pos, int(pos.max()) + 1, ragged=True)
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 def sync(device: torch.device) -> None:

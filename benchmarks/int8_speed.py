@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_model, emit, print_table
+from common import batch_stepper, cpu_model, emit, print_table, step_ms
 
 from minigpt2.core import config
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.fast import speed_up
-from minigpt2.fast.batch import BatchDecoder
 from minigpt2.fast.decode import FastGPT
 
 WEIGHTS = ("fp32", "int8")
@@ -42,29 +41,6 @@ def stream_speed(model: FastGPT, weights: str) -> float:
     start = time.perf_counter()
     ids = list(generate_ids(model, [5, 6, 7], cfg))
     return len(ids) / (time.perf_counter() - start)
-
-
-def batch_stepper(model: FastGPT, weights: str, rows: int) -> BatchDecoder:
-    """A batched decoder with ``rows`` rows of different lengths, one step taken."""
-    model.decode_weights = weights
-    decoder = BatchDecoder(model, max_rows=rows)
-    for i in range(rows):
-        length = 1 + (7 * i) % (model.config.block_size // 2)  # mixed lengths within half a window
-        decoder.add([1 + i % 5] * length, SampleConfig(max_new_tokens=10**6, seed=i))
-    decoder.step()
-    return decoder
-
-
-@torch.inference_mode()
-def step_ms(decoder: BatchDecoder, steps: int = 20) -> float:
-    """Milliseconds of one batched model step (the forward pass only) over the decoder's rows."""
-    rows = decoder.rows
-    ids = torch.tensor([r.tokens[-1] for r in rows])
-    pos = torch.tensor([r.length for r in rows])
-    start = time.perf_counter()
-    for _ in range(steps):
-        decoder.batch(ids, pos, int(pos.max()) + 1, ragged=True)
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 def main() -> None:

@@ -12,9 +12,11 @@ together), time to first character (median and 95th percentile), chunks per answ
 the finish are one each), answers refused (429) and failed, whether every answer arrived whole,
 and the CPU cores the server used (on a small machine the clients take the rest). The server
 decodes with ``--decode-weights`` and streams with ``--stream-interval``, as ``minigpt2 serve``
-does. Then the burst: ``--burst`` clients each send one request at the same moment to a server
-whose queue holds ``--burst-queue``; every answer let in must arrive whole and the rest must get
-429; the server's peak RSS is reported.
+does. Then the ceiling batching allows on this machine: the batched model step alone (no server,
+no clients), one row against as many rows as the largest client count that fits the batch. Then
+the burst (``--burst 0``: none): ``--burst`` clients each send one request at the same moment to a
+server whose queue holds ``--burst-queue``; every answer let in must arrive whole and the rest
+must get 429; the server's peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import openai
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_model, emit, print_table
+from common import batch_stepper, cpu_model, emit, print_table, step_ms
 
 from minigpt2 import serve
 from minigpt2.core import config
@@ -124,24 +126,47 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def serve_forever(args: argparse.Namespace) -> None:
-    """The server side: random weights, and no stop ids (random weights would end most answers
-    after a few characters; a load test wants full-length answers). Prints its address."""
-    tok = CharTokenizer(VOCAB)
-    model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": tok.vocab_size})
+def served_model(args: argparse.Namespace) -> GPT:
+    """The served model: random weights of ``--preset``, decoding with the weights ``minigpt2 serve
+    --decode-weights`` would choose."""
+    model_cfg, _ = config.resolve(args.preset, overrides={"vocab_size": CharTokenizer(VOCAB).vocab_size})
     torch.manual_seed(0)
-    sample = SampleConfig(max_new_tokens=args.tokens)
     model = speed_up(GPT(model_cfg)).eval()
     weights = choose_decode_weights(model, args.decode_weights)  # as `minigpt2 serve` loads a run
     model.decode_weights = weights.name
     print(f"decode weights: {weights.name} ({weights.reason})", file=sys.stderr, flush=True)
-    bot = Chatbot(model, tok, DialogueTemplate(stop_ids=()), sample=sample)
+    return model
+
+
+def serve_forever(args: argparse.Namespace) -> None:
+    """The server side: no stop ids (random weights would end most answers after a few
+    characters; a load test wants full-length answers). Prints its address."""
+    model = served_model(args)
+    bot = Chatbot(model, CharTokenizer(VOCAB), DialogueTemplate(stop_ids=()),
+                  sample=SampleConfig(max_new_tokens=args.tokens))  # fmt: skip
     limits = serve.ServeConfig(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                                stream_interval=args.stream_interval)  # fmt: skip
     with contextlib.suppress(KeyboardInterrupt):
         serve.run_server(
             serve.create_app(bot, limits), "127.0.0.1", 0, on_ready=lambda url: print(url, flush=True)
         )
+
+
+def model_bound(args: argparse.Namespace, rows: int) -> dict[str, float]:
+    """The most batching can give with no server at all: the batched model step (``BatchStep``, the
+    forward pass only) for one row and for ``rows`` rows of mixed lengths, in turns; ``ratio`` is
+    ``rows`` rows' characters/s over one row's, the ceiling of the served ``vs_one_client``."""
+    model = served_model(args)
+    one, many = (
+        batch_stepper(model, model.decode_weights, 1),
+        batch_stepper(model, model.decode_weights, rows),
+    )
+    times: dict[int, list[float]] = {1: [], rows: []}
+    for _ in range(5):
+        times[1].append(step_ms(one, 50))
+        times[rows].append(step_ms(many, 50))
+    t1, tn = statistics.median(times[1]), statistics.median(times[rows])
+    return {"rows": rows, "one_row_ms": t1, "rows_ms": tn, "ratio": rows * t1 / tn}
 
 
 def measure(base: str, pid: int, clients: int, seconds: float, tokens: int) -> dict[str, Any]:
@@ -220,25 +245,33 @@ def main() -> None:
             for n in counts:
                 runs[n].append(measure(base, proc.pid, n, args.seconds, args.tokens))
     rows = [median_run(runs[n]) for n in counts]
+    bound = model_bound(args, max((n for n in counts if n <= args.max_concurrent), default=1))
     for r in rows:
         r["vs_one_client"] = r["chars_per_s"] / rows[0]["chars_per_s"]
-    with server(args, args.burst_queue) as (base, proc):
-        client_loop(base, 5, time.monotonic() + 1.0, 0)
-        ends = burst(base, args.burst, args.tokens)
-        rss = peak_rss_mib(proc.pid)
+    ends, rss = {"whole": 0, "cut": 0, "refused": 0, "failed": 0}, 0.0
+    if args.burst:  # --burst 0: the client counts only
+        with server(args, args.burst_queue) as (base, proc):
+            client_loop(base, 5, time.monotonic() + 1.0, 0)
+            ends = burst(base, args.burst, args.tokens)
+            rss = peak_rss_mib(proc.pid)
     print(f"{cpu_model()}, {torch.get_num_threads()} torch threads; {datetime.date.today()}; preset "
           f"{args.preset}, {args.tokens} characters per answer, --max-concurrent {args.max_concurrent} "
           f"(rows of the batch), --max-queue {args.max_queue}; the server in its own process")  # fmt: skip
     columns = ["clients", "answers", "whole", "refused", "failed", "chars_per_s", "vs_one_client",
                "ttfc_median_ms", "ttfc_p95_ms", "chunks_per_answer", "server_cores", "rounds"]  # fmt: skip
     print_table(rows, columns)
-    print(f"\n{args.burst} clients at once against --max-queue {args.burst_queue}: {ends['whole']} answers "
-          f"whole, {ends['cut']} cut short, {ends['refused']} refused (429), {ends['failed']} failed; "
-          f"server peak RSS {rss:.0f} MiB")  # fmt: skip
+    print(
+        f"\nthe model alone (the batched step, no server): {bound['rows']} rows {bound['rows_ms']:.2f} ms a "
+        f"step, 1 row {bound['one_row_ms']:.2f} ms: at most {bound['ratio']:.2f}x one row's characters/s"
+    )
+    if args.burst:
+        print(f"\n{args.burst} clients at once against --max-queue {args.burst_queue}: {ends['whole']} "
+              f"answers whole, {ends['cut']} cut short, {ends['refused']} refused (429), {ends['failed']} "
+              f"failed; server peak RSS {rss:.0f} MiB")  # fmt: skip
     keys = ("chars_per_s", "vs_one_client", "ttfc_median_ms", "ttfc_p95_ms", "whole", "answers", "refused",
             "failed", "chunks_per_answer", "server_cores")  # fmt: skip
     bursts = {"clients": args.burst, "max_queue": args.burst_queue, **ends, "peak_rss_mib": rss}
-    emit({"max_concurrent": args.max_concurrent, "tokens": args.tokens,
+    emit({"max_concurrent": args.max_concurrent, "tokens": args.tokens, "model_alone": bound,
           "clients": {r["clients"]: {k: r[k] for k in keys} for r in rows}, "burst": bursts})  # fmt: skip
 
 

@@ -150,14 +150,17 @@ def test_an_answer_cut_by_a_stop_string_leaves_its_row_long_before_max_tokens() 
     bot = endless_chatbot()
     full = expected(bot, {"max_tokens": 40, "temperature": 0})[0]
     stop = next(c for i, c in enumerate(full) if i >= 3 and c.strip() and c not in full[:i])
-    body = {"max_tokens": 1000, "temperature": 0, "stop": [stop]}
+    # A stop string is read by the answer's text thread within one stream interval, while the row
+    # goes on stepping; a bound of 20,000 steps leaves that thread seconds, not milliseconds.
+    body = {"max_tokens": 20_000, "temperature": 0, "stop": [stop]}
     paced = Paced(bot, 4, unlimited=True)
-    with running(bot, serve.ServeConfig(max_concurrent=4, max_tokens=1000), decoder=lambda: paced) as base:
+    limits = serve.ServeConfig(max_concurrent=4, max_tokens=20_000)
+    with running(bot, limits, decoder=lambda: paced) as base:
         reply = ask(base, body)
         assert reply["choices"][0]["finish_reason"] == "stop"
         assert reply["choices"][0]["message"]["content"] == full[: full.index(stop)].strip()
         wait_for(lambda: health(base)["rows"] == 0, "the row to leave")
-        assert paced.steps < 1000  # it left once its text ended, not at its max_tokens
+        assert paced.steps < 20_000  # it left once its text ended, not at its max_tokens
 
 
 def test_n_choices_run_as_rows_with_consecutive_seeds() -> None:

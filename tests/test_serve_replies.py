@@ -77,8 +77,9 @@ def test_joined_joins_each_choices_run_of_pieces_and_keeps_ends_in_place() -> No
 class Arrivals:
     """Pieces that arrive at given times, and the answer's end at ``end``, on a clock the test owns:
     reading a piece moves the clock to its arrival (if that is later); ``wait`` moves it on by the
-    seconds, or less, to the next arrival; ``waiting`` says whether the next piece (or the end) has
-    arrived by now. ``sent`` records each chunk with the time it went."""
+    seconds, or less, to the end (as ``Feed.wait_end``: an id does not end the wait); ``waiting``
+    says whether the next piece (or the end) has arrived by now. ``sent`` records each chunk with
+    the time it went."""
 
     def __init__(self, arrivals: list[tuple[float, str]], end: float) -> None:
         self.arrivals, self.end, self.now = arrivals, end, 0.0
@@ -98,7 +99,7 @@ class Arrivals:
         return self.next_arrival() <= self.now
 
     def wait(self, seconds: float) -> None:
-        self.now = min(self.now + seconds, max(self.now, self.next_arrival()))
+        self.now = min(self.now + seconds, max(self.now, self.end))
 
     def chunks(self, interval: float) -> list[tuple[str, float]]:
         for chunk in chunks(self.pieces(), self.waiting, interval, clock=lambda: self.now, wait=self.wait):
@@ -142,19 +143,22 @@ def test_pieces_held_when_the_generation_fails_come_before_the_error() -> None:
     assert out == ["half"]
 
 
-def test_a_feed_wakes_its_reader_when_the_next_item_comes() -> None:
-    """``Feed.wait_next`` is the text thread's wait between chunks: it returns at once when an
-    item is there, and when the next one is put (an id, or the end)."""
-    for item in (7, None):
+def test_a_feed_wakes_its_reader_at_the_end_not_at_each_id() -> None:
+    """``Feed.wait_end`` is the text thread's wait between chunks: an id does not end it (the
+    thread decodes a chunk's ids together when the interval is up); the end, or an error, does."""
+    for end in (None, RuntimeError("failed")):
         feed = Feed()
-        waiter = threading.Thread(target=feed.wait_next, args=(3600,), daemon=True)
+        waiter = threading.Thread(target=feed.wait_end, args=(3600,), daemon=True)
         waiter.start()
+        feed.put(7)
         waiter.join(timeout=0.05)
-        assert waiter.is_alive()  # nothing put yet: still waiting
-        feed.put(item)
+        assert waiter.is_alive()  # an id came: still waiting
+        assert feed.waiting()
+        feed.put(end)
         waiter.join(timeout=60)
         assert not waiter.is_alive()
-        feed.wait_next(3600)  # an item is there: returns at once
+        feed.wait_end(3600)  # ended: returns at once
+        assert next(feed) == 7
 
 
 def test_stream_interval_defaults_agree_and_are_checked(

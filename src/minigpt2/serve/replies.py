@@ -7,11 +7,12 @@ over the job's ``Feed``: the chatbot's own stop strings, trimming and counting, 
 has them. ``reply_text`` pulls ids and the feed blocks until the next one is drawn, so each choice's
 text runs in a thread of its own (``threads``, one per row), which hands its text to the event loop
 in ``chunks``: the first piece at once, then what is generated within the server's
-``stream_interval`` together (a chunk costs the server and its client far more than a character).
-``pieces`` gives them to the endpoint as they come (joining a choice's chunks that arrived
-together), ``whole`` all at the end. A choice whose text ends early (a stop string) cancels its row
-at once; ``close`` (the client went away) cancels every row and wakes every text thread, so nothing
-is left generating for nobody.
+``stream_interval`` together (a chunk costs the server and its client far more than a character),
+the thread sleeping between chunks. ``pieces`` gives them to the endpoint as they come (joining a
+choice's chunks that arrived together), ``whole`` all at the end. A choice whose text ends early (a
+stop string) cancels its row as soon as its thread reads it (within one interval); ``close`` (the
+client went away) cancels every row and wakes every text thread, so nothing is left generating for
+nobody.
 
 Tests: ``pytest tests/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave) and
 ``tests/test_serve_replies.py`` (chunks).
@@ -58,7 +59,7 @@ class Reply:
         """A text thread: one choice's chunks to the event loop (``chunks``), then its end (None) or
         the error that ended it."""
         try:
-            for chunk in chunks(text, job.feed.waiting, self._interval, wait=job.feed.wait_next):
+            for chunk in chunks(text, job.feed.waiting, self._interval, wait=job.feed.wait_end):
                 self._post(index, chunk)
             self._post(index, None)
         except Exception as err:
@@ -132,10 +133,11 @@ def chunks(
     """``pieces`` joined into chunks: the first goes at once, each next one ``interval`` seconds or
     more after the last, with every piece that came meanwhile. ``waiting()`` says whether the next
     piece's id is already here (it joins the chunk first, for at most one more interval);
-    ``wait(seconds)`` returns when the seconds are up or, earlier, when the next id comes, which is
-    decoded at once (a stop string ends the text then, and an answer's end is sent then, not at the
-    next interval). So a stream costs the server and its client one chunk per interval, not one per
-    character (0: each piece as it comes)."""
+    ``wait(seconds)`` returns when the seconds are up or, earlier, when the ids end, so an answer's
+    end is sent at once. The ids drawn during a wait are decoded after it, together: a stop string
+    among them ends the text (and frees its row) within one interval. So a stream costs the server
+    one chunk and one wake-up of its text thread per interval, not one per character, and its
+    client one chunk (0: each piece as it comes)."""
     held: list[str] = []
     due = clock()  # when the next chunk may go
     try:
@@ -146,7 +148,7 @@ def chunks(
                 continue  # the next piece is already here: it goes in this chunk
             if now < due:
                 wait(due - now)
-                if clock() < due:  # the next id came first: decode it now, send at the due time
+                if waiting():  # what was drawn meanwhile (or the end) joins this chunk first
                     continue
             yield "".join(held)
             held.clear()
