@@ -1,8 +1,9 @@
-"""Helpers shared by ``test_serve.py`` and ``test_serve_browser.py`` (not a test module).
+"""Helpers shared by the ``test_serve*.py`` modules (not a test module).
 
 ``tiny_chatbot`` builds an untrained one-layer model with the dialogue template (its answers are
 random characters, which is all transport tests need); ``running`` serves an app with real uvicorn
-on a free loopback port in a background thread and yields its address. Two stand-ins for the
+on a free loopback port in a background thread and yields its address; ``client`` (the official
+``openai`` client), ``ask`` (a raw POST) and ``stream_text`` talk to it. Two stand-ins for the
 server's batched decoder (``serve.create_app(decoder=...)``): ``Scripted`` answers known text, one
 character a step, and can hold its answers until the test releases them, pace them or fail;
 ``Paced`` wraps the real decoder and steps only when the test allows it. Nothing here waits for
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import openai
 import torch
 
 from minigpt2 import serve
@@ -65,6 +67,23 @@ def running(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def client(base: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "v1", api_key=key, max_retries=0, timeout=30)
+
+
+def ask(base: str, **body: Any) -> httpx.Response:
+    body.setdefault("messages", [{"role": "user", "content": "hello"}])
+    return httpx.post(base + "v1/chat/completions", json=body, timeout=30)
+
+
+def stream_text(base: str, **body: Any) -> str:
+    return "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client(base).chat.completions.create(model="minigpt2", stream=True, **body)
+        if chunk.choices
+    )
 
 
 def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:

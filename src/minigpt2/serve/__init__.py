@@ -44,7 +44,9 @@ The files, in the order a request meets them:
   lifespan that starts and stops the decoding thread.
 - ``static/chat.html``: the web chat page.
 
-Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, a load test, bad requests),
+Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, bad requests),
+``tests/test_serve_queue.py`` (the queue, 429, disconnects, a load test), ``tests/test_serve_cli.py``
+(the command),
 ``tests/test_serve_batch.py`` (an answer alone and among others, rows that leave at once, ``n``),
 ``tests/test_serve_connections.py`` (idle, slow and too many connections),
 ``tests/test_serve_http.py`` (Host names, methods, API key rules, addresses) and

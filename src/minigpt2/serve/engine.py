@@ -10,7 +10,7 @@ text), leaves at once and its row goes to the next job. With no row running, the
 the queue. A step that fails fails the jobs in it and the loop goes on with a fresh decoder.
 
 Tests: ``pytest tests/test_serve_batch.py`` (answers alone against among others, rows that leave,
-failures) and ``tests/test_serve.py`` (the same through the whole server).
+failures) and ``tests/test_serve_queue.py`` (the same through the whole server).
 """
 
 from __future__ import annotations
