@@ -66,7 +66,8 @@ class Feed:
     def wait_end(self, seconds: float) -> None:
         """Wait ``seconds``, or less: until the end or an error is put. An id does not wake it: a
         reader that waits between chunks wakes once a chunk, not once an id (waking a thread for
-        each of 20 rows at every step cost the server a third of its characters/s)."""
+        each of 20 rows at every step cost the server 6-46% of its characters/s in three pairs of
+        runs: docs/performance.md, section 8)."""
         self._ended.wait(seconds)
 
     def waiting(self) -> bool:
