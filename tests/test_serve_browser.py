@@ -110,6 +110,27 @@ def test_enter_sends_and_the_reply_streams_in_utf8(page: Page) -> None:
     assert page.locator("#error").text_content() == ""
 
 
+def test_a_seed_repeats_the_answer_and_a_blank_one_is_not_sent(page: Page) -> None:
+    """The seed control (shared with the exported page): a seed goes in the request and Regenerate
+    then gives the same answer; a blank one is left out, so each answer is a fresh draw."""
+    with running(bot()) as url:
+        page.goto(url)
+        page.locator("#seed").fill("7")
+        with page.expect_request("**/v1/chat/completions") as request:
+            send(page, "ciao")
+        assert request.value.post_data_json["seed"] == 7
+        first = finished_reply(page)
+        with page.expect_request("**/v1/chat/completions"):
+            page.locator("#regenerate").click()
+        assert finished_reply(page) == first
+        page.locator("#seed").fill("")
+        with page.expect_request("**/v1/chat/completions") as request:
+            page.locator("#regenerate").click()
+        assert "seed" not in request.value.post_data_json
+        answered = page.locator(".msg.assistant[data-state=done], .msg.assistant[data-state=empty]")
+        expect(answered).to_have_count(1)  # (a fresh draw from random weights may say nothing)
+
+
 def test_shift_enter_starts_a_new_line(page: Page) -> None:
     with running(bot()) as url:
         page.goto(url)

@@ -185,8 +185,7 @@ class Routes:
 
     async def page(self) -> HTMLResponse:
         # Read per request, not cached: an edited page shows on reload without restarting the server.
-        html = resources.files("minigpt2.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(chat_page(), headers={"Cache-Control": "no-cache"})
 
     async def health(self) -> dict[str, Any]:
         # active: requests being answered; waiting: queued; rows: rows of the batch generating now.
@@ -278,6 +277,14 @@ async def disconnect(request: Request) -> None:
     """Returns once the client has gone (its request body is read: what comes next is the end)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def chat_page() -> str:
+    """The web chat: ``static/chat.html`` with the screen it shares with the exported page
+    (``minigpt2/web/chat_ui.js``) in place of its CHAT_UI mark."""
+    package = resources.files("minigpt2")
+    page = package.joinpath("serve/static/chat.html").read_text(encoding="utf-8")
+    return page.replace("{{CHAT_UI}}", package.joinpath("web/chat_ui.js").read_text(encoding="utf-8"))
 
 
 def batch_decoder(bot: Chatbot, rows: int) -> Decoder:

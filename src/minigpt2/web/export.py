@@ -37,7 +37,8 @@ loading (the page's text, the worker's copy, the decoded weights). Near 100M par
 (a 537 MB page) it could not open at all: the weights' text would pass V8's longest string
 (2^29 - 24 characters).
 
-The page's parts are files beside this one (``page.html``, ``page.js``; the worker's
+The page's parts are files beside this one (``page.html``, ``page.js``; ``chat_ui.js``, the screen it
+shares with the served web chat, whose stylesheet and markup it takes too; the worker's
 ``model.js``, ``tokenizer.js``, ``generate.js``, ``chat.js``, ``worker.js``), inlined here.
 Tests: ``pytest tests/test_web_export.py``; speed: ``python benchmarks/web_chat.py``.
 """
@@ -199,16 +200,18 @@ def encode_weights(model: GPT, dtype: str, ckpt_dir: Path) -> tuple[list[dict[st
 
 
 def render_page(data: dict[str, Any], weights_b64: str) -> bytes:
-    """page.html with its placeholders filled: the model's description, the worker's code, the
-    weights and the page's own code. Each is scanned once, so no inserted text is read as one."""
+    """page.html with its placeholders filled: the served page's style and markup, the model's
+    description, the worker's code, the weights, the shared screen and the page's own code. Each
+    is scanned once, so no inserted text is read as one."""
     files = resources.files("minigpt2.web")
     worker = "\n".join(files.joinpath(name).read_text(encoding="utf-8") for name in WORKER_PARTS)
-    page_code = files.joinpath("page.js").read_text(encoding="utf-8")
-    for code in (worker, page_code):
+    page_code, chat_ui = (files.joinpath(f).read_text(encoding="utf-8") for f in ("page.js", "chat_ui.js"))
+    for code in (worker, page_code, chat_ui):
         # Inside <script>, these would end the element (or change how the parser reads it).
         assert not re.search(r"</script|<!--", code, re.IGNORECASE), "a script part holds </script or <!--"
     parts = {
-        "STYLE": served_style(),
+        **served_parts(),
+        "CHAT_UI": chat_ui,
         "TITLE": html.escape(data["name"]),
         # "<" only occurs inside JSON strings, where \u003c means the same and cannot end the element.
         "MODEL_DATA": json.dumps(data, ensure_ascii=False).replace("<", "\\u003c"),
@@ -220,13 +223,15 @@ def render_page(data: dict[str, Any], weights_b64: str) -> bytes:
     return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: parts[m.group(1)], template).encode("utf-8")
 
 
-def served_style() -> str:
-    """The ``<style>`` element of the served web chat, so that the page looks like it with one
-    stylesheet to maintain. Read as a file of the package: importing ``minigpt2.serve`` would need
-    the server's dependencies, which exporting does not."""
+def served_parts() -> dict[str, str]:
+    """The served web chat's ``<style>`` element (STYLE) and its markup (MARKUP: the header,
+    transcript and composer, up to its scripts), so that both pages look and work alike with one
+    copy of each. Read as a file of the package: importing ``minigpt2.serve`` would need the
+    server's dependencies, which exporting does not."""
     served = resources.files("minigpt2").joinpath("serve/static/chat.html").read_text(encoding="utf-8")
-    start, end = served.index("<style>"), served.index("</style>") + len("</style>")
-    return served[start:end]
+    style = served[served.index("<style>") : served.index("</style>") + len("</style>")]
+    body = served.index(">", served.index("<body")) + 1
+    return {"STYLE": style, "MARKUP": served[body : served.index("<script", body)].strip()}
 
 
 def model_name(ckpt_dir: Path) -> str:
