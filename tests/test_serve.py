@@ -78,7 +78,7 @@ def test_models_endpoints(url: str) -> None:
     assert [m.id for m in models.data] == ["minigpt2"]
     card = httpx.get(url + "v1/models").json()["data"][0]  # what the web page starts its controls from
     assert card["limits"]["max_tokens"] == 200 and card["defaults"]["max_tokens"] == 200
-    assert card["defaults"]["temperature"] == 1.0
+    assert card["defaults"]["temperature"] == 1.0 and card["defaults"]["seed"] is None
     assert client(url).models.retrieve("minigpt2").id == "minigpt2"
     with pytest.raises(openai.NotFoundError):
         client(url).models.retrieve("gpt-4")

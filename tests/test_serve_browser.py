@@ -111,10 +111,12 @@ def test_enter_sends_and_the_reply_streams_in_utf8(page: Page) -> None:
 
 
 def test_a_seed_repeats_the_answer_and_a_blank_one_is_not_sent(page: Page) -> None:
-    """The seed control (shared with the exported page): a seed goes in the request and Regenerate
-    then gives the same answer; a blank one is left out, so each answer is a fresh draw."""
+    """The seed control (shared with the exported page): it starts from the server's default seed
+    (this bot's, 0); a seed goes in the request and Regenerate then gives the same answer; a blank
+    one asks for a fresh draw (a negative seed), even from a server started with a seed."""
     with running(bot()) as url:
         page.goto(url)
+        expect(page.locator("#seed")).to_have_value("0")
         page.locator("#seed").fill("7")
         with page.expect_request("**/v1/chat/completions") as request:
             send(page, "ciao")
@@ -126,9 +128,14 @@ def test_a_seed_repeats_the_answer_and_a_blank_one_is_not_sent(page: Page) -> No
         page.locator("#seed").fill("")
         with page.expect_request("**/v1/chat/completions") as request:
             page.locator("#regenerate").click()
-        assert "seed" not in request.value.post_data_json
+        assert request.value.post_data_json["seed"] < 0
         answered = page.locator(".msg.assistant[data-state=done], .msg.assistant[data-state=empty]")
         expect(answered).to_have_count(1)  # (a fresh draw from random weights may say nothing)
+        page.locator("#max-tokens").fill("")  # a blank length: the server's default, not 0
+        with page.expect_request("**/v1/chat/completions") as request:
+            page.locator("#regenerate").click()
+        assert "max_tokens" not in request.value.post_data_json
+        expect(answered).to_have_count(1)
 
 
 def test_shift_enter_starts_a_new_line(page: Page) -> None:

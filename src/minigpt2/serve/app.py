@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -143,7 +144,8 @@ class Routes:
         self.model_card = {
             "id": limits.model_id, "object": "model", "created": int(time.time()), "owned_by": "minigpt2",
             "defaults": {"temperature": bot.sample.temperature, "top_k": bot.sample.top_k,
-                         "top_p": bot.sample.top_p, "max_tokens": limits.default_max_tokens},
+                         "top_p": bot.sample.top_p, "max_tokens": limits.default_max_tokens,
+                         "seed": bot.sample.seed},
             "limits": {name: getattr(limits, name) for name in LIMITS},
         }  # fmt: skip
 
@@ -284,7 +286,10 @@ def chat_page() -> str:
     (``minigpt2/web/chat_ui.js``) in place of its CHAT_UI mark."""
     package = resources.files("minigpt2")
     page = package.joinpath("serve/static/chat.html").read_text(encoding="utf-8")
-    return page.replace("{{CHAT_UI}}", package.joinpath("web/chat_ui.js").read_text(encoding="utf-8"))
+    screen = package.joinpath("web/chat_ui.js").read_text(encoding="utf-8")
+    # Inside <script>, these would end the element (or change how the parser reads it).
+    assert page.count("{{CHAT_UI}}") == 1 and not re.search(r"</script|<!--", screen, re.IGNORECASE)
+    return page.replace("{{CHAT_UI}}", screen)
 
 
 def batch_decoder(bot: Chatbot, rows: int) -> Decoder:

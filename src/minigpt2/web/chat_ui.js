@@ -17,7 +17,8 @@ function bubble(role, text) {
   return div;
 }
 
-// A page that loads its model says so on <body data-ready="no">; until "yes", nothing can be sent.
+// A page that loads its model says so on <body data-ready="no">: nothing can be sent until that
+// changes (the exported page sets "yes"; the served page never sets it).
 const ready = () => document.body.dataset.ready !== "no";
 
 function setBusy(busy) {
@@ -27,25 +28,31 @@ function setBusy(busy) {
   document.body.dataset.busy = busy ? "yes" : "no";
 }
 
-// The sampling controls: a blank seed is null (a fresh draw each time), any other repeats its answer.
+// The sampling controls. A blank (or negative) seed is null: a fresh draw for each answer; any other
+// seed repeats its answer. A blank length is null: the chatbot's default.
 function sampling() {
-  const seed = $("seed").value.trim();
+  const seed = $("seed").value.trim(), length = $("max-tokens").value.trim();
   return {
     temperature: Number($("temperature").value), top_k: Number($("top-k").value),
-    max_tokens: Math.max(1, Number($("max-tokens").value)), seed: seed === "" ? null : Number(seed),
+    max_tokens: length === "" ? null : Number(length),
+    seed: seed === "" || Number(seed) < 0 ? null : Number(seed),
   };
 }
 
-// The controls start from the chatbot's defaults: what `minigpt2 serve` was told, or the export's.
-function setSampling({ temperature, top_k, max_tokens }) {
+// The controls start from the chatbot's defaults: what `minigpt2 serve` was told (its --seed too,
+// so a server started with one answers the page repeatably until the field is cleared), or the
+// export's.
+function setSampling({ temperature, top_k, max_tokens, seed }) {
   $("temperature").value = temperature;
   $("temperature-value").textContent = Number(temperature).toFixed(2);
   $("top-k").value = top_k;
   $("max-tokens").value = max_tokens;
+  $("seed").value = seed ?? "";
 }
 
 // One answer on screen: a bubble that grows piece by piece (data-state "streaming"), then ends
-// "done", "stopped" or "error". data-chunks and data-ms are read by the tests and benchmarks.
+// "done" ("empty" if it said nothing), "stopped" or "error". data-chunks and data-ms are read by the
+// tests and benchmarks. `text` is what the conversation keeps: a page may tidy it before `end`.
 class Answer {
   constructor() {
     this.div = bubble("assistant", "");
@@ -90,8 +97,9 @@ class Answer {
 }
 
 // The composer and the buttons. `page.ask()` answers the conversation in a new Answer;
-// `page.running()` says whether an answer is on its way; `page.stop()` ends it, kept as said so
-// far; `page.reset()` ends it and drops it, before the conversation is cleared.
+// `page.running()` says whether an answer is on its way; `page.stop()` stops it, to be ended as
+// "stopped" and kept as said so far (at once, or when its request notices); `page.reset()` stops it
+// to be dropped (end(state, true)), before the conversation is cleared.
 function wireControls(page) {
   function send() {
     const text = $("input").value;

@@ -229,9 +229,12 @@ def served_parts() -> dict[str, str]:
     copy of each. Read as a file of the package: importing ``minigpt2.serve`` would need the
     server's dependencies, which exporting does not."""
     served = resources.files("minigpt2").joinpath("serve/static/chat.html").read_text(encoding="utf-8")
+    head = served.index("</head>")  # (the comment at the top may name tags: look past it)
     style = served[served.index("<style>") : served.index("</style>") + len("</style>")]
-    body = served.index(">", served.index("<body")) + 1
-    return {"STYLE": style, "MARKUP": served[body : served.index("<script", body)].strip()}
+    body = served.index(">", served.index("<body", head)) + 1
+    markup = served[body : served.index("<script", body)].strip()
+    assert markup.startswith("<header>") and markup.endswith("</form>"), "chat.html's body is not as expected"
+    return {"STYLE": style, "MARKUP": markup}
 
 
 def model_name(ckpt_dir: Path) -> str:

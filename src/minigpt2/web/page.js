@@ -12,11 +12,12 @@ function ask() {
   current = { id: ++lastId, answer: new Answer() };
   document.body.dataset.worker = "busy";
   const { seed, temperature, top_k, max_tokens } = sampling();
+  const length = Math.max(1, max_tokens ?? DATA.sample.max_new_tokens);  // blank: the default
   // The worker's chatbot (chat.js) speaks of turns as core/chat.py does: {role: "user" | "bot", text}.
   const history = messages.map((m) => ({ role: m.role === "user" ? "user" : "bot", text: m.content }));
   worker.postMessage({
     type: "answer", id: current.id, history,
-    sample: { ...DATA.sample, temperature, top_k, max_new_tokens: max_tokens },
+    sample: { ...DATA.sample, temperature, top_k, max_new_tokens: length },
     seed: seed === null ? Math.floor(Math.random() * 2 ** 32) : seed,  // none given: a fresh draw
   });
 }
