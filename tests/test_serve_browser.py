@@ -110,7 +110,7 @@ def test_enter_sends_and_the_reply_streams_in_utf8(page: Page) -> None:
     assert page.locator("#error").text_content() == ""
 
 
-def test_a_seed_repeats_the_answer_and_a_blank_one_is_not_sent(page: Page) -> None:
+def test_a_seed_repeats_the_answer_and_a_blank_one_draws_afresh(page: Page) -> None:
     """The seed control (shared with the exported page): it starts from the server's default seed
     (this bot's, 0); a seed goes in the request and Regenerate then gives the same answer; a blank
     one asks for a fresh draw (a negative seed), even from a server started with a seed."""
