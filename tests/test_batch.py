@@ -272,3 +272,43 @@ def test_refuses_an_empty_prompt_and_mismatched_options(make_model: Factory) -> 
     with pytest.raises(ValueError, match="sample configs"):
         list(generate_many(model, [[1], [2]], [GREEDY]))
     assert BatchDecoder(model).step() == []
+
+
+def test_a_row_whose_draw_fails_leaves_alone_and_the_others_go_on(varied: Factory) -> None:
+    model = varied(block_size=16)
+    prompts = prompts_of([3, 7, 5])
+    seeded = SampleConfig(max_new_tokens=12, temperature=0.9, seed=4)
+    decoder = BatchDecoder(model, max_rows=3)
+    rows = [decoder.add(p, c) for p, c in zip(prompts, (GREEDY, seeded, seeded), strict=True)]
+    # Past the checks of SampleConfig (a config changed after it was made): NaN probabilities.
+    broken = SampleConfig(max_new_tokens=12, temperature=0.9, top_p=0.5, seed=4)
+    broken.temperature = 1e-300
+    rows[2].cfg = broken
+    events = decoder.step()
+    assert (rows[2], None) in events and rows[2].finish_reason == "error"
+    assert isinstance(rows[2].error, RuntimeError) and decoder.rows == [rows[0], rows[1]]
+    while decoder.rows:
+        decoder.step()
+    assert rows[0].new_ids == alone(model, prompts[0], GREEDY)
+    assert rows[1].new_ids == alone(model, prompts[1], seeded)
+
+
+def test_rows_whose_logits_hold_nan_fail_alone(varied: Factory) -> None:
+    model = varied(block_size=16)
+    decoder = BatchDecoder(model, max_rows=2)
+    rows = [decoder.add(p, GREEDY) for p in prompts_of([3, 4])]
+    logits = torch.randn(2, model.config.vocab_size)
+    logits[1, 5] = float("nan")
+    drawn = decoder._draw_all(rows, logits)
+    assert drawn[0] == int(logits[0].argmax()) and isinstance(drawn[1], Exception)
+    assert "not a number" in str(drawn[1])
+
+
+def test_sample_refuses_nan_logits_and_keeps_the_likeliest_for_any_top_p() -> None:
+    from minigpt2.errors import UserError
+
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.0])
+    for p in (0.0, 1e-46, 1e-9):
+        assert sample(logits, 1.0, 0, p, make_generator(0)) == 1
+    with pytest.raises(UserError, match="not a number"):
+        sample(torch.tensor([0.5, float("nan")]), 1.0, 0, 1.0, make_generator(0))

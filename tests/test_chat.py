@@ -142,6 +142,21 @@ def test_set_option_validates(tiny_bot: Chatbot) -> None:
     assert tiny_bot.sample.temperature == 0.3 and tiny_bot.sample.max_new_tokens == 40
 
 
+def test_settings_too_small_to_compute_with_answer_greedily(tiny_bot: Chatbot) -> None:
+    greedy = Chatbot(tiny_bot.model, TOK, sample=SampleConfig(max_new_tokens=40, temperature=0.0))
+    expected = greedy.reply("hello")
+    for name, value in [("temperature", "1e-300"), ("temperature", "1e-40")]:
+        tiny_bot.reset()
+        tiny_bot.set_option(name, value)
+        assert tiny_bot.sample.temperature == 0.0 and tiny_bot.reply("hello") == expected
+    tiny_bot.set_option("temperature", "1.0")
+    tiny_bot.set_option("top_p", "1e-46")  # 0 in float32: only the likeliest character is kept
+    tiny_bot.reset()
+    assert tiny_bot.reply("hello") == expected
+    with pytest.raises(UserError, match=r"^repetition_penalty must be in \[0.01, 100\], got 1e-40$"):
+        tiny_bot.set_option("repetition_penalty", "1e-40")
+
+
 def test_save_and_load_a_conversation(tiny_bot: Chatbot, tmp_path: Path) -> None:
     tiny_bot.reply("hello")
     tiny_bot.save(tmp_path / "c.json")
@@ -183,7 +198,7 @@ def test_repl_through_a_pipe(run_dir: Path, tmp_path: Path) -> None:
     result = chat_cli(str(run_dir), stdin=script)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "(temperature = 0.5)" in out and "error: top_p must be in (0, 1]" in out
+    assert "(temperature = 0.5)" in out and "error: top_p must be in [0, 1], got 7.0" in out
     assert "'☃'" in result.stderr and "Traceback" not in result.stderr
     saved = json.loads((tmp_path / "s.json").read_text())
     assert [t["role"] for t in saved["history"]] == ["user", "bot"]

@@ -265,22 +265,31 @@ def test_empty_prompt_works(make_model: Factory, tok: CharTokenizer, chars: list
     "kwargs",
     [
         {"temperature": -0.1},
-        {"top_p": 0.0},
+        {"temperature": 2.5},
+        {"temperature": float("nan")},
         {"top_p": 1.5},
         {"top_p": -0.2},
         {"top_k": -1},
         {"max_new_tokens": 0},
         {"max_new_tokens": -5},
         {"repetition_penalty": 0.0},
+        {"repetition_penalty": 1e-40},
+        {"repetition_penalty": 1e3},
         {"seed": -1},
     ],
 )
 def test_sample_config_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError) as info:
         SampleConfig(**kwargs)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and info.value.setting == next(iter(kwargs))
 
 
 def test_sample_config_edges_are_accepted() -> None:
     SampleConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1)
     SampleConfig(top_p=1e-9, top_k=1)
+    SampleConfig(top_p=0.0, temperature=2.0, repetition_penalty=0.01)
+    SampleConfig(repetition_penalty=100.0)
+    # Too small to divide logits by: greedy, which is what such a temperature tends to.
+    for tiny in (1e-300, 5e-324, 1e-40, 9.9e-5):
+        assert SampleConfig(temperature=tiny).temperature == 0.0
+    assert SampleConfig(temperature=1e-4).temperature == 1e-4

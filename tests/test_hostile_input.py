@@ -300,9 +300,10 @@ TRAIN_PAST = [
     "--seed=-1", f"--seed={2**64}", "--patience=0",
 ]  # fmt: skip
 SAMPLING_PAST = [
-    "--temperature=-0.1", "--temperature=nan", "--top-p=0", "--top-p=1.0001", "--top-p=-1", "--top-k=-1",
-    "--max-new-tokens=0", "--max-new-tokens=-5", "--repetition-penalty=0", "--repetition-penalty=-1",
-    "--repetition-penalty=inf", "--seed=-1", f"--seed={2**64}",
+    "--temperature=-0.1", "--temperature=nan", "--temperature=2.01", "--top-p=1.0001", "--top-p=-1",
+    "--top-k=-1", "--max-new-tokens=0", "--max-new-tokens=-5", "--repetition-penalty=0",
+    "--repetition-penalty=-1", "--repetition-penalty=inf", "--repetition-penalty=1e-40",
+    "--repetition-penalty=101", "--seed=-1", f"--seed={2**64}",
 ]  # fmt: skip
 PAST = [
     *(f"train {flag}" for flag in TRAIN_PAST),
@@ -340,8 +341,12 @@ def test_options_at_their_bounds_are_accepted(trained: tuple[Path, Path], run: P
     for argv in (
         train_args(d, tmp_path / "edge", *at_bounds),
         ["sample", run, "--temperature=0", "--top-p=1", "--top-k=0", "--max-new-tokens=1", "--seed=0"],
-        ["sample", run, "--temperature=1e-6", "--top-p=1e-9", "--top-k=100000", "--repetition-penalty=1e9",
+        ["sample", run, "--temperature=1e-6", "--top-p=1e-9", "--top-k=100000", "--repetition-penalty=100",
          f"--seed={2**63 - 1}", "--max-new-tokens=3"],
+        # Too small to compute with: greedy, and only the likeliest character (0 in float32)
+        ["sample", run, "--temperature=1e-300", "--top-p=1e-46", "--repetition-penalty=0.01",
+         "--max-new-tokens=3"],
+        ["sample", run, "--temperature=5e-324", "--top-p=0", "--max-new-tokens=3"],
         ["chat", run, "--prompt", "x", "--temperature=0", "--top-p=1", "--top-k=0", "--max-new-tokens=1"],
         ["eval", run, "--data", d, "--batch-size=1", "--max-windows=1"],
     ):  # fmt: skip

@@ -133,7 +133,7 @@ def test_load_chatbot_takes_the_sampling_options_as_keywords(bot: Chatbot, tmp_p
         ({"top_k": 1.5}, "top_k needs an integer, got 1.5"),
         ({"temperature": "hot"}, "temperature needs a number, got 'hot'"),
         ({"max_new_tokens": True}, "max_new_tokens needs an integer, got True"),
-        ({"temperature": -1}, "temperature must be >= 0, got -1"),
+        ({"temperature": -1}, "temperature must be in [0, 2], got -1"),
     ]:
         with pytest.raises(UserError) as info:
             load_chatbot(tmp_path / "run", **options)  # type: ignore[arg-type]

@@ -209,3 +209,36 @@ def test_n_is_bounded_by_the_rows(n: int) -> None:
                            json={"messages": [{"role": "user", "content": "x"}], "n": n})  # fmt: skip
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
         assert reply.json()["error"]["message"] == f"n must be in [1, 2], got {n}"
+
+
+@pytest.mark.parametrize(
+    ("hostile", "status"),
+    [
+        ({"temperature": 1e-300}, 200),
+        ({"temperature": 1e-40}, 200),
+        ({"top_p": 1e-46}, 200),
+        ({"repetition_penalty": 1e-40}, 400),
+    ],
+    ids=["temperature-1e-300", "temperature-1e-40", "top_p-1e-46", "repetition_penalty-1e-40"],
+)
+def test_settings_too_small_to_compute_with_hurt_no_other_answer(
+    hostile: dict[str, Any], status: int
+) -> None:
+    bot = tiny_chatbot(seed=6)
+    victims = [{"messages": [{"role": "user", "content": f"ciao {i}"}], "max_tokens": 30, "seed": i,
+                "temperature": 1.0} for i in range(3)]  # fmt: skip
+    attack = {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 30, "seed": 5, **hostile}
+    paced = Paced(bot, 8, unlimited=True, gather=3 + (status == 200))  # they share their steps
+    with running(bot, LIMITS, decoder=lambda: paced) as base:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            streams = [pool.submit(streamed, base, body) for body in victims]
+            reply = pool.submit(httpx.post, base + "v1/chat/completions", json=attack, timeout=60).result()
+            texts = [s.result()[0] for s in streams]
+        assert reply.status_code == status, reply.text
+        if status == 200:  # too small to compute with: greedy, the likeliest character each time
+            greedy = expected(bot, {**attack, "temperature": 0, "top_p": 1})[0]
+            assert reply.json()["choices"][0]["message"]["content"] == greedy
+        else:
+            assert reply.json()["error"]["param"] == next(iter(hostile))
+        assert health(base)["active"] <= 1  # the server still answers
+    assert texts == [expected(bot, body)[0] for body in victims]

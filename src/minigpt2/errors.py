@@ -21,7 +21,12 @@ class CheckpointError(UserError):
 
 
 class ConfigError(UserError):
-    """An option or config value out of range, or an unknown preset/config key."""
+    """An option or config value out of range, or an unknown preset/config key. ``setting`` names
+    the setting at fault, where there is one (the HTTP API reports it as the error's ``param``)."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class WriteError(UserError):

@@ -156,31 +156,53 @@ class TrainConfig:
         _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {self.seed}")
 
 
+# Sampling settings, one rule for every front end (the CLI flags, /set in the chat, the notebook's
+# keywords, the HTTP API): each range is where the arithmetic of ``core/generate.py`` stays finite.
+# A temperature below GREEDY_BELOW would divide logits into infinities (1e-300 is 0 in float32),
+# and its limit is the likeliest character anyway, so it counts as 0, greedy. The range of
+# temperatures is OpenAI's. A penalty outside [0.01, 100] would multiply logits past what float32
+# holds for no change in what is drawn: at 100 a character already seen is all but never drawn.
+GREEDY_BELOW = 1e-4
+MAX_TEMPERATURE = 2.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass
 class SampleConfig:
-    """How to pick each next character. Defaults give varied but coherent text."""
+    """How to pick each next character. Defaults give varied but coherent text.
+
+    The one home of the sampling settings' rules: every front end builds one of these, and a value
+    out of range is a ``ConfigError`` naming the setting (``err.setting``)."""
 
     max_new_tokens: int = 500  # characters to generate at most
-    temperature: float = 0.8  # < 1 sharper, > 1 flatter; 0 means greedy (always the likeliest)
+    # < 1 sharper, > 1 flatter, at most 2; 0 means greedy (always the likeliest), as does anything
+    # below GREEDY_BELOW
+    temperature: float = 0.8
     top_k: int = 0  # keep only the k likeliest characters; 0 keeps all
-    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 keeps all
+    # keep the smallest set whose probability reaches top_p (the likeliest always stays, so 0 keeps
+    # only it); 1 keeps all
+    top_p: float = 1.0
     repetition_penalty: float = 1.0  # > 1 makes characters already in the context less likely
     seed: int | None = None  # same seed, same text; None draws a fresh one
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(self.top_k >= 0, f"top_k must be >= 0 (0 keeps all), got {self.top_k}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(
-            self.repetition_penalty > 0,
-            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
-        )
-        _check(
-            self.seed is None or 0 <= self.seed <= MAX_SEED,
-            f"seed must be in [0, 2**63 - 1], got {self.seed}",
-        )
+        low, high = REPETITION_PENALTY_RANGE
+        rules = [
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 keeps all)"),
+            ("top_p", 0 <= self.top_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", low <= self.repetition_penalty <= high, f"in [{low:g}, {high:g}]"),
+            ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED, "in [0, 2**63 - 1]"),
+        ]
+        for name, ok, allowed in rules:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+                raise ConfigError(f"{name} must be a finite number, got {value}", setting=name)
+            if not ok:
+                raise ConfigError(f"{name} must be {allowed}, got {value}", setting=name)
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
 
 # What a chatbot samples with unless told otherwise (chat, quickstart, serve, the notebook): answers of

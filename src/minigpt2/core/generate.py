@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from minigpt2.core.model import GPT, KVCache
+from minigpt2.errors import UserError
 
 
 @torch.inference_mode()
@@ -48,8 +49,10 @@ def generate(
 def sample(
     logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
 ) -> int:
-    """Draw one id from a position's logits (V,): greedy at temperature 0."""
+    """Draw one id from a position's logits (V,): greedy at temperature 0. The settings are
+    ``SampleConfig``'s, checked there; logits holding NaN (damaged weights) are refused here."""
     logits = logits.float().cpu()
+    check_finite_logits(logits)
     if temperature == 0:
         return int(torch.argmax(logits))
     logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
@@ -81,10 +84,22 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-    # Drop an id when the ids before it already reach p; the likeliest id always stays.
+    # Drop an id when the ids before it already reach p; the likeliest id always stays (even for a
+    # p that is 0 in float32, which every id's "before it" reaches).
     drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop_sorted[0] = False
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def check_finite_logits(logits: Tensor) -> None:
+    """Refuse logits (..., V) that hold NaN or +infinity: no distribution comes out of them. A barred
+    id's -infinity is fine. Damaged weights (or a diverged run) give them."""
+    if bool(torch.isnan(logits).any() or torch.isposinf(logits).any()):
+        raise UserError(
+            "the model's output is not a number (NaN or infinity): its weights are damaged or its"
+            " training diverged; use another checkpoint or train again"
+        )
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -67,7 +67,8 @@ class Row:
     start: int  # the window is tokens[start:], as in generate_ids
     slot: int = -1
     length: int = 0  # positions of the window in its cache slot
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" once it has left
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" once it has left
+    error: BaseException | None = None  # why it failed, when finish_reason is "error"
     logits: Tensor | None = field(default=None, repr=False)  # (V,): what its newest id was drawn from
 
     @property
@@ -144,8 +145,9 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self) -> list[tuple[Row, int | None]]:
         """Advance every running row by one id in one batched pass. Returns one event per row that
-        was running: (row, id), or (row, None) when it drew a stop id. A row that ends (stop id, or
-        this was its ``max_new_tokens``-th id) has left when this returns: see ``row.finish_reason``."""
+        was running: (row, id), or (row, None) when it drew a stop id or failed. A row that ends
+        (stop id, this was its ``max_new_tokens``-th id, or its draw failed: ``row.error``) has left
+        when this returns: see ``row.finish_reason``. One row's failure is that row's alone."""
         if not self.rows:
             return []
         for row in self.rows:
@@ -165,16 +167,25 @@ class BatchDecoder:
         drawn = self._draw_all(rows, logits)
         return [(row, self._take(row, nxt)) for row, nxt in zip(rows, drawn, strict=True)]
 
-    def _draw_all(self, rows: list[Row], logits: Tensor) -> list[int]:
-        """Each row's next id from its logits (B, V), as ``generate_ids`` draws it alone. Rows that
-        share plain options (no penalty, no top-p, no ids barred yet) are drawn together
-        (``draw_together``); the others one by one, as ``generate_ids`` does."""
-        drawn = [0] * len(rows)
+    def _draw_safely(self, row: Row, logits: Tensor) -> int | Exception:
+        """``_draw``, or the error that stopped it: it fails ``row`` alone, never the batch."""
+        try:
+            return self._draw(row, logits)
+        except Exception as err:
+            return err
+
+    def _draw_all(self, rows: list[Row], logits: Tensor) -> list[int | Exception]:
+        """Each row's next id from its logits (B, V), as ``generate_ids`` draws it alone, or the
+        error that fails that row. Rows that share plain options (no penalty, no top-p, no ids
+        barred yet) and whose logits are numbers are drawn together (``draw_together``); the others
+        one by one, as ``generate_ids`` does (``sample`` refuses logits that hold NaN)."""
+        drawn: list[int | Exception] = [0] * len(rows)
         together: dict[tuple[float, int], list[int]] = {}
+        broken = (torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)).tolist()  # (B,)
         for i, row in enumerate(rows):
             cfg, barred = row.cfg, len(row.tokens) - row.prompt_len < row.min_new_tokens and row.stops
-            if barred or cfg.repetition_penalty != 1.0 or cfg.top_p < 1.0:
-                drawn[i] = self._draw(row, logits[i])
+            if broken[i] or barred or cfg.repetition_penalty != 1.0 or cfg.top_p < 1.0:
+                drawn[i] = self._draw_safely(row, logits[i])
             else:
                 together.setdefault((cfg.temperature, cfg.top_k), []).append(i)
         for (temperature, top_k), members in together.items():
@@ -193,8 +204,13 @@ class BatchDecoder:
         window = torch.tensor(row.tokens[row.start :]) if row.cfg.repetition_penalty != 1.0 else self._no_ids
         return next_token(logits, row.cfg, window, row.generator)
 
-    def _take(self, row: Row, nxt: int) -> int | None:
-        """``row`` goes on with ``nxt``, or ends (a stop id, or its ``max_new_tokens``-th id)."""
+    def _take(self, row: Row, nxt: int | Exception) -> int | None:
+        """``row`` goes on with ``nxt``, or ends (a stop id, its ``max_new_tokens``-th id, or the
+        error its draw raised)."""
+        if isinstance(nxt, Exception):
+            row.error = nxt
+            self._leave(row, "error")
+            return None
         if nxt in row.stops:
             self._leave(row, "stop")
             return None
@@ -282,5 +298,7 @@ def generate_many(
                               generator=gens[i])  # fmt: skip
             index[row] = i
         for row, nxt in decoder.step():
+            if row.error is not None:
+                raise row.error
             if nxt is not None:
                 yield index[row], nxt

@@ -183,9 +183,9 @@ class Engine:
                 continue
             if new_id is not None:
                 owner.feed.put(new_id)
-            if row.finished:
+            if row.finished:  # its end, or the error that failed this row alone
                 del jobs[row]
-                owner.feed.put(None)
+                owner.feed.put(row.error)
         return decoder
 
     def _take(self, decoder: Decoder, waiting: deque[Job], jobs: dict[Row, Job]) -> bool:
