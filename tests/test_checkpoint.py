@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from helpers_train import main, one_error_line, train_args
+from helpers_train import prepare as prepare_data
 from minigpt2 import checkpoint
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
@@ -201,8 +203,8 @@ def test_vocab_size_that_does_not_match_the_weights(ckpt: Path) -> None:
         doc["model_config"]["vocab_size"] += 1
 
     _edit_meta(ckpt, grow)
-    checkpoint.load(ckpt)  # the description alone is consistent
-    assert "shape" in _raises_one_line(ckpt)
+    with pytest.raises(CheckpointError, match="shape"):
+        checkpoint.load(ckpt)  # the description alone is consistent; the weights' header is not
 
 
 def test_weights_with_missing_or_extra_tensors(ckpt: Path) -> None:
@@ -287,3 +289,43 @@ def test_failed_save_leaves_the_previous_checkpoint(ckpt: Path, model: GPT, tok:
     shutil.rmtree(ckpt)
     with pytest.raises(CheckpointError):
         checkpoint.load(ckpt.parent)
+
+
+# --- a config that does not describe its weights ---------------------------------------------------------
+
+GIANT = {"n_embd": 65536, "n_layer": 64, "n_head": 2, "block_size": 1048576}  # 256 GiB if allocated
+
+
+def _reading_commands(run: Path, tmp_path: Path) -> list[list[object]]:
+    """Every command that reads a checkpoint, each writing (if anything) under ``tmp_path/out-*``."""
+    d = prepare_data(tmp_path)
+    return [
+        ["sample", run, "--prompt", "a", "--max-new-tokens", 3, "--device", "cpu"],
+        ["chat", run, "--prompt", "a", "--max-new-tokens", 3, "--device", "cpu"],
+        ["eval", run, "--data", d, "--device", "cpu", "--max-windows", 2],
+        ["export", run, "--out", tmp_path / "out-hf"],
+        ["export", run, "--format", "web", "--out", tmp_path / "out-web.html"],
+        train_args(d, tmp_path / "out-run", "--init-from", run, "--max-iters", 1),
+    ]
+
+
+@pytest.mark.parametrize("sizes", [GIANT, {"n_embd": 64}], ids=["256-GiB", "fits-in-memory"])
+def test_sizes_that_do_not_match_the_weights_are_refused_before_a_model_is_built(
+    ckpt: Path, sizes: dict[str, int]
+) -> None:
+    _edit_meta(ckpt, lambda d: d["model_config"].update(sizes))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(ckpt)  # reads the weights' header only, and builds no model
+    message = str(info.value)
+    assert f"{ckpt / checkpoint.WEIGHTS} does not match" in message and "transformer." in message
+    assert "\n" not in message
+
+
+def test_every_command_refuses_a_config_far_larger_than_its_weights(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _edit_meta(ckpt, lambda d: d["model_config"].update(GIANT))
+    for argv in _reading_commands(ckpt.parent, tmp_path):
+        line = one_error_line(*main(capsys, *argv)[::2])
+        assert "model.safetensors does not match checkpoint.json: missing transformer.h.2" in line, argv
+    assert not list(tmp_path.glob("out-*"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -441,3 +442,19 @@ def test_import_refuses_vocabularies_that_disagree_or_a_tokenizer_that_is_not_ou
     (out / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="neither"):
         import_hf(out, tmp_path / "r4")
+
+
+def test_import_refuses_sizes_its_weights_do_not_have_before_building_the_model(
+    run: Path, tmp_path: Path
+) -> None:
+    out = export_hf(run, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    for sizes, words in (
+        ({"n_embd": 65536, "n_layer": 64, "n_positions": 1048576}, "missing transformer.h.2"),  # 256 GiB
+        ({"n_embd": 65536, "n_positions": 1048576}, "transformer.wte.weight has shape (36, 32)"),
+    ):
+        (out / "config.json").write_text(json.dumps({**config, **sizes}), encoding="utf-8")
+        expected = re.escape(f"safetensors does not match config.json: {words}")
+        with pytest.raises(CheckpointError, match=expected):
+            import_hf(out, tmp_path / "imported")
+        assert not (tmp_path / "imported").exists()

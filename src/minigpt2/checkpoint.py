@@ -163,6 +163,12 @@ def load(path: Path) -> Checkpoint:
             f"corrupt checkpoint {ckpt_dir}: the vocabulary has {tokenizer.vocab_size} tokens but"
             f" the model expects {model_config.vocab_size}"
         )
+    # The sizes in the JSON decide how much memory the model takes: they are checked against the
+    # weights file's header (no tensor data read) before any caller builds a model from them.
+    file = ckpt_dir / WEIGHTS
+    problem = shape_mismatch(weight_shapes(file), model_config)
+    if problem:
+        raise CheckpointError(f"corrupt checkpoint: {file} does not match {META}: {problem}")
     meta = {k: v for k, v in doc.items() if k not in ("model_config", "tokenizer")}
     return Checkpoint(ckpt_dir, model_config, tokenizer, meta)
 
@@ -189,6 +195,39 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"corrupt checkpoint: {file} does not hold a training state")
     return state
+
+
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the safetensors header alone (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not a mapping: it cannot be iterated
+            return {name: tuple(f.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"corrupt checkpoint: {file} is missing, truncated or not safetensors ({err})"
+        ) from None
+
+
+def shape_mismatch(shapes: dict[str, tuple[int, ...]], config: cfg.ModelConfig) -> str | None:
+    """How weights with these names and shapes differ from the model ``config`` describes
+    (``"missing transformer.h.2.ln_1.weight"``), or None; ``config``'s model is never allocated."""
+    layers = {name.split(".")[2] for name in shapes if name.startswith("transformer.h.")}
+    if config.n_layer > len(layers):  # checked first: a huge n_layer would take long even on meta
+        first = next(i for i in range(len(layers) + 1) if str(i) not in layers)
+        held = f"the weights hold {len(layers)} layers, the config {config.n_layer}"
+        return f"missing transformer.h.{first}.* ({held})"
+    with torch.device("meta"):  # shapes only: no memory, however large the config says it is
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != TIED}
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or extra:
+        return f"{'missing' if missing else 'unexpected'} {', '.join((missing or extra)[:3])}"
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            return f"{name} has shape {shapes[name]}, the config says {shape}"
+    return None
 
 
 def _read_weights(ckpt_dir: Path, model: GPT) -> dict[str, Tensor]:

@@ -180,16 +180,12 @@ def import_hf(hf_dir: Path, run_dir: Path, force: bool = False) -> Path:
     tok = CharTokenizer.from_dict(vocab)
     if tok.vocab_size != model_cfg.vocab_size:
         raise CheckpointError(f"the vocabulary has {tok.vocab_size} tokens, the model {model_cfg.vocab_size}")
-    model = GPT(model_cfg)
     weights = _our_weights(raw)
-    expected = set(model.state_dict()) - {checkpoint.TIED}
-    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or extra:
-        listed = ", ".join((missing or extra)[:3])
-        raise CheckpointError(
-            f"{hf_dir}/model.safetensors does not match config.json ({model_cfg.n_layer} layers):"
-            f" {'missing' if missing else 'unexpected'} {listed}"
-        )
+    # Before the model is built: config.json's sizes, not the file's, decide its memory.
+    problem = checkpoint.shape_mismatch({k: tuple(v.shape) for k, v in weights.items()}, model_cfg)
+    if problem:
+        raise CheckpointError(f"{hf_dir}/model.safetensors does not match config.json: {problem}")
+    model = GPT(model_cfg)
     try:
         model.load_state_dict(weights, strict=False)
     except RuntimeError as err:
