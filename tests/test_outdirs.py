@@ -8,6 +8,7 @@ directory is one clear error. Run with ``pytest tests/test_outdirs.py``.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -196,3 +197,77 @@ def test_written_files_follow_the_umask_and_symlinks_are_written_through(tmp_pat
         os.umask(old)
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "link.txt").is_symlink() and target.read_text() == "new"
+
+
+# --- single files a user names: /save, Chatbot.save, the web page ---
+
+
+def _own_files(trained: tuple[Path, Path]) -> list[Path]:
+    data_dir, run = trained
+    return [run / "best" / "checkpoint.json", run / "config.json", run / "last" / "model.safetensors",
+            data_dir / "meta.json", run / "new.json", data_dir / "new.json",
+            run / "best" / "x" / "y.json"]  # fmt: skip
+
+
+def test_save_never_writes_into_a_run_or_a_data_folder(
+    trained: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from minigpt2.core.chat import Chatbot
+
+    data_dir, run = trained
+    before = _snapshot(run), _snapshot(data_dir)
+    bot = Chatbot.from_run(run)
+    bot.history = []
+    (tmp_path / "link.json").symlink_to(run / "best" / "checkpoint.json")
+    for target in [*_own_files(trained), tmp_path / "link.json"]:
+        with pytest.raises(UserError, match=r"^cannot save the conversation to .*(choose|create)"):
+            bot.save(target)
+        monkeypatch.setattr("sys.stdin", io.StringIO(f"ciao\n/save {target}\n"))
+        rc, out, _ = main(capsys, "chat", run, "--max-new-tokens", 3)
+        assert rc == 0 and "error: cannot" in out and "saved" not in out  # the chat goes on
+    assert (_snapshot(run), _snapshot(data_dir)) == before
+    bot.save(tmp_path / "mine.json")  # a file of the user's own is fine
+    assert json.loads((tmp_path / "mine.json").read_text())["history"] == []
+
+
+def test_web_export_never_writes_into_a_run_a_data_folder_or_a_device(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    data_dir, run = trained
+    before = _snapshot(run), _snapshot(data_dir)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    targets = [*_own_files(trained), fifo, tmp_path / "to-fifo", Path("/dev/null")]
+    try:
+        os.mknod(tmp_path / "null", 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        targets.append(tmp_path / "null")
+    except PermissionError:  # only root makes device nodes
+        pass
+    for target in targets:
+        rc, _, err = main(capsys, "export", run, "--format", "web", "--out", target, "--force")
+        line = one_error_line(rc, err)
+        assert any(
+            s in line for s in ("minigpt2 run", "minigpt2 checkpoint", "prepared data", "FIFO", "device")
+        ), line
+    assert (_snapshot(run), _snapshot(data_dir)) == before
+    assert fifo.is_fifo() and Path("/dev/null").is_char_device()
+    assert not (tmp_path / "null").exists() or (tmp_path / "null").is_char_device()
+
+
+def test_an_atomic_write_never_replaces_a_device_or_fifo(tmp_path: Path) -> None:
+    import os
+
+    from minigpt2.errors import WriteError
+    from minigpt2.fileio import atomic_write_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(WriteError, match="device, FIFO or socket"):
+        atomic_write_text(fifo, "x")
+    assert fifo.is_fifo()

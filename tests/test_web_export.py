@@ -352,8 +352,8 @@ def test_the_target_is_checked(tmp_path: Path) -> None:
         export_web(run, other)
     assert other.read_text() == "<p>mine</p>"
     assert web.is_web_export(export_web(run, other, force=True).path)
-    refusals = {run: "is a minigpt2 run", run / "best" / "x.html": "is inside a minigpt2 checkpoint",
-                run / "x.html": "is inside a minigpt2 run", tmp_path / "out": "is a folder"}  # fmt: skip
+    refusals = {run: "is a minigpt2 run", run / "best" / "x.html": "best is a minigpt2 checkpoint, whose",
+                run / "x.html": "is a minigpt2 run, whose", tmp_path / "out": "is a folder"}  # fmt: skip
     for target, refusal in refusals.items():
         with pytest.raises(UserError, match=refusal):
             export_web(run, target, force=True)

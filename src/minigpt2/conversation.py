@@ -5,8 +5,9 @@ A saved conversation is ``{"template": {...}, "history": [{"role": "user", "text
 
 - ``load_history`` reads only a regular file (``/dev/zero`` or a FIFO is refused before a byte is
   read), at most ``MAX_CONVERSATION_BYTES`` + 1 bytes of it, and checks every turn's role and text;
-- ``save`` writes only to a regular file or a new one, in an existing folder (never over a device,
-  and never a folder), atomically; a write the system refuses is worded as where and why;
+- ``save`` writes only to a regular file or a new one, in an existing folder, atomically, under the
+  rule of every single-file write (``outdirs.check_file_target``: never over a device or a folder,
+  never into a run, data folder or export); a write the system refuses is worded as where and why;
 - ``parse_option`` (``/set NAME=VALUE``) and ``sample_with`` (the notebook's keywords) check a
   sampling option's name and type (an integer for ``max_new_tokens``, not ``1e3``); ``SampleConfig``
   checks its range.
@@ -28,6 +29,7 @@ from minigpt2.core.config import SampleConfig
 from minigpt2.corpora import not_regular, read_regular
 from minigpt2.errors import DataError, UserError
 from minigpt2.fileio import atomic_write_text
+from minigpt2.outdirs import check_file_target
 
 ROLES = ("user", "bot")
 FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
@@ -56,10 +58,10 @@ def save(path: str | Path, doc: dict[str, Any]) -> None:
     if not folder.is_dir():
         problem = "does not exist" if not folder.exists() else "is not a folder"
         raise UserError(f"{where}: the folder {folder} {problem}; create it or choose another file")
-    if path.exists() and (kind := not_regular(path.stat().st_mode)):
-        raise UserError(f"{where}: it is {kind}, not a file; choose a file name")
+    # Never over a folder, a device or a FIFO, nor into a run, data folder or export of the project.
+    real = check_file_target(path, where)
     try:
-        atomic_write_text(path, json.dumps(doc, indent=1, ensure_ascii=False))
+        atomic_write_text(real, json.dumps(doc, indent=1, ensure_ascii=False))
     except OSError as err:
         reason = WRITE_REFUSALS.get(err.errno or 0, err.strerror or str(err))
         raise UserError(f"{where}: {reason}; choose a file in a folder of yours") from None

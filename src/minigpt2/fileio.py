@@ -14,6 +14,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from minigpt2.errors import WriteError
+
 
 def fsync_dir(path: Path) -> None:
     """Persist a folder's entries (renames); a no-op where folders cannot be opened (Windows)."""
@@ -63,6 +65,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     replaced by a file."""
     if path.is_symlink():
         path = Path(os.path.realpath(path))
+    if path.exists() and not (path.is_file() or path.is_dir()):  # os.replace would remove a device node
+        raise WriteError(f"cannot write {path}: it is a device, FIFO or socket, not a file")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,13 +1,18 @@
 """Where a command may write a folder: never over a run, never over someone else's files.
 
 Every command that writes a folder (``prepare``, ``train``, ``export``, ``import-hf``) checks its
-target with ``check_target`` before it reads anything large or writes anything:
+target with ``check_target`` before it reads anything large or writes anything (a single file a
+user names, such as ``/save FILE`` or the web page, goes through ``check_file_target``):
 
 - a folder that is, or is inside, a minigpt2 run or checkpoint is refused, whatever the command
   (``train`` and ``import-hf`` decide about their own runs themselves);
 - a non-empty folder of another kind (a data folder, a Hugging Face export, anything else) is
   refused unless ``force`` is given;
 - a missing or empty folder, or one the command itself wrote before (its own kind), is fine.
+
+A single file is never written into a run, a checkpoint, a data folder or an export (their files
+are the project's, read back by name), never over a folder, and never over a device, FIFO or
+socket, whether named or reached through a link.
 
 Refusals are one-line ``UserError``s naming the folder, what it holds and what to do.
 Tests: ``pytest tests/test_outdirs.py``.
@@ -16,8 +21,10 @@ Tests: ``pytest tests/test_outdirs.py``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from minigpt2.corpora import not_regular
 from minigpt2.errors import UserError
 from minigpt2.fileio import read_small_text
 
@@ -104,3 +111,24 @@ def check_target(out: Path, writes: str, *, force: bool = False) -> str | None:
             " or add --force to write into it"
         )
     return kind
+
+
+def check_file_target(path: Path, where: str) -> Path:
+    """Refuse, in one line that starts with ``where`` ("cannot save the conversation to FILE"), to
+    write a single file at ``path``: over a folder or a device, FIFO or socket, or into a folder of
+    the project's own (a run, a checkpoint, a data folder, an export), whether ``path`` names it or
+    a link leads there. Returns the file the write lands on (links followed) for the caller."""
+    real = Path(os.path.realpath(path.expanduser()))
+    try:
+        kind = not_regular(os.stat(real).st_mode)
+    except OSError:  # nothing there yet
+        kind = None
+    if kind is not None:
+        choose = "give a file name" if kind == "a folder" else "choose a file name"
+        raise UserError(f"{where}: it is {kind}, not a file; {choose}")
+    folder = real.parent
+    owner = folder if kind_of(folder) in ("run", "checkpoint", "data", "export") else enclosing_run(real)
+    if owner is not None:
+        raise UserError(f"{where}: {owner} is {DESCRIPTIONS[kind_of(owner) or 'run']}, whose files "
+                        "minigpt2 reads back; choose a file outside it")  # fmt: skip
+    return real

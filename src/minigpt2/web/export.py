@@ -138,17 +138,15 @@ def export_web(run: Path, out: Path, dtype: str = "fp32", force: bool = False) -
 
 
 def check_target(out: Path, force: bool) -> None:
-    """Refuse, in one line, to write over a run, into one, over a folder, or over a file that is not
-    an earlier page of this export (unless ``force``)."""
-    inside = outdirs.enclosing_run(out)
-    if inside is not None:
-        what = outdirs.DESCRIPTIONS[outdirs.kind_of(inside) or "run"]
-        raise UserError(f"{out} is inside {what} ({inside}); write the page outside it (the run stays whole)")
+    """Refuse, in one line, to write over a run, into one (or into a data folder or an export), over
+    a folder, a device, a FIFO or a socket (even with ``force``), or over a file that is not an
+    earlier page of this export (unless ``force``)."""
     kind = outdirs.kind_of(out) if out.is_dir() else None
     if kind in ("run", "checkpoint"):
         raise UserError(f"{out} is {outdirs.DESCRIPTIONS[kind]}; write the page to a file outside it")
     if out.is_dir():
         raise UserError(f"{out} is a folder; give the page a file name, such as {out / 'chatbot.html'}")
+    outdirs.check_file_target(out, f"cannot write the page {out}")
     if out.exists() and not force and not is_web_export(out):
         raise UserError(
             f"{out} exists and is not a page written by this export; choose another name, or add"
