@@ -291,7 +291,7 @@ def test_failed_save_leaves_the_previous_checkpoint(ckpt: Path, model: GPT, tok:
         checkpoint.load(ckpt.parent)
 
 
-# --- a config that does not describe its weights ---------------------------------------------------------
+# --- a config that does not describe its weights, a vocabulary text cannot hold ---------------------------
 
 GIANT = {"n_embd": 65536, "n_layer": 64, "n_head": 2, "block_size": 1048576}  # 256 GiB if allocated
 
@@ -328,4 +328,14 @@ def test_every_command_refuses_a_config_far_larger_than_its_weights(
     for argv in _reading_commands(ckpt.parent, tmp_path):
         line = one_error_line(*main(capsys, *argv)[::2])
         assert "model.safetensors does not match checkpoint.json: missing transformer.h.2" in line, argv
+    assert not list(tmp_path.glob("out-*"))
+
+
+def test_a_vocabulary_with_a_lone_surrogate_is_refused_when_read(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _edit_meta(ckpt, lambda d: d["tokenizer"]["chars"].__setitem__(-1, "\ud861"))
+    assert "U+D861 is a lone surrogate" in _raises_one_line(ckpt)
+    for argv in _reading_commands(ckpt.parent, tmp_path):
+        assert "lone surrogate" in one_error_line(*main(capsys, *argv)[::2]), argv
     assert not list(tmp_path.glob("out-*"))

@@ -458,3 +458,22 @@ def test_import_refuses_sizes_its_weights_do_not_have_before_building_the_model(
         with pytest.raises(CheckpointError, match=expected):
             import_hf(out, tmp_path / "imported")
         assert not (tmp_path / "imported").exists()
+
+
+def test_import_refuses_a_lone_surrogate_in_either_vocabulary_and_writes_nothing(
+    run: Path, tmp_path: Path
+) -> None:
+    out = export_hf(run, tmp_path / "hf")
+    doc = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    doc["model"]["vocab"]["\ud861"] = doc["model"]["vocab"].pop("z")
+    (out / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="U\\+D861 is a lone surrogate"):
+        import_hf(out, tmp_path / "r1")
+    (out / "tokenizer.json").unlink()
+    vocab = json.loads((out / VOCAB_FILE).read_text(encoding="utf-8"))
+    vocab["chars"][-1] = "\ud861"
+    (out / VOCAB_FILE).write_text(json.dumps(vocab), encoding="utf-8")
+    args = ["import-hf", str(out), "--out", str(tmp_path / "r2")]
+    bad = subprocess.run([sys.executable, "-m", "minigpt2", *args], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "lone surrogate" in bad.stderr
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()

@@ -155,6 +155,7 @@ def test_dict_round_trip_through_json(tok: CharTokenizer) -> None:
         {"type": "char", "special_tokens": list(SPECIAL_TOKENS), "chars": ["a", "bc"]},
         {"type": "char", "special_tokens": list(SPECIAL_TOKENS), "chars": ["a", "a"]},
         {"type": "char", "special_tokens": list(SPECIAL_TOKENS), "chars": [""]},
+        {"type": "char", "special_tokens": list(SPECIAL_TOKENS), "chars": ["a", "\ud861"]},
     ],
 )
 def test_malformed_dict_is_a_checkpoint_error(data: object) -> None:
@@ -168,6 +169,9 @@ def test_constructor_rejects_bad_vocabularies() -> None:
         CharTokenizer(["a", "a"])
     with pytest.raises(ValueError):
         CharTokenizer(["ab"])
+    for surrogate in ("\ud800", "\udfff"):  # a lone surrogate: no UTF-8 file can hold the vocabulary
+        with pytest.raises(ValueError, match="lone surrogate"):
+            CharTokenizer(["a", surrogate])
 
 
 def test_extended_keeps_ids_and_appends_new_characters(tok: CharTokenizer) -> None:

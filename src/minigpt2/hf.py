@@ -177,7 +177,10 @@ def import_hf(hf_dir: Path, run_dir: Path, force: bool = False) -> Path:
     _check_import_target(run_dir, force)
     cfg, vocab, raw = _read_hf_dir(hf_dir)
     model_cfg = _model_config(cfg, hf_dir)
-    tok = CharTokenizer.from_dict(vocab)
+    try:
+        tok = CharTokenizer.from_dict(vocab)
+    except CheckpointError as err:
+        raise CheckpointError(f"{hf_dir}: {err}") from None
     if tok.vocab_size != model_cfg.vocab_size:
         raise CheckpointError(f"the vocabulary has {tok.vocab_size} tokens, the model {model_cfg.vocab_size}")
     weights = _our_weights(raw)
@@ -193,7 +196,13 @@ def import_hf(hf_dir: Path, run_dir: Path, force: bool = False) -> Path:
         raise CheckpointError(f"{hf_dir}: the weights do not match config.json ({first})") from None
     meta = {"step": vocab.get("source_step"), "imported_from": str(hf_dir),
             "chat_template": vocab.get("chat_template") or "dialogue"}  # fmt: skip
-    checkpoint.save(run_dir / "best", model, tok, meta)
+    created = not run_dir.exists()
+    try:
+        checkpoint.save(run_dir / "best", model, tok, meta)
+    except BaseException:
+        if created:  # a failed import leaves no empty run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir
 
 

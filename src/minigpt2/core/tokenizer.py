@@ -45,6 +45,11 @@ class CharTokenizer:
     def __init__(self, chars: Sequence[str]) -> None:
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise ValueError("chars must be distinct single characters")
+        # A lone surrogate (U+D800-U+DFFF) can sit in a Python string but in no UTF-8 text: every
+        # write of the vocabulary, a page or an answer would fail on it.
+        surrogate = next((c for c in chars if "\ud800" <= c <= "\udfff"), None)
+        if surrogate is not None:
+            raise ValueError(f"U+{ord(surrogate):04X} is a lone surrogate, not a character text can hold")
         if len(chars) + len(SPECIAL_TOKENS) > MAX_VOCAB:
             raise ValueError(f"vocabulary of {len(chars)} characters exceeds {MAX_VOCAB} tokens")
         self.chars: list[str] = list(chars)
