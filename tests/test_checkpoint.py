@@ -291,7 +291,7 @@ def test_failed_save_leaves_the_previous_checkpoint(ckpt: Path, model: GPT, tok:
         checkpoint.load(ckpt.parent)
 
 
-# --- a config that does not describe its weights, a vocabulary text cannot hold ---------------------------
+# --- a config that does not describe its weights, a vocabulary text cannot hold, NaN weights --------------
 
 GIANT = {"n_embd": 65536, "n_layer": 64, "n_head": 2, "block_size": 1048576}  # 256 GiB if allocated
 
@@ -339,3 +339,32 @@ def test_a_vocabulary_with_a_lone_surrogate_is_refused_when_read(
     for argv in _reading_commands(ckpt.parent, tmp_path):
         assert "lone surrogate" in one_error_line(*main(capsys, *argv)[::2]), argv
     assert not list(tmp_path.glob("out-*"))
+
+
+def test_non_finite_weights_are_refused_by_every_command(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(ckpt / checkpoint.WEIGHTS)
+    weights["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+    save_file(weights, ckpt / checkpoint.WEIGHTS)
+    message = _raises_one_line(ckpt)
+    assert "transformer.h.1.mlp.c_fc.weight holds NaN or infinite values" in message
+    assert "damaged or the training diverged" in message
+    for argv in _reading_commands(ckpt.parent, tmp_path):
+        assert "damaged or the training diverged" in one_error_line(*main(capsys, *argv)[::2]), argv
+    assert not list(tmp_path.glob("out-*"))
+
+
+def test_eval_refuses_a_loss_that_is_not_a_number(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(ckpt / checkpoint.WEIGHTS)
+    weights["transformer.wte.weight"].fill_(1e30)  # finite, but LayerNorm's variance overflows
+    save_file(weights, ckpt / checkpoint.WEIGHTS)
+    d = prepare_data(tmp_path)
+    line = one_error_line(*main(capsys, "eval", ckpt.parent, "--data", d, "--device", "cpu")[::2])
+    assert "the val loss is nan" in line and "damaged or its training diverged" in line

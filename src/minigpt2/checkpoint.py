@@ -231,7 +231,7 @@ def shape_mismatch(shapes: dict[str, tuple[int, ...]], config: cfg.ModelConfig) 
 
 
 def _read_weights(ckpt_dir: Path, model: GPT) -> dict[str, Tensor]:
-    """The weights file, checked name by name and shape by shape against ``model``."""
+    """The weights file, checked name by name and shape by shape against ``model``, every value finite."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -254,5 +254,10 @@ def _read_weights(ckpt_dir: Path, model: GPT) -> dict[str, Tensor]:
             raise CheckpointError(
                 f"corrupt checkpoint: {file}: {name} has shape {tuple(weights[name].shape)},"
                 f" the config says {tuple(shape)}"
+            )
+        if not torch.isfinite(weights[name]).all():
+            raise CheckpointError(
+                f"damaged checkpoint: {file}: {name} holds NaN or infinite values; the weights are"
+                " damaged or the training diverged (use another checkpoint, or train again with a lower --lr)"
             )
     return weights

@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
     from minigpt2 import data
-    from minigpt2.errors import ConfigError
+    from minigpt2.errors import CheckpointError, ConfigError
     from minigpt2.inference import load_for_inference
     from minigpt2.training.trainer import evaluate_tokens
 
@@ -104,6 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = data.load(Path(args.data))
     _, val = data.remap(dataset, loaded.tokenizer)
     loss = evaluate_tokens(loaded.model, val, args.batch_size, loaded.precision, max_windows=args.max_windows)
+    if not math.isfinite(loss):  # finite weights can still overflow: no number to report
+        raise CheckpointError(
+            f"{loaded.ckpt.path}: the val loss is {loss}, not a number a model can have; its weights"
+            " are damaged or its training diverged (evaluate another checkpoint, or train again)"
+        )
     print(
         f"val loss {loss:.4f}  bits/char {loss / math.log(2):.4f}"
         f"  ({loaded.ckpt.path}, step {loaded.ckpt.meta.get('step')})"
