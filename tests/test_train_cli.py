@@ -92,6 +92,25 @@ def test_nothing_to_resume_and_finished_run_are_refused(
     assert (run / "config.json").read_text() == before and summary(run)["steps"] == 4
 
 
+def test_a_run_that_lost_its_last_checkpoint_goes_on_from_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, run = prepare(tmp_path), tmp_path / "run"
+    assert main(capsys, *train_args(d, run, "--max-iters", 6, "--eval-interval", 2))[0] == 0
+    best_step, best_loss = meta(run / "best")["step"], meta(run / "best")["best_val_loss"]
+    before = [r for r in rows(run) if r["step"] <= best_step]
+    shutil.rmtree(run / "last")  # as a full disk during its first save leaves a run, or a user
+    rc, out, err = main(capsys, *train_args(d, run, "--resume", "--max-iters", 10, "--eval-interval", 2))
+    assert rc == 0, err
+    said = out + err
+    assert f"going on from best/ (step {best_step}" in said and "lost" in said
+    assert summary(run)["steps"] == 10 and (run / "last" / checkpoint.META).is_file()
+    after = rows(run)
+    assert [r["step"] for r in after] == list(range(1, 11))  # the metrics up to best kept, then new
+    assert [r["train_loss"] for r in after[: len(before)]] == [r["train_loss"] for r in before]
+    assert summary(run)["best_val_loss"] <= best_loss
+
+
 @pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_training_exits_as_shells_expect(tmp_path: Path, stop: int, status: int) -> None:
     """130 for Ctrl-C and 143 for SIGTERM, so that `train && export` stops; after last/ is saved."""

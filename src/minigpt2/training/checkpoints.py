@@ -23,11 +23,11 @@ from minigpt2.core.config import ModelConfig, TrainConfig, to_dict
 from minigpt2.core.model import GPT
 from minigpt2.core.schedule import EarlyStopState
 from minigpt2.core.tokenizer import CharTokenizer
-from minigpt2.errors import ConfigError
+from minigpt2.errors import CheckpointError, ConfigError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
 from minigpt2.precision import Precision
 from minigpt2.training import distributed
-from minigpt2.training.metrics import Callback, StepRecord, plot_losses, png_bytes
+from minigpt2.training.metrics import Callback, StepRecord, plot_losses, png_bytes, read_records
 from minigpt2.training.runstate import TrainResult, restore_rng, rng_state
 
 
@@ -91,7 +91,12 @@ class RunFiles:
             "records": [[getattr(r, c) for c in StepRecord.__dataclass_fields__] for r in self.records],
         }
 
+    def _message(self, text: str) -> None: ...  # setup.RunSetup's: the log and the callbacks
+
     def _restore(self, state: dict[str, Any]) -> None:
+        if "from_best" in state:
+            self._restore_from_best(state["from_best"])
+            return
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
         saved = "muon" if "optimizers" in state["optimizer"] else "adamw"  # Muon's is a pair (optim.py)
         if saved != self.cfg.optimizer:
@@ -114,6 +119,25 @@ class RunFiles:
         best, best_step, bad = state["early"]
         self.early = EarlyStopState(float(best), int(best_step), int(bad))
         self.records = [StepRecord(*row) for row in state["records"]]
+
+    def _restore_from_best(self, best: dict[str, Any]) -> None:
+        """Go on from ``best``'s weights at its step when ``last`` is gone: the LR schedule and early
+        stopping continue from there; the optimizer's moments, the batches' order and the steps
+        after best are lost (the metrics up to best are read back from ``metrics.csv``)."""
+        step, loss = best.get("step"), best.get("val_loss")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError(f"{self.run_dir / 'best'} does not say its step; it cannot be resumed")
+        val_loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else math.inf
+        self.step = step
+        self.early = EarlyStopState(val_loss, step, 0)
+        self.records = read_records(self.run_dir / "metrics.csv", step)
+        self.elapsed = self.records[-1].elapsed_s if self.records else 0.0
+        self.sampler.manual_seed(self.cfg.seed + 1_000_003 * step)  # new batches, not the lost ones
+        self._message(
+            f"warning: {self.run_dir} has no last/ checkpoint: going on from best/ (step {step},"
+            f" val loss {val_loss:.4f}); the optimizer's state and any steps after {step} are lost, so"
+            " this run will not repeat an uninterrupted one exactly"
+        )
 
     def _write_config(self, data_dir: Path, init_from: Path | None) -> None:
         doc = {"model": to_dict(self.model_cfg), "train": to_dict(self.cfg), "data": str(data_dir),

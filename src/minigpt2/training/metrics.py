@@ -59,6 +59,20 @@ def _row(record: StepRecord) -> list[Any]:
     return [values[c] for c in COLUMNS]
 
 
+def read_records(path: Path, until_step: int) -> list[StepRecord]:
+    """The rows of a ``metrics.csv`` up to ``until_step``, as records; none if it is missing or
+    unreadable (the metrics are a record of the run, not what it resumes from)."""
+    try:
+        rows = read_metrics(path)
+        fixed: list[dict[str, Any]] = [
+            {**r, "step": int(r["step"]), "clipped": r["clipped"] == 1} for r in rows
+        ]
+        records = [StepRecord(**r) for r in fixed]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error):
+        return []
+    return [r for r in records if r.step <= until_step]
+
+
 class MetricsFile:
     """``RUN/metrics.csv``: a header, then one row per step, flushed as it goes."""
 

@@ -138,15 +138,22 @@ def load_start(
     init_from: Path | None,
 ) -> Start:
     """Decide how the run begins: resume ``RUN/last``, fine-tune ``init_from``, or start fresh."""
-    has_run = any((recover_dir(run_dir / n) / checkpoint.META).is_file() for n in ("best", "last"))
+    last, best = (recover_dir(run_dir / n) for n in ("last", "best"))
+    has_run = any((folder / checkpoint.META).is_file() for folder in (last, best))
     if resume:
-        if not (recover_dir(run_dir / "last") / checkpoint.META).is_file():
-            raise UserError(f"nothing to resume in {run_dir} (no last/ checkpoint); drop --resume")
-        ckpt = checkpoint.load(recover_dir(run_dir / "last"))
+        if (last / checkpoint.META).is_file():
+            ckpt = checkpoint.load(last)
+            state = checkpoint.load_train_state(ckpt.path)
+        elif (best / checkpoint.META).is_file():
+            # last/ was lost (a full disk at its first save, or deleted): go on from best/'s weights,
+            # at its step, with what best/ cannot hold started afresh (``RunFiles._restore``).
+            ckpt = checkpoint.load(best)
+            state = {"from_best": {"step": ckpt.meta.get("step"), "val_loss": ckpt.meta.get("best_val_loss")}}
+        else:
+            raise UserError(f"nothing to resume in {run_dir} (no last/ or best/ checkpoint); drop --resume")
         _check_same_data(run_dir, ckpt.meta, dataset)
         train, val = data.remap(dataset, ckpt.tokenizer)
         weights = ckpt.build_model().state_dict()
-        state = checkpoint.load_train_state(ckpt.path)
         return Start(ckpt.tokenizer, train, val, ckpt.model_config, weights, state)
     if has_run:
         raise UserError(
