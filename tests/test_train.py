@@ -28,7 +28,8 @@ from minigpt2.core.schedule import lr_at
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, CharTokenizer
 from minigpt2.core.train_step import evaluate, train_step
 from minigpt2.errors import ConfigError, UserError
-from minigpt2.precision import choose_precision, cpu_has_native_bf16
+from minigpt2.machine import cpu_autocast_pays
+from minigpt2.precision import choose_precision
 from minigpt2.training import trainer as train
 from minigpt2.training.metrics import COLUMNS
 from minigpt2.training.runstate import RunLock
@@ -217,10 +218,11 @@ def test_bf16_autocast_is_active_on_cpu() -> None:
         assert (a @ a.T).dtype == torch.float32
     with pytest.raises(ConfigError):
         choose_precision(cpu, "fp16")
-    assert (choose_precision(cpu, "auto").name == "bf16") == cpu_has_native_bf16()
-    # auto and a tiny run (too little work per pass): fp32; a real one: bf16 where the CPU has it
+    assert (choose_precision(cpu, "auto").name == "bf16") == cpu_autocast_pays(4096, 256)
+    # auto and a tiny run (too little work per pass): fp32; a real one: bf16 where it measured faster
     assert choose_precision(cpu, "auto", work=8 * 32 * 32**2).name == "fp32"
-    assert (choose_precision(cpu, "auto", work=32 * 128 * 256**2).name == "bf16") == cpu_has_native_bf16()
+    real = choose_precision(cpu, "auto", work=4096 * 192**2, shape=(4096, 192))
+    assert (real.name == "bf16") == cpu_autocast_pays(4096, 192) and "measured" in real.reason
     assert choose_precision(cpu, "bf16", work=1).name == "bf16"  # asked for: given
     fp16 = choose_precision(torch.device("cuda"), "fp16")  # no GPU needed to resolve it
     assert fp16.use_scaler and fp16.dtype == torch.float16
@@ -315,3 +317,45 @@ def test_run_lock_is_exclusive_and_released_after_a_failed_start(tmp_path: Path)
     with pytest.raises(ConfigError, match="batch"):
         train.train(prepare(tmp_path), tmp_path / "run", model_cfg, cfg)
     RunLock(tmp_path / "run").release()  # the failed start released its lock
+
+
+class _Bar:
+    """tqdm's part the progress bar uses, recording the totals it is given."""
+
+    def __init__(self, total: int, initial: int, **_: object) -> None:
+        self.total, self.n, self.totals = total, initial, [total]
+        self.closed = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "total" and hasattr(self, "totals"):
+            self.totals.append(value)  # type: ignore[arg-type]
+        super().__setattr__(name, value)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None: ...
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_with_a_time_budget_the_bar_counts_the_steps_the_budget_allows(tmp_path: Path) -> None:
+    from minigpt2.training.metrics import ProgressBar
+
+    d = prepare(tmp_path)
+    bars: list[_Bar] = []
+
+    def make(**kw: object) -> _Bar:
+        bars.append(_Bar(**kw))  # type: ignore[arg-type]
+        return bars[-1]
+
+    bar = ProgressBar(make, lambda message: None)
+    model_cfg, train_cfg = tiny(max_iters=10**7, max_minutes=0.02, eval_interval=10**6, samples=False)
+    result = train.train(d, tmp_path / "run", model_cfg, train_cfg, callbacks=[bar])
+    bar.on_end({})
+    assert result.stop_reason.startswith("time budget")
+    shown = bars[0]
+    assert shown.totals[0] == 10**7  # before the first step: the most there can be
+    assert all(t < 10**7 for t in shown.totals[1:]) and len(shown.totals) > 1
+    assert shown.total == shown.n == result.steps and shown.closed  # it ends full, not at 0%

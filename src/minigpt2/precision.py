@@ -1,7 +1,9 @@
 """Device and precision choice, shared by training and inference.
 
-``--dtype auto`` picks, in this order: bf16 on CUDA GPUs that support it and on CPUs with native bf16
-(AVX512-BF16 or AMX); fp16 with a ``GradScaler`` on older CUDA GPUs; fp32 elsewhere, MPS included
+``--dtype auto`` picks, in this order: bf16 on CUDA GPUs that support it; fp16 with a ``GradScaler``
+on older CUDA GPUs; on a CPU, bf16 autocast where it is measured to be faster for the run's shapes
+(``machine.cpu_autocast_pays``: AMX and AVX512-BF16 CPUs, not those where PyTorch emulates bf16,
+whatever the CPU's flags say once the instruction set is restricted); fp32 elsewhere, MPS included
 (autocast there is not reliable across PyTorch versions). fp16 is only ever used with a scaler: its
 narrow range underflows small gradients to zero without one.
 """
@@ -9,9 +11,7 @@ narrow range underflows small gradients to zero without one.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -37,17 +37,6 @@ def choose_device(spec: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps was asked for, but MPS is not available")
     return device
-
-
-@functools.cache  # read once: Muon asks at every step
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 on CPU
-    is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass(frozen=True)
@@ -81,14 +70,19 @@ CPU_BF16_MIN_WORK = 8_000_000
 
 
 def choose_precision(
-    device: torch.device, dtype: str = "auto", inference: bool = False, work: int | None = None
+    device: torch.device,
+    dtype: str = "auto",
+    inference: bool = False,
+    work: int | None = None,
+    shape: tuple[int, int] | None = None,
 ) -> Precision:
     """Resolve ``--dtype`` (auto, bf16, fp16, fp32) for ``device``; refuse combinations that fail.
 
     With ``inference`` (one sequence, one character at a time), ``auto`` on a CPU stays in fp32:
     the matrices are too small to gain from bf16, and autocast's casts on every call cost more than
     they save (measured by benchmarks/generation.py). On GPUs it is the same choice as training.
-    ``work`` (tokens per forward pass x width squared) does the same for tiny training runs.
+    ``work`` (tokens per forward pass x width squared) does the same for tiny training runs; above
+    it, ``shape`` (tokens per pass, width) is what a CPU's bf16 is measured on.
     """
     if dtype not in ("auto", *DTYPES):
         raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
@@ -102,8 +96,13 @@ def choose_precision(
             return Precision(device, "fp32", "auto: fp32 is fastest for one-sequence generation on a CPU")
         if kind == "cpu" and work is not None and work < CPU_BF16_MIN_WORK:
             return Precision(device, "fp32", "auto: too little work per pass for bf16 to pay on a CPU")
-        if kind == "cpu" and cpu_has_native_bf16():
-            return Precision(device, "bf16", "auto: this CPU has native bf16 (AVX512-BF16/AMX)")
+        if kind == "cpu":
+            from minigpt2.machine import cpu_autocast_pays
+
+            tokens, width = shape if shape is not None else (4096, 256)
+            if cpu_autocast_pays(tokens, width):
+                return Precision(device, "bf16", "auto: bf16 autocast measured faster on this CPU")
+            return Precision(device, "fp32", "auto: bf16 measured no faster than fp32 on this CPU")
         return Precision(device, "fp32", f"auto: no fast mixed precision on {kind}")
     if dtype != "fp32" and kind == "mps":
         raise ConfigError("autocast on MPS is not supported here; use --dtype fp32 (or auto)")

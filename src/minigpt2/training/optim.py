@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from minigpt2.core.config import TrainConfig
-from minigpt2.precision import cpu_has_native_bf16
+from minigpt2.machine import cpu_bf16_is_fast
 
 # A quintic polynomial per iteration, x -> a x + b (x x^T) x + c (x x^T)^2 x, applied to the singular
 # values: these coefficients (Jordan's) push every singular value in (0, 1] to roughly 0.7-1.2 in
@@ -104,12 +104,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def _ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes in it (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32:
-    elsewhere bf16 products are emulated (slow) or missing."""
+    """bf16 where the hardware computes in it (CUDA with bf16, CPUs measured to multiply bf16 faster:
+    AMX, AVX512-BF16), else fp32: elsewhere bf16 products are emulated (slow) or missing."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
     return torch.float32
 
 

@@ -98,8 +98,10 @@ class RunSetup(RunFiles):
         self.data_fingerprint = data.fingerprint(dataset)  # recorded in checkpoints: resume checks it
         self.train_data, self.val_data = start.train, start.val
         self.model_cfg = start.model_cfg
-        work = self.pass_size * self.model_cfg.block_size * self.model_cfg.n_embd**2
-        self.precision = choose_precision(self.device, cfg.dtype, work=work)
+        tokens, width = self.pass_size * self.model_cfg.block_size, self.model_cfg.n_embd
+        self.precision = choose_precision(
+            self.device, cfg.dtype, work=tokens * width**2, shape=(tokens, width)
+        )
         self._check_sizes()
         if cfg.loss_on == "bot" and dataset.meta.get("kind") != "dialogue":
             raise ConfigError(
