@@ -40,6 +40,10 @@ class Callback:
 
     def on_start(self, total_steps: int, first_step: int) -> None: ...
 
+    def on_total(self, total_steps: int) -> None:
+        """The steps the run now expects to take: with a time budget, those that fit in it at the
+        speed so far (called after every step); without one, ``max_iters`` as ``on_start`` said."""
+
     def on_step(self, record: StepRecord) -> None: ...
 
     def on_eval(self, step: int, val_loss: float, improved: bool) -> None: ...
@@ -145,9 +149,15 @@ class ProgressBar(Callback):
         self.tqdm_cls, self.write = tqdm_cls, write
         self.bar: Any = None
         self.last_val = ""
+        self.expected = False  # whether a time budget set the total (on_total)
 
     def on_start(self, total_steps: int, first_step: int) -> None:
         self.bar = self.tqdm_cls(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def on_total(self, total_steps: int) -> None:
+        if self.bar is not None and total_steps != self.bar.total:
+            self.expected = True
+            self.bar.total = total_steps  # the ETA follows: the steps left at the speed so far
 
     def on_step(self, record: StepRecord) -> None:
         postfix = f"loss {record.train_loss:.3f} lr {record.lr:.1e} {record.tokens_per_s:,.0f} tok/s"
@@ -168,6 +178,8 @@ class ProgressBar(Callback):
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.bar is not None:
+            if self.bar.total and self.bar.n < self.bar.total and self.expected:
+                self.bar.total = self.bar.n  # the budget ended the run: it was all the steps there were
             self.bar.close()
             self.bar = None
 

@@ -96,7 +96,15 @@ class Trainer(RunSetup):
         """The step the LR schedule decays towards: ``max_iters``, or with a time budget the steps
         expected to fit in it at the speed so far, so the LR reaches ``min_lr`` as time runs out."""
         cfg = self.cfg
-        if cfg.max_minutes <= 0 or self.step < max(10, cfg.warmup_iters) or self.elapsed <= 0:
+        if self.step < max(10, cfg.warmup_iters):  # the first steps' speed is no guide (warming up)
+            return cfg.max_iters
+        return self.expected_steps()
+
+    def expected_steps(self) -> int:
+        """The steps this run will take: ``max_iters``, or fewer where the time budget ends first
+        at the speed so far (what the progress bar counts towards)."""
+        cfg = self.cfg
+        if cfg.max_minutes <= 0 or self.elapsed <= 0:
             return cfg.max_iters
         expected = int(self.step / self.elapsed * cfg.max_minutes * 60)
         return max(self.step + 1, min(cfg.max_iters, expected))
@@ -169,7 +177,9 @@ class Trainer(RunSetup):
                     stop_early = self._after_eval(record.val_loss)
                 if metrics:
                     metrics.write(record)
+                total = self.expected_steps()
                 for cb in self.callbacks:
+                    cb.on_total(total)
                     cb.on_step(record)
                 if not math.isnan(record.val_loss):
                     self._save("last")
