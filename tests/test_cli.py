@@ -136,7 +136,7 @@ def test_sample_corrupt_run(cli: Run, one_line_error: OneLine, run_dir: Path) ->
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--top-p", "0"], "top_p"),
+        (["--top-p", "-0.5"], "top_p"),
         (["--temperature", "-1"], "temperature"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
     ],

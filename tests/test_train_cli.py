@@ -237,3 +237,13 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path: Pat
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
     assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], abs=1e-5)
     assert got[2]["val_loss"] == pytest.approx(want[2]["val_loss"], abs=1e-5)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"lr = 1e-3\n\xff\xfe bad\n")
+    rc, _, err = main(capsys, *train_args(prepare(tmp_path), tmp_path / "run", "--config", bad))
+    assert "is not UTF-8 text: byte 0xff at offset 10" in one_error_line(rc, err)
+    assert not (tmp_path / "run").exists()

@@ -256,9 +256,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = read_small_text(path)
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset"
+            f" {err.start}; save it as UTF-8"
+        ) from None
     try:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid TOML/JSON: {err}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")

@@ -189,7 +189,7 @@ def encode_weights(model: GPT, dtype: str, ckpt_dir: Path) -> tuple[list[dict[st
         values = tensor.detach().float().cpu().numpy().astype(DTYPES[dtype])
         if not np.isfinite(values).all():
             raise UserError(
-                f"{ckpt_dir}: {name} holds weights beyond {dtype}'s range (or NaN); export it in fp32"
+                f"{ckpt_dir}: {name} holds weights beyond {dtype}'s range; export it with --dtype fp32"
             )
         manifest.append({"name": name, "shape": list(values.shape), "offset": offset})
         chunks.append(values.tobytes())
