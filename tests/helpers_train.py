@@ -67,7 +67,9 @@ def trainer(data_dir: Path, run_dir: Path, **overrides: Any) -> Iterator[Trainer
 
 
 def train_args(data_dir: Path, run_dir: Path, *extra: object) -> list[str]:
-    base = ["train", "--data", data_dir, "--out", run_dir, "--preset", "tiny", "--block-size", BLOCK]
+    """``minigpt2 train`` of the tiny preset at context 16 (a resume: with the run's own settings)."""
+    preset = [] if "--resume" in extra else ["--preset", "tiny"]
+    base = ["train", "--data", data_dir, "--out", run_dir, *preset, "--block-size", BLOCK]
     return [str(a) for a in (*base, "--dtype", "fp32", "--device", "cpu", *extra)]
 
 

@@ -361,10 +361,11 @@ def test_options_at_their_bounds_are_accepted(trained: tuple[Path, Path], run: P
 def test_wrongly_typed_config_file_values_and_bot_loss_on_plain_text_are_refused(tmp_path: Path) -> None:
     from minigpt2.core import config as cfg_module
     from minigpt2.errors import ConfigError
+    from minigpt2.training.setup_configs import read_config_file
 
     (tmp_path / "c.toml").write_text("batch_size = 32.0\n")
     with pytest.raises(ConfigError, match="batch_size must be int"):
-        cfg_module.resolve("tiny", cfg_module.read_config_file(tmp_path / "c.toml"))
+        cfg_module.resolve("tiny", read_config_file(tmp_path / "c.toml"))
     text = tmp_path / "t.txt"
     text.write_text("all the world's a stage, and all the men and women merely players. " * 40)
     data.prepare(str(text), tmp_path / "d", block_size=16)

@@ -31,7 +31,9 @@ def serve_cli(*args: object, cwd: Path) -> subprocess.Popen[str]:
 def test_serve_command_runs_and_stops_on_ctrl_c(tmp_path: Path, one_line_error: Any) -> None:
     bot = tiny_chatbot()
     checkpoint.save(tmp_path / "mybot" / "best", bot.model, bot.tokenizer, {"chat_template": "dialogue"})
-    proc = serve_cli("mybot", "--port", "0", "--max-concurrent", "1", cwd=tmp_path)
+    proc = serve_cli(
+        "mybot", "--port", "0", "--max-concurrent", "1", "--max-new-tokens", "5000", cwd=tmp_path
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -49,7 +51,10 @@ def test_serve_command_runs_and_stops_on_ctrl_c(tmp_path: Path, one_line_error: 
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    errors = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 0, errors
+    # A default above the limit is capped, and said.
+    assert "--max-new-tokens 5000 is above --max-tokens 1000" in errors and "default to 1000\n" in errors
 
 
 @pytest.mark.parametrize(

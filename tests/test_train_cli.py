@@ -86,6 +86,8 @@ def test_nothing_to_resume_and_finished_run_are_refused(
     started.mkdir()
     shutil.copy(run / "config.json", started / "config.json")
     assert "nothing to resume" in one_error_line(*main(capsys, *train_args(d, started, "--resume"))[::2])
+    line = one_error_line(*main(capsys, *train_args(d, run, "--resume"), "--preset", "chat")[::2])
+    assert "drop --preset chat" in line  # the run's own settings, not a preset's, silently or not
     before = (run / "config.json").read_text()
     line = one_error_line(*main(capsys, *train_args(d, run, "--max-iters", 2))[::2])
     assert "already holds a trained model" in line and "--resume" in line
@@ -194,6 +196,30 @@ def test_huge_lr_diverges_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixt
     if s["best_step"] > 0:  # best/ from before the divergence is intact and finite
         model, _, _ = checkpoint.load_model(run / "best")
         assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The closing lines name only what exists: no "best val loss none at step -1", no best/ that is not.
+    saved = out.strip().splitlines()[-1]
+    assert "step -1" not in out and "none" not in out
+    assert ("best/" in saved) == (run / "best").exists() and ("last/" in saved) == (run / "last").exists()
+
+
+def test_a_run_stopped_before_its_first_evaluation_says_it_has_no_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = (
+        "--lr",
+        "1e4",
+        "--min-lr",
+        "0",
+        "--grad-clip",
+        "0",
+        "--warmup-iters",
+        "0",
+        "--eval-interval",
+        "50",
+    )
+    rc, out, _ = main(capsys, *train_args(prepare(tmp_path), tmp_path / "run", "--max-iters", 30, *flags))
+    assert rc == 1 and "no evaluation yet, so no best checkpoint" in out
+    assert not (tmp_path / "run" / "best").exists() and "best/" not in out.strip().splitlines()[-1]
 
 
 def test_eval_prints_val_loss_and_bits_per_char(
@@ -237,6 +263,16 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path: Pat
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
     assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], abs=1e-5)
     assert got[2]["val_loss"] == pytest.approx(want[2]["val_loss"], abs=1e-5)
+
+
+def test_resuming_a_run_that_was_not_trained_here_points_to_init_from(
+    tmp_path: Path, base: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, run = base
+    imported = tmp_path / "imported"  # what import-hf writes: best/ alone, no config.json
+    shutil.copytree(run / "best", imported / "best")
+    line = one_error_line(*main(capsys, *train_args(d, imported, "--resume"))[::2])
+    assert "was not trained here" in line and f"--init-from {imported}" in line
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(

@@ -8,6 +8,7 @@ run), and returns the run directory. A run that already exists is used as it is,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from minigpt2 import checkpoint, data
 from minigpt2.core import config
 from minigpt2.fileio import recover_dir
 from minigpt2.training.metrics import Callback
+from minigpt2.training.setup_configs import saved_run_configs
 
 DEFAULT_SOURCE = "chatterbot:english"
 
@@ -57,6 +59,18 @@ def recipe_for(source: str) -> ChatRecipe:
     if source == "chatterbot:italian":
         return ITALIAN
     return ALONE
+
+
+def recipe_configs(
+    recipe: ChatRecipe, preset: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[config.ModelConfig, config.TrainConfig]:
+    """What ``recipe`` trains: its preset and overrides, its width fitted to this machine and the
+    budget (``fit_width``) unless a width is given; ``preset`` given: that preset as it is."""
+    settings = {**(recipe.overrides if preset is None else {}), **(overrides or {})}
+    model_cfg, train_cfg = config.resolve(preset or recipe.preset, overrides=settings)
+    if preset is None and not {"n_embd", "fit_width"} & set(settings) and train_cfg.max_minutes > 0:
+        train_cfg = dataclasses.replace(train_cfg, fit_width=True)
+    return model_cfg, train_cfg
 
 
 def _slug(source: str) -> str:
@@ -103,10 +117,9 @@ def ensure_chatbot(
     resume = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
     # An interrupted run goes on with the settings it started with (a newer preset may differ).
     if resume:
-        model_cfg, train_cfg = config.saved_run_configs(run_dir, overrides)
+        model_cfg, train_cfg = saved_run_configs(run_dir, overrides)
     else:
-        settings = {**(recipe.overrides if preset is None else {}), **(overrides or {})}
-        model_cfg, train_cfg = config.resolve(preset or recipe.preset, overrides=settings)
+        model_cfg, train_cfg = recipe_configs(recipe, preset, overrides)
     if not (data_dir / "meta.json").is_file():
         block = model_cfg.block_size
         data.prepare(source, data_dir, block_size=block, mix=recipe.mix, mix_share=recipe.mix_share)

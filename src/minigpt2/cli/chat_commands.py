@@ -113,6 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=(serve.LOOPBACK,) if loopback else (),
     )  # fmt: skip
     limits.max_connections = serve.connection_cap(limits.max_connections)
+    if args.max_new_tokens > limits.max_tokens:  # ServeConfig caps the default at the limit: say so
+        above = f"--max-new-tokens {args.max_new_tokens} is above --max-tokens {limits.max_tokens}"
+        err(f"note: {above}, the most one answer may ask for; answers default to {limits.max_tokens}")
     if args.run is None:  # the default chatbot, trained first if there is none (as `make chat` does)
         args.run = _default_chatbot(DEFAULT_SOURCE)
     limits.model_id = args.model_id or Path(args.run).resolve().name

@@ -54,8 +54,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from minigpt2.core.config import read_config_file
-    from minigpt2.training.setup_configs import configs_for_training
+    from minigpt2.training.setup_configs import configs_for_training, read_config_file
     from minigpt2.training.trainer import train
 
     logging.basicConfig(level=logging.WARNING)
@@ -72,16 +71,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.on_end({})  # close the bar first, so that what follows starts on a line of its own
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
-    best = (
-        "none"
-        if result.best_step < 0
-        else f"{result.best_val_loss:.4f} ({result.bits_per_char:.3f} bits/char)"
-    )
     print(f"stopped: {result.stop_reason}")
+    took = f"{result.steps} steps in {result.wall_time_s:.1f}s"
+    if result.best_step < 0:  # no evaluation came before the end: there is no best/ to name
+        print(f"no evaluation yet, so no best checkpoint; {took}")
+    else:
+        best = f"{result.best_val_loss:.4f} ({result.bits_per_char:.3f} bits/char)"
+        print(f"best val loss {best} at step {result.best_step}; {took}")
+    saved = [
+        name for name in ("best/", "last/", "metrics.csv", "loss.png") if (result.run_dir / name).exists()
+    ]
     print(
-        f"best val loss {best} at step {result.best_step}; {result.steps} steps in {result.wall_time_s:.1f}s"
+        f"run saved in {result.run_dir} ({', '.join(saved)})"
+        if saved
+        else f"nothing saved in {result.run_dir}"
     )
-    print(f"run saved in {result.run_dir} (best/, last/, metrics.csv, loss.png)")
     if result.stop_signal is not None:  # as shells expect: 130 for Ctrl-C, 143 for SIGTERM
         return 128 + result.stop_signal
     return 1 if result.stop_reason.startswith("diverged") else 0

@@ -2,7 +2,9 @@
 
 Every setting is a dataclass field with a default and a comment saying why; ``__post_init__`` checks
 ranges so a bad value fails at once with one clear line (a ``ConfigError``), not deep inside torch.
-Settings resolve in three layers: a preset, then a TOML/JSON config file, then command-line flags.
+Settings resolve in three layers (``resolve``): a preset, then a TOML/JSON config file, then
+command-line flags. Reading that file, and a run's saved settings, is the trainer's
+(``training/setup_configs.py``): this module reads no file.
 
 Tested through its users: ``pytest tests/test_train.py tests/test_hostile_input.py``.
 """
@@ -10,15 +12,11 @@ Tested through its users: ``pytest tests/test_train.py tests/test_hostile_input.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tomllib
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from minigpt2.errors import ConfigError
-from minigpt2.fileio import read_small_text
 
 
 def _check(ok: bool, message: str) -> None:
@@ -103,6 +101,10 @@ class TrainConfig:
     patience: int = 5  # evaluations without a val-loss improvement before stopping
     min_delta: float = 0.0  # an improvement must beat the best val loss by more than this
     max_minutes: float = 0.0  # wall-time budget for training; 0 means no limit
+    # Narrow the model (n_embd) to the widest whose training steps, timed on this machine before the
+    # run, fill max_minutes with enough of them (training/fit.py); the depth, batch and schedule
+    # stay. On for the default chatbot and for `train --max-minutes M` without a preset.
+    fit_width: bool = False
     dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; see train.choose_precision
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     compile: bool = False  # torch.compile the model (pays off for long runs and on GPUs)
@@ -147,6 +149,10 @@ class TrainConfig:
         )
         _check(self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}")
         _check(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
+        _check(
+            not self.fit_width or self.max_minutes > 0,
+            "fit_width needs a time budget to fit (--max-minutes M), or --no-fit-width",
+        )
         _check(
             self.dtype in ("auto", "bf16", "fp16", "fp32"),
             f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}",
@@ -250,26 +256,6 @@ def field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a flat TOML (or JSON) file of config fields, e.g. ``n_layer = 6`` or ``lr = 1e-3``."""
-    try:
-        text = read_small_text(path)
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset"
-            f" {err.start}; save it as UTF-8"
-        ) from None
-    try:
-        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid TOML/JSON: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a table of settings")
-    return values
-
-
 def resolve(
     preset: str = DEFAULT_PRESET,
     file_values: dict[str, Any] | None = None,
@@ -318,23 +304,6 @@ def from_dict(cls: type, values: Any) -> Any:
         if f.name in values:
             _check_type(cls.__name__, f.name, values[f.name], type(getattr(cls(), f.name)))
     return cls(**values)
-
-
-def saved_run_configs(
-    run_dir: Path, train_overrides: dict[str, Any] | None = None
-) -> tuple[ModelConfig, TrainConfig]:
-    """The configs a run was trained with (``RUN/config.json``), for resuming it: its model as
-    saved, its training settings under ``train_overrides`` (``None`` values are skipped)."""
-    path = run_dir / "config.json"
-    try:
-        saved = json.loads(read_small_text(path))
-        model, train = saved["model"], saved["train"]
-    except (OSError, ValueError, TypeError, KeyError):
-        raise ConfigError(f"cannot resume: {path} is missing or unreadable") from None
-    given = {
-        k: v for k, v in (train_overrides or {}).items() if v is not None and k in field_names(TrainConfig)
-    }
-    return from_dict(ModelConfig, model), from_dict(TrainConfig, {**train, **given})
 
 
 def _check_type(owner: str, name: str, value: Any, expected: type) -> None:
