@@ -248,3 +248,38 @@ def test_devices_and_fifos_are_refused_at_once(run: Path, tmp_path: Path) -> Non
         " choose a file name",
     ]
     assert (tmp_path / "fifo").is_fifo()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Writer:
+    """A bot that answers with escape sequences, as a model trained on such text would."""
+
+    answer = "\x1b]0;owned\x07hi\x1b[31m red\x9b2J\tend\x7f"
+
+    def new_unknown_chars(self, message: str) -> list[str]:
+        return []
+
+    def stream(self, message: str) -> Iterator[str]:
+        yield from (self.answer[:6], self.answer[6:])
+
+
+def test_model_output_shows_control_characters_on_a_terminal_and_passes_them_to_a_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from minigpt2.cli.console import shown
+
+    assert shown("a\x1b[0mb\tc\nd\x07\x9b\x7f") == "a␛[0mb\tc\nd␇\\x9b␡"
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    repl.answer(_Writer(), "x", "bot> ")
+    seen = terminal.getvalue()
+    assert seen == "bot> ␛]0;owned␇hi␛[31m red\\x9b2J\tend␡\n"
+    assert not any((ord(c) < 0x20 and c not in "\t\n") or 0x7F <= ord(c) < 0xA0 for c in seen)
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", piped)
+    repl.answer(_Writer(), "x", "")
+    assert piped.getvalue() == _Writer.answer + "\n"  # a script gets the model's own characters

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt2.cli import repl
-from minigpt2.cli.console import err, progress_bar, warn_unknown
+from minigpt2.cli.console import err, progress_bar, warn_unknown, write_output
 from minigpt2.errors import UserError
 
 
@@ -38,12 +38,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.run, args.device, args.dtype, args.engine, generation=True,
                                 decode_weights=args.decode_weights)  # fmt: skip
     warn_unknown(loaded.tokenizer, args.prompt)
-    sys.stdout.write(args.prompt)
+    write_output(args.prompt)
     pieces = stream_text(
         loaded.model, loaded.tokenizer, args.prompt, cfg, precision=loaded.precision, stop_ids=()
     )
     for piece in pieces:
-        sys.stdout.write(piece)
+        write_output(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0

@@ -21,7 +21,7 @@ import re
 import sys
 from typing import Any
 
-from minigpt2.cli.console import err
+from minigpt2.cli.console import err, write_output
 from minigpt2.errors import UserError
 
 CHAT_HELP = """commands:
@@ -79,7 +79,7 @@ def answer(bot: Any, message: str, prefix: str) -> None:
     stream = bot.stream(message)
     try:
         for piece in stream:
-            sys.stdout.write(piece)
+            write_output(piece)  # control characters made visible on a terminal
             sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write(" [stopped]")
