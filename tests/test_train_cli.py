@@ -283,3 +283,18 @@ def test_a_config_file_that_is_not_utf8_is_one_line(
     rc, _, err = main(capsys, *train_args(prepare(tmp_path), tmp_path / "run", "--config", bad))
     assert "is not UTF-8 text: byte 0xff at offset 10" in one_error_line(rc, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_after_the_command_a_second_ctrl_c_cannot_reach_the_interpreters_shutdown(tmp_path: Path) -> None:
+    """``minigpt2`` (``cli.run``) ignores Ctrl-C once its command has returned: a second Ctrl-C just
+    after the one that stopped a training would land in the shutdown's thread joins and print a
+    traceback after the run was saved."""
+    script = (
+        "import signal, sys\n"
+        "from minigpt2.cli import run\n"
+        "code = run(['presets'])\n"
+        "sys.stderr.write(str(signal.getsignal(signal.SIGINT) is signal.SIG_IGN))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and done.stderr.endswith("True"), done.stderr

@@ -1,5 +1,5 @@
 """``python -m minigpt2`` (and ``torchrun -m minigpt2``) runs the CLI."""
 
-from minigpt2.cli import main
+from minigpt2.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -20,19 +20,32 @@ instantly. Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import signal
 from collections.abc import Callable, Sequence
 
 from minigpt2.cli.console import err
 from minigpt2.cli.parser import build_parser
 from minigpt2.errors import UserError
 
-__all__ = ["OUTPUT_ERRNOS", "Handler", "build_parser", "main"]
+__all__ = ["OUTPUT_ERRNOS", "Handler", "build_parser", "main", "run"]
 
 Handler = Callable[[argparse.Namespace], int]
 # OS errors that mean "this output cannot be written": reported as one line, like a UserError.
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
                  getattr(errno, "EDQUOT", errno.ENOSPC)}  # fmt: skip
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The ``minigpt2`` command: ``main``, then Ctrl-C ignored while the process exits. A second
+    Ctrl-C right after the one that stopped a training would otherwise land in the interpreter's
+    shutdown, which prints a traceback ("Exception ignored in: <module 'threading'>") after the
+    run was saved and said so."""
+    code = main(argv)
+    with contextlib.suppress(ValueError):  # only the main thread handles signals
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
