@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import re
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cpu_model, emit, print_table
 
 from minigpt2 import corpora, data, recipes
-from minigpt2.core import config
 from minigpt2.core.chat import Chatbot
 from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
 from minigpt2.training.trainer import train
@@ -59,13 +59,15 @@ def word_share(run: Path, questions: list[str], known: set[str], seed: int = 0) 
 def run_recipe(name: str, recipe: recipes.ChatRecipe, source: str, minutes: float, tmp: Path,
                questions: list[str], known: set[str]) -> dict[str, Any]:  # fmt: skip
     data_dir, run_dir = tmp / f"data-{name}", tmp / f"run-{name}"
-    settings = {**recipe.overrides, "max_minutes": minutes}
-    model_cfg, train_cfg = config.resolve(recipe.preset, overrides=settings)
+    # What `make chat` trains: the recipe, its width fitted to this machine and the budget.
+    model_cfg, train_cfg = recipes.recipe_configs(recipe, overrides={"max_minutes": minutes})
     meta = data.prepare(source, data_dir, block_size=model_cfg.block_size, mix=recipe.mix,
                         mix_share=recipe.mix_share)  # fmt: skip
     result = train(data_dir, run_dir, model_cfg, train_cfg)
     share, answers = word_share(run_dir, questions, known)
-    return {"recipe": name, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
+    width = json.loads((run_dir / "config.json").read_text())["model"]["n_embd"]
+    return {"recipe": name, "width": width, "precision": result.precision,
+            "best_val_loss": result.best_val_loss, "best_step": result.best_step,
             "steps": result.steps, "minutes": result.wall_time_s / 60, "real_words": share,
             "train_chars": meta["train_tokens"], "mix": recipe.mix or "-",
             "examples": answers[:3]}  # fmt: skip
@@ -97,8 +99,8 @@ def main() -> None:
         f"\n{source}, {args.minutes:g} minutes each, {len(questions)} validation questions; {cpu_model()},"
         f" {os.cpu_count()} cores, {datetime.date.today()}"
     )
-    print_table(rows, ["recipe", "mix", "train_chars", "steps", "best_step", "minutes", "best_val_loss",
-                       "real_words"])  # fmt: skip
+    print_table(rows, ["recipe", "mix", "train_chars", "width", "precision", "steps", "best_step", "minutes",
+                       "best_val_loss", "real_words"])  # fmt: skip
     for r in rows:
         for question, answer in zip(questions, r["examples"], strict=False):
             print(f"  [{r['recipe']}] {question!r} -> {answer!r}")

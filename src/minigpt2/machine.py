@@ -52,6 +52,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_description() -> str:
+    """The CPU's model and the instruction set PyTorch runs on it, with the restrictions set in
+    the environment: what a figure measured here should be labelled with."""
+    restricted = [f"{v}={os.environ[v]}" for v in ISA_VARIABLES if os.environ.get(v)]
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()} ({isa}" + (f", restricted: {' '.join(restricted)})" if restricted else ")")
+
+
 def machine_key() -> str:
     """What a CPU measurement depends on, as one string."""
     isa = ",".join(f"{v}={os.environ.get(v, '')}" for v in ISA_VARIABLES)

@@ -65,11 +65,11 @@ def recipe_configs(
     recipe: ChatRecipe, preset: str | None = None, overrides: dict[str, Any] | None = None
 ) -> tuple[config.ModelConfig, config.TrainConfig]:
     """What ``recipe`` trains: its preset and overrides, its width fitted to this machine and the
-    budget (``fit_width``) unless a width is given; ``preset`` given: that preset as it is."""
+    budget (``fit_to_budget``) unless a width is given; ``preset`` given: that preset as it is."""
     settings = {**(recipe.overrides if preset is None else {}), **(overrides or {})}
     model_cfg, train_cfg = config.resolve(preset or recipe.preset, overrides=settings)
-    if preset is None and not {"n_embd", "fit_width"} & set(settings) and train_cfg.max_minutes > 0:
-        train_cfg = dataclasses.replace(train_cfg, fit_width=True)
+    if preset is None and not {"n_embd", "fit_to_budget"} & set(settings) and train_cfg.max_minutes > 0:
+        train_cfg = dataclasses.replace(train_cfg, fit_to_budget=True)
     return model_cfg, train_cfg
 
 

@@ -162,7 +162,9 @@ def _train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train a model on a prepared data folder")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="the run directory to write")
-    p.add_argument("--preset", default="cpu", help="model/training preset (see `minigpt2 presets`)")
+    p.add_argument("--preset", default=None,
+                   help="model/training preset (see `minigpt2 presets`; default cpu, its width fitted to"
+                        " --max-minutes on this machine)")  # fmt: skip
     p.add_argument("--config", help="a TOML or JSON file of settings (overrides the preset)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last/")
     p.add_argument("--init-from", metavar="RUN", help="start from a trained model (fine-tuning)")

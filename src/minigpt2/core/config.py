@@ -104,7 +104,7 @@ class TrainConfig:
     # Narrow the model (n_embd) to the widest whose training steps, timed on this machine before the
     # run, fill max_minutes with enough of them (training/fit.py); the depth, batch and schedule
     # stay. On for the default chatbot and for `train --max-minutes M` without a preset.
-    fit_width: bool = False
+    fit_to_budget: bool = False
     dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; see train.choose_precision
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     compile: bool = False  # torch.compile the model (pays off for long runs and on GPUs)
@@ -150,8 +150,8 @@ class TrainConfig:
         _check(self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}")
         _check(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
         _check(
-            not self.fit_width or self.max_minutes > 0,
-            "fit_width needs a time budget to fit (--max-minutes M), or --no-fit-width",
+            not self.fit_to_budget or self.max_minutes > 0,
+            "fit_to_budget needs a time budget to fit (--max-minutes M), or --no-fit-to-budget",
         )
         _check(
             self.dtype in ("auto", "bf16", "fp16", "fp32"),

@@ -140,8 +140,14 @@ class RunFiles:
         )
 
     def _write_config(self, data_dir: Path, init_from: Path | None) -> None:
-        doc = {"model": to_dict(self.model_cfg), "train": to_dict(self.cfg), "data": str(data_dir),
-               "init_from": str(init_from) if init_from else None}  # fmt: skip
+        doc: dict[str, Any] = {"model": to_dict(self.model_cfg), "train": to_dict(self.cfg),
+                               "data": str(data_dir),
+                               "init_from": str(init_from) if init_from else None}  # fmt: skip
+        fit = getattr(self, "fit", None)  # setup.RunSetup's: what fit_to_budget chose, and why
+        if fit is not None:
+            doc["fit"] = fit.to_dict()
+        elif (earlier := _saved_fit(self.run_dir / "config.json")) is not None:
+            doc["fit"] = earlier  # a resumed run keeps the record of the fit it started with
         atomic_write_text(self.run_dir / "config.json", json.dumps(doc, indent=1))
 
     def _finish(self, reason: str) -> TrainResult:
@@ -157,6 +163,14 @@ class RunFiles:
                 cb.on_end(result.to_dict())
         distributed.shutdown(self.dist)
         return result
+
+
+def _saved_fit(path: Path) -> Any:
+    """The ``fit`` record of a run's ``config.json``, if it has one."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("fit")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -25,7 +25,7 @@ from minigpt2.core.model import GPT
 from minigpt2.core.schedule import EarlyStopState
 from minigpt2.errors import ConfigError
 from minigpt2.fast import use_engine
-from minigpt2.precision import choose_precision
+from minigpt2.training import fit as fitting
 from minigpt2.training.checkpoints import RunFiles
 from minigpt2.training.metrics import TensorBoardCallback
 from minigpt2.training.optim import make_optimizer
@@ -59,6 +59,7 @@ class RunSetup(RunFiles):
     no_sync: Callable[[], AbstractContextManager[object]] | None  # DDP's, None in one process
     samples: SampleWriter | None = None  # rank 0 with cfg.samples
     eval_starts: np.ndarray  # (eval_iters, global batch) window starts
+    fit: fitting.Fit | None = None  # what fit_to_budget chose, for config.json
 
     def _setup(self, data_dir: Path, model_cfg: ModelConfig, resume: bool, init_from: Path | None) -> None:
         """The order matters: the seed comes first (the model's initialisation and the compile trial
@@ -98,10 +99,9 @@ class RunSetup(RunFiles):
         self.data_fingerprint = data.fingerprint(dataset)  # recorded in checkpoints: resume checks it
         self.train_data, self.val_data = start.train, start.val
         self.model_cfg = start.model_cfg
-        tokens, width = self.pass_size * self.model_cfg.block_size, self.model_cfg.n_embd
-        self.precision = choose_precision(
-            self.device, cfg.dtype, work=tokens * width**2, shape=(tokens, width)
-        )
+        if cfg.fit_to_budget and start.weights is None:  # a fresh model: its width may still change
+            self._fit_to_budget()
+        self.precision = fitting.training_precision(self.model_cfg, cfg, self.device, self.pass_size)
         self._check_sizes()
         if cfg.loss_on == "bot" and dataset.meta.get("kind") != "dialogue":
             raise ConfigError(
@@ -111,6 +111,24 @@ class RunSetup(RunFiles):
             (data.bot_mask(self.train_data), data.bot_mask(self.val_data)) if cfg.loss_on == "bot" else None
         )
         return start
+
+    def _fit_to_budget(self) -> None:
+        """``fit.fit_to_budget`` on this run: its width, batch and step count fitted, the choice logged
+        and kept for ``config.json``. The timing's random draws are its own: the run starts from the
+        same random state as one configured with the fitted settings from the start."""
+        if self.dist.enabled:  # each process would time its own steps, and might choose otherwise
+            self._message("fit_to_budget: the preset's width is kept under DDP")
+            return
+
+        def seconds(model_cfg: ModelConfig) -> float:
+            return fitting.time_step(
+                model_cfg, self.cfg, self.device, pass_size(self.cfg, model_cfg, self.device)
+            )
+
+        with torch.random.fork_rng(devices=[]):
+            self.fit = fitting.fit_to_budget(self.model_cfg, self.cfg, seconds)
+        self.model_cfg, self.cfg = self.fit.apply(self.model_cfg, self.cfg)
+        self._message(self.fit.note())
 
     def _build_model(self, start: Start) -> None:
         """The model (fresh, or the start's weights), its optimizer and scaler, compiled and wrapped."""

@@ -40,12 +40,14 @@ def configs_for_training(
 
     ``overrides`` holds only the settings the user gave explicitly: one that contradicts the saved
     or trained model is refused rather than silently dropped. ``preset`` None is the default preset
-    with its width fitted to the time budget on this machine (``fit_width``), when there is a budget
-    and neither a width nor ``fit_width`` was given; a preset named is trained as it is.
+    with its width fitted to the time budget on this machine (``fit_to_budget``), when there is a budget
+    and neither a width nor ``fit_to_budget`` was given; a preset named is trained as it is.
     """
     if resume_dir is not None:
         if preset is not None:  # the run's own settings are what it resumes with
             raise UserError(f"--resume goes on with the run's own settings; drop --preset {preset}")
+        if overrides.get("fit_to_budget"):
+            raise UserError("--resume goes on with the settings the run was fitted to; drop --fit-to-budget")
         model_cfg, train_cfg = saved_run_configs(resume_dir, {**file_values, **overrides})
         changed = [k for k, v in overrides.items() if hasattr(model_cfg, k) and getattr(model_cfg, k) != v]
         if changed:
@@ -57,9 +59,9 @@ def configs_for_training(
         preset is None
         and init_from is None
         and train_cfg.max_minutes > 0
-        and not {"n_embd", "fit_width"} & given
+        and not {"n_embd", "fit_to_budget"} & given
     ):
-        train_cfg = dataclasses.replace(train_cfg, fit_width=True)
+        train_cfg = dataclasses.replace(train_cfg, fit_to_budget=True)
     if init_from is not None:
         base = checkpoint.load(init_from).model_config
         if any(getattr(base, k) != overrides[k] for k in SHAPE if k in overrides):
@@ -109,4 +111,6 @@ def saved_run_configs(
         for k, v in (train_overrides or {}).items()
         if v is not None and k in config.field_names(TrainConfig)
     }
-    return config.from_dict(ModelConfig, model), config.from_dict(TrainConfig, {**train, **given})
+    # A fit was made when the run started, and its width, batch and steps are the saved settings.
+    resumed = {**train, **given, "fit_to_budget": False}
+    return config.from_dict(ModelConfig, model), config.from_dict(TrainConfig, resumed)
