@@ -38,10 +38,11 @@ from common import emit, print_table
 
 from minigpt2 import checkpoint
 from minigpt2.core import config
-from minigpt2.core.chat import Chatbot, DialogueTemplate, ReplyInfo, Turn
+from minigpt2.core.chat import DialogueTemplate, ReplyInfo, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
+from minigpt2.inference import Chatbot
 from minigpt2.web import export as web_export
 from minigpt2.web import export_web
 

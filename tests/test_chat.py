@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from minigpt2 import checkpoint
-from minigpt2.core.chat import Chatbot, DialogueTemplate, PlayTemplate, Turn, build_prompt
+from minigpt2.core.chat import DialogueTemplate, PlayTemplate, Turn, build_prompt
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
+from minigpt2.inference import Chatbot
 
 TOK = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!'\n:")))
 GREEDY = SampleConfig(max_new_tokens=50, temperature=0.0)

@@ -16,11 +16,11 @@ import torch
 from nbclient import NotebookClient
 
 from minigpt2 import checkpoint
-from minigpt2.core.chat import Chatbot
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import UserError
+from minigpt2.inference import Chatbot
 from minigpt2.notebook import ChatPanel, chat_loop, load_chatbot
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "chatbot.ipynb"

@@ -215,7 +215,7 @@ def test_save_never_writes_into_a_run_or_a_data_folder(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from minigpt2.core.chat import Chatbot
+    from minigpt2.inference import Chatbot
 
     data_dir, run = trained
     before = _snapshot(run), _snapshot(data_dir)

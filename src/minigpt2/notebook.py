@@ -18,8 +18,9 @@ from typing import Any
 
 from minigpt2 import recipes
 from minigpt2.conversation import OPTIONS, sample_with
-from minigpt2.core.chat import Chatbot, Turn
+from minigpt2.core.chat import Turn
 from minigpt2.errors import UserError
+from minigpt2.inference import Chatbot
 from minigpt2.training.metrics import Callback, ProgressBar, StepRecord, plot_losses, png_bytes
 
 QUIT_WORDS = ("quit", "exit", "esci", "/quit")

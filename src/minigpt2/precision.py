@@ -1,4 +1,5 @@
-"""Device and precision choice, shared by training and inference.
+"""Device and precision choice, shared by training and inference (``Precision`` itself, the autocast
+region and the loss scaler, is the textbook's: ``core/precision.py``).
 
 ``--dtype auto`` picks, in this order: bf16 on CUDA GPUs that support it; fp16 with a ``GradScaler``
 on older CUDA GPUs; on a CPU, bf16 autocast where it is measured to be faster for the run's shapes
@@ -10,14 +11,12 @@ narrow range underflows small gradients to zero without one.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
 
+from minigpt2.core.precision import DTYPES, Precision
 from minigpt2.errors import ConfigError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+__all__ = ["DTYPES", "Precision", "choose_device", "choose_precision"]
 
 
 def choose_device(spec: str = "auto") -> torch.device:
@@ -37,29 +36,6 @@ def choose_device(spec: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps was asked for, but MPS is not available")
     return device
-
-
-@dataclass(frozen=True)
-class Precision:
-    """What ``--dtype`` resolved to on a device: the autocast dtype and whether to scale the loss."""
-
-    device: torch.device
-    name: str  # "bf16", "fp16" or "fp32"
-    reason: str  # one line for the log: why this was chosen
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.name]
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.name == "fp16"
-
-    def autocast(self) -> contextlib.AbstractContextManager[object]:
-        """The ``torch.autocast`` region for forward passes (a no-op for fp32)."""
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
 # bf16 autocast casts every weight and activation it touches; with too little matrix work per

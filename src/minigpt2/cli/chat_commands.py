@@ -50,7 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _chatbot(args: argparse.Namespace, sample: Any) -> Any:
-    from minigpt2.core.chat import Chatbot
+    from minigpt2.inference import Chatbot
 
     return Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
                             engine=args.engine, decode_weights=args.decode_weights,

@@ -1,9 +1,10 @@
 """The chatbot: turn templates, conversation history, trimming to the context window, stop rules.
 
-``Chatbot`` is what the notebook and ``minigpt2 chat`` drive: ``stream(text)`` yields the answer as it
-is generated, ``reply(text)`` returns it whole, ``reset()`` forgets, ``save``/``load`` keep a
-conversation as JSON, ``set_option`` changes a sampling option by name (the checks of both are
-``minigpt2.conversation``'s). No ``input()``, no ``print()``: callers decide how to show things.
+``Chatbot`` is a model, its tokenizer and a template in conversation: ``stream(text)`` yields the
+answer as it is generated, ``reply(text)`` returns it whole, ``reset()`` forgets. No ``input()``, no
+``print()``, no files: callers decide how to show things, and the product's chatbot
+(``minigpt2.inference.Chatbot``: loading a run, options by name, conversations kept in files)
+extends this one.
 
 Two templates turn a history into the model's prompt:
 
@@ -18,15 +19,10 @@ Tests: ``pytest tests/test_chat.py``.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from minigpt2 import conversation
-from minigpt2.conversation import parse_option, sample_with
 from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
@@ -144,6 +140,14 @@ def strip_ends(pieces: Iterator[str]) -> Iterator[str]:
         pending += piece[len(body) :]
 
 
+# The product's chatbot (loading runs, options by name, conversations in files, the notebook's
+# views) extends this one; a script that asks the textbook's for those is told where they are.
+MOVED = (
+    "Chatbot.{name} is not the textbook's: use minigpt2.inference.Chatbot (it extends this one),"
+    " or load_chatbot in the notebook"
+)
+
+
 class Chatbot:
     """A conversation with a trained model. History is a list of ``Turn``; answers are streamed."""
 
@@ -169,40 +173,11 @@ class Chatbot:
         self._warned: set[str] = set()
         self._generator: torch.Generator = make_generator(self.sample.seed)
 
-    @classmethod
-    def from_run(
-        cls,
-        run: str | Path,
-        device: str = "auto",
-        dtype: str = "auto",
-        template: str | None = None,
-        engine: str = "fast",
-        decode_weights: str = "auto",
-        **kw: Any,
-    ) -> Chatbot:
-        """Load a trained run; the template defaults to the one its checkpoint names."""
-        from minigpt2.inference import load_for_inference
-
-        loaded = load_for_inference(run, device, dtype, engine, decode_weights=decode_weights)
-        name = template or loaded.ckpt.meta.get("chat_template") or "dialogue"
-        options = {k: kw.pop(k) for k in ("user_name", "bot_name", "speaker_end") if k in kw}
-        return cls(
-            loaded.model, loaded.tokenizer, make_template(name, **options), precision=loaded.precision, **kw
-        )
-
     def new_unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the model never saw and the user has not been told about yet."""
         fresh = [c for c in self.tokenizer.unknown_chars(text) if c not in self._warned]
         self._warned.update(fresh)
         return fresh
-
-    def set_option(self, name: str, value: str) -> None:
-        """Change a sampling option given as text, e.g. ``set_option("temperature", "0.7")``; checked."""
-        self.sample = sample_with(self.sample, {name: parse_option(name, value)})
-        if name == "seed":
-            from minigpt2.core.generate import make_generator
-
-            self._generator = make_generator(self.sample.seed)
 
     def stream(self, text: str) -> Iterator[str]:
         """Add the user's message, then yield the answer piece by piece. If the caller stops early
@@ -274,33 +249,6 @@ class Chatbot:
         text = decode_stream(counted(), self.tokenizer, stop_strings=stops, skip_ids=(UNK_ID,))
         yield from strip_ends(text)
 
-    def next_char_probs(self, k: int = 10) -> list[tuple[str, float]]:
-        """The model's ``k`` likeliest first characters for its last answer, with probabilities
-        (temperature 1, no filters): what it was choosing from when it began to reply."""
-        import torch
-
-        from minigpt2.core.model import KVCache
-
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise UserError(f"next_char_probs needs k, the number of characters to show, >= 1; got {k!r}")
-        history = self.history[:-1] if self.history and self.history[-1].role == "bot" else self.history
-        prompt = self.prepare(history).prompt
-        autocast = self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:  # the precision the answers are drawn in
-            # Through a fresh cache, as an answer starts: the numbers its first character is drawn
-            # from (with the engine's int8 decoding weights, the last position is an int8 step).
-            cache = KVCache(self.model.config)
-            logits, _ = self.model(torch.tensor([prompt], device=self.model.device), cache=cache)
-        probs = torch.softmax(logits[0, -1].float(), dim=-1)
-        top = torch.topk(probs, min(k, probs.numel()))
-        shown = {"\n": "⏎", " ": "␣"}
-        return [
-            (shown.get(c, c), float(p))
-            for c, p in zip(
-                self.tokenizer.decode_each(top.indices.tolist()), top.values.tolist(), strict=True
-            )
-        ]
-
     def reply(self, text: str) -> str:
         """The whole answer to ``text``."""
         return "".join(self.stream(text)).strip()
@@ -308,11 +256,12 @@ class Chatbot:
     def reset(self) -> None:
         self.history.clear()
 
-    def save(self, path: str | Path) -> None:
-        """Keep the conversation as JSON; ``load`` continues it."""
-        history = [dataclasses.asdict(t) for t in self.history]
-        conversation.save(path, {"template": dataclasses.asdict(self.template), "history": history})
+    @classmethod
+    def from_run(cls, *args: Any, **kwargs: Any) -> Chatbot:
+        """Loading a run is the product's, not the textbook's: ``minigpt2.inference.Chatbot``."""
+        raise AttributeError(MOVED.format(name="from_run"))
 
-    def load(self, path: str | Path) -> None:
-        """Continue a conversation saved with ``save`` (checked turn by turn; one line if refused)."""
-        self.history = [Turn(role, text) for role, text in conversation.load_history(path)]
+    def __getattr__(self, name: str) -> Any:
+        if name in ("set_option", "save", "load", "next_char_probs"):
+            raise AttributeError(MOVED.format(name=name))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

@@ -25,8 +25,8 @@ from torch import Tensor
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import apply_repetition_penalty, make_generator, sample
 from minigpt2.core.model import GPT, KVCache
+from minigpt2.core.precision import Precision
 from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
-from minigpt2.precision import Precision
 
 
 def next_token(logits: Tensor, cfg: SampleConfig, context: Tensor, generator: torch.Generator) -> int:

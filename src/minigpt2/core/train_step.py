@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from minigpt2.core.config import TrainConfig
 from minigpt2.core.model import GPT
+from minigpt2.core.precision import Precision
 from minigpt2.core.schedule import lr_at
-from minigpt2.precision import Precision
 
 # One forward/backward pass: x (B, T) ids, y (B, T) next ids (-1: not counted), the weight of its
 # mean loss in the step's loss, and whether it is the step's last pass.
