@@ -49,7 +49,7 @@ def test_a_fast_machine_keeps_the_preset_after_timing_its_width_alone() -> None:
     chosen = fit.fit_to_budget(model_cfg, train_cfg, seconds)  # type: ignore[arg-type]
     assert asked == [256] and (chosen.n_embd, chosen.batch_size) == (256, 32)
     assert chosen.max_iters == max(2500, math.ceil(fit.HEADROOM * 480 * fit.TRAINING_SHARE / 0.25))
-    assert "keeps width 256 and batch 32" in chosen.note() and "8 minutes" in chosen.note()
+    assert "keeps width 256, batch 32 and dropout 0.1" in chosen.note() and "8 minutes" in chosen.note()
     model, train = chosen.apply(model_cfg, train_cfg)
     assert model == model_cfg and train.batch_size == 32 and train.max_iters == chosen.max_iters
 
@@ -61,10 +61,10 @@ def test_a_slow_machine_narrows_to_the_widest_that_gets_its_steps_at_half_the_ba
     asked, seconds = seconds_by_width({256: 3 * just, 192: 1.01 * just, 128: 0.99 * just, 96: 0.5 * just})
     chosen = fit.fit_to_budget(model_cfg, train_cfg, seconds)  # type: ignore[arg-type]
     assert chosen.n_embd == 128 and asked == [256, 192, 128]
-    assert chosen.batch_size == 16  # narrowed: more and smaller steps
+    assert chosen.batch_size == 16 and chosen.dropout == 0  # narrowed: more and smaller steps, no dropout
     # The budget ends the run, not the preset's step count: room for twice the steps expected.
     assert chosen.max_iters == math.ceil(fit.HEADROOM * budget / (0.99 * just) * 2)
-    assert "narrows width 256 to 128 and batch 32 to 16" in chosen.note()
+    assert "narrows width 256 to 128, batch 32 to 16, dropout 0.1 to 0" in chosen.note()
     assert chosen.to_dict()["step_seconds"] == {"256": 3 * just, "192": 1.01 * just, "128": 0.99 * just}
     asked, seconds = seconds_by_width(dict.fromkeys((256, 192, 128, 96, 64), 10 * just))
     slowest = fit.fit_to_budget(model_cfg, train_cfg, seconds)  # type: ignore[arg-type]
@@ -87,10 +87,10 @@ def test_the_trainer_narrows_records_and_starts_from_the_same_seed(
     fitted = train_args(d, tmp_path / "fitted", "--max-iters", 4, "--fit-to-budget", *budget)
     rc, out, err = main(capsys, *fitted)
     assert rc == 0, err
-    assert "narrows width 32 to 16 and batch 8 to 4" in out + err
+    assert "narrows width 32 to 16, batch 8 to 4, dropout 0 to 0" in out + err
     saved = json.loads((tmp_path / "fitted" / "config.json").read_text())
     assert saved["model"]["n_embd"] == 16 and saved["train"]["batch_size"] == 4
-    assert saved["fit"]["preset"] == {"n_embd": 32, "batch_size": 8, "max_iters": 4}
+    assert saved["fit"]["preset"] == {"n_embd": 32, "batch_size": 8, "dropout": 0.0, "max_iters": 4}
     max_iters = saved["train"]["max_iters"]
     assert max_iters == saved["fit"]["max_iters"] > 4  # the budget ends the run, not the preset's 4
     # The same random state as a run of those settings from the start: the timing's draws were its own.

@@ -154,3 +154,35 @@ def test_next_char_probs_refuses_a_count_below_one(bot: Chatbot, k: object) -> N
     with pytest.raises(UserError, match=r"^next_char_probs needs k, the number of characters to show, >= 1"):
         bot.next_char_probs(k)  # type: ignore[arg-type]
     assert len(bot.next_char_probs(3)) == 3
+
+
+def test_bad_arguments_are_one_line_errors_that_change_nothing(
+    bot: Chatbot, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from minigpt2 import notebook as nb
+
+    checkpoint.save(tmp_path / "run" / "best", bot.model, bot.tokenizer, {"chat_template": "play"})
+    bot.reply("ciao")
+    before = list(bot.history)
+    calls = [
+        (lambda: bot.reply(None), "a message must be a string"),  # type: ignore[arg-type]
+        (lambda: list(bot.stream(5)), "a message must be a string"),  # type: ignore[arg-type]
+        (lambda: nb.show_reply(bot, None), "show_reply needs a message as a string"),  # type: ignore[arg-type]
+        (lambda: nb.load_chatbot(tmp_path / "run", engine="x"), "engine must be fast or reference"),
+        (lambda: nb.load_chatbot(None), "load_chatbot needs a run folder"),  # type: ignore[arg-type]
+        (lambda: nb.compare_sampling(bot, "ciao", top_ks=5), "compare_sampling: top_ks must be a list"),  # type: ignore[arg-type]
+        (
+            lambda: nb.compare_sampling(bot, "ciao", temperatures="hot"),
+            "compare_sampling: temperatures must be a list",
+        ),
+        (lambda: nb.chat_loop(bot, 123), "chat_loop: each message must be a string"),  # type: ignore[arg-type]
+        (lambda: nb.load_chatbot(tmp_path / "run", user_name=5), "user_name must be a string"),
+    ]
+    for call, problem in calls:
+        with pytest.raises(UserError) as info:
+            call()
+        assert str(info.value).startswith(problem) and "\n" not in str(info.value), info.value
+        assert bot.history == before  # no half-added turn
+    bot.save(tmp_path / "c.json")
+    bot.load(tmp_path / "c.json")  # what it saved, it reads back
+    assert bot.history == before

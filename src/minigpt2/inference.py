@@ -57,6 +57,8 @@ def load_for_inference(
     one sequence a character at a time (a CPU stays in fp32 for it), else whole windows (``eval``).
     ``decode_weights`` (auto, int8, fp32): see ``fast.int8.choose_decode_weights``; int8 is the
     fast engine's, so the reference engine decodes with the weights as trained."""
+    if engine not in ("fast", "reference"):
+        raise ConfigError(f"engine must be fast or reference, got {engine!r}")
     dev = choose_device(device)
     if engine == "reference" and decode_weights == "int8":
         raise ConfigError("--decode-weights int8 belongs to the fast engine; drop it or use --engine fast")

@@ -111,6 +111,8 @@ def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Ch
     """
     from minigpt2.core.config import CHAT_SAMPLE
 
+    if not isinstance(run, str | Path):
+        raise UserError(f"load_chatbot needs a run folder (a path such as 'runs/mine'), got {run!r}")
     unknown = [k for k in options if k not in LOAD_OPTIONS and k not in OPTIONS]
     if unknown:
         raise UserError(f"load_chatbot has no option {unknown[0]!r}; sampling options:"
@@ -124,6 +126,8 @@ def load_chatbot(run: str | Path, seed: int | None = None, **options: Any) -> Ch
 
 def show_reply(bot: Chatbot, message: str) -> str:
     """Answer ``message``, printing the reply as it is generated. Returns the whole reply."""
+    if not isinstance(message, str):
+        raise UserError(f"show_reply needs a message as a string, got {reprlib.repr(message)}")
     unknown = bot.new_unknown_chars(message)
     if unknown:
         print(f"(the model never saw {' '.join(unknown[:10])}; they become <|unk|>)")
@@ -147,6 +151,8 @@ def chat_loop(
     """
     if isinstance(messages, str):  # one message, not one message per character
         messages = [messages]
+    if messages is not None and not isinstance(messages, Iterable):
+        raise UserError(f"chat_loop: each message must be a string, got {reprlib.repr(messages)}")
     exchanges: list[tuple[str, str]] = []
     source = iter(messages) if messages is not None else None
     while True:
@@ -230,6 +236,10 @@ def compare_sampling(
 
     if not isinstance(message, str) or not message.strip():
         raise UserError("compare_sampling needs a message to answer, as a non-empty string")
+    for name, values in (("temperatures", temperatures), ("top_ks", top_ks)):
+        if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+            raise UserError(f"compare_sampling: {name} must be a list of values, such as [1, 5, 40],"
+                            f" got {reprlib.repr(values)}")  # fmt: skip
     history = [*bot.history, Turn("user", message)]
     settings = [("temperature", t) for t in temperatures] + [("top_k", k) for k in top_ks]
     rows = []

@@ -98,10 +98,16 @@ Template = DialogueTemplate | PlayTemplate
 
 
 def make_template(name: str, **options: Any) -> Template:
+    """The template called ``name``; ``options`` (``user_name``, ``bot_name``, ``speaker_end``) set a
+    play's speakers, each a string."""
     if name == "dialogue":
         return DialogueTemplate()
     if name == "play":
-        return PlayTemplate(**{k: v for k, v in options.items() if v is not None})
+        given = {k: v for k, v in options.items() if v is not None}
+        wrong = next((k for k, v in given.items() if not isinstance(v, str)), None)
+        if wrong is not None:
+            raise UserError(f"{wrong} must be a string, such as 'Ham', got {given[wrong]!r}")
+        return PlayTemplate(**given)
     raise UserError(f"unknown chat template {name!r}; use dialogue or play")
 
 
@@ -181,7 +187,13 @@ class Chatbot:
 
     def stream(self, text: str) -> Iterator[str]:
         """Add the user's message, then yield the answer piece by piece. If the caller stops early
-        (Ctrl-C, closing the generator), the partial answer still enters the history."""
+        (Ctrl-C, closing the generator), the partial answer still enters the history. A message that
+        is not a string is refused before anything changes."""
+        if not isinstance(text, str):
+            raise UserError(f"a message must be a string, got {type(text).__name__}")
+        return self._stream(text)
+
+    def _stream(self, text: str) -> Iterator[str]:
         self.history.append(Turn("user", text))
         pieces: list[str] = []
         try:

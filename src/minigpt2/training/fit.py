@@ -9,8 +9,10 @@ steps it gets, so ``fit_to_budget`` times one real training step (the run's batc
 optimizer, engine, and the precision ``--dtype`` resolves to for that shape) of the preset's width
 and then of narrower ones (``LADDER``), widest first, and keeps the widest whose steps in the budget
 reach ``MIN_STEP_SHARE`` of the preset's ``max_iters`` (the narrowest if none does). A model it
-narrows also trains at half the batch: on a machine that slow, more and smaller steps learn more
-in the same minutes. ``max_iters`` becomes at least ``HEADROOM`` times the steps expected, so the
+narrows also trains at half the batch (on a machine that slow, more and smaller steps learn more in
+the same minutes) and without dropout: dropout keeps a model from memorising its corpus over many
+steps, and a model narrowed to a slow machine's minutes gets too few to memorise, so dropout only
+slows its learning. ``max_iters`` becomes at least ``HEADROOM`` times the steps expected, so the
 budget, not a step count chosen for another machine, ends the run. Depth, heads, context and the
 LR schedule's shape stay the preset's (the schedule decays over the steps that fit the budget).
 
@@ -50,8 +52,9 @@ class Fit:
 
     n_embd: int
     batch_size: int
+    dropout: float
     max_iters: int
-    preset: tuple[int, int, int]  # the preset's (n_embd, batch_size, max_iters)
+    preset: tuple[int, int, float, int]  # the preset's (n_embd, batch_size, dropout, max_iters)
     step_seconds: dict[int, float]  # width -> seconds per optimizer step at the preset's batch
     budget_s: float
 
@@ -61,28 +64,30 @@ class Fit:
 
     def note(self) -> str:
         """One line for the log: the choice and why."""
-        width, batch, iters = self.preset
+        width, batch, dropout, iters = self.preset
         timed = ", ".join(f"width {w}: {s:.2f} s a step, ~{self.steps(w):,} steps"
                           for w, s in self.step_seconds.items())  # fmt: skip
         if self.n_embd == width:
-            choice = f"keeps width {width} and batch {batch}"
+            choice = f"keeps width {width}, batch {batch} and dropout {dropout:g}"
         else:
-            choice = f"narrows width {width} to {self.n_embd} and batch {batch} to {self.batch_size}"
+            choice = (f"narrows width {width} to {self.n_embd}, batch {batch} to {self.batch_size},"
+                      f" dropout {dropout:g} to {self.dropout:g}")  # fmt: skip
         need = math.ceil(MIN_STEP_SHARE * iters)
         return (f"fit to {self.budget_s / 60:g} minutes on this machine: {choice}, up to"
                 f" {self.max_iters:,} steps (a width needs {need:,} steps at batch {batch};"
                 f" {timed})")  # fmt: skip
 
     def to_dict(self) -> dict[str, object]:
-        width, batch, iters = self.preset
-        return {"n_embd": self.n_embd, "batch_size": self.batch_size, "max_iters": self.max_iters,
-                "preset": {"n_embd": width, "batch_size": batch, "max_iters": iters},
+        width, batch, dropout, iters = self.preset
+        return {"n_embd": self.n_embd, "batch_size": self.batch_size, "dropout": self.dropout,
+                "max_iters": self.max_iters,
+                "preset": {"n_embd": width, "batch_size": batch, "dropout": dropout, "max_iters": iters},
                 "budget_s": self.budget_s, "step_seconds": {str(w): s for w, s in self.step_seconds.items()},
                 "note": self.note()}  # fmt: skip
 
     def apply(self, model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
         """The run's configs with this fit's width, batch and step count."""
-        return (dataclasses.replace(model_cfg, n_embd=self.n_embd),
+        return (dataclasses.replace(model_cfg, n_embd=self.n_embd, dropout=self.dropout),
                 dataclasses.replace(cfg, batch_size=self.batch_size, max_iters=self.max_iters))  # fmt: skip
 
 
@@ -98,7 +103,7 @@ def fit_to_budget(
 ) -> Fit:
     """The widest of ``widths(model_cfg)`` whose step, timed by ``step_seconds`` at the preset's
     batch, fits ``MIN_STEP_SHARE`` of ``cfg.max_iters`` into ``cfg.max_minutes`` (the narrowest if
-    none does); half the batch if narrowed; ``max_iters`` with ``HEADROOM``."""
+    none does); half the batch and no dropout if narrowed; ``max_iters`` with ``HEADROOM``."""
     budget = cfg.max_minutes * 60
     need = math.ceil(MIN_STEP_SHARE * cfg.max_iters)
     timed: dict[int, float] = {}
@@ -108,10 +113,12 @@ def fit_to_budget(
             break
     narrowed = width < model_cfg.n_embd
     batch = max(1, cfg.batch_size // 2) if narrowed else cfg.batch_size
+    dropout = 0.0 if narrowed else model_cfg.dropout
     # A step's time follows its tokens: half the batch, about twice the steps.
     expected = budget * TRAINING_SHARE / timed[width] * cfg.batch_size / batch
     max_iters = max(cfg.max_iters, math.ceil(HEADROOM * expected))
-    return Fit(width, batch, max_iters, (model_cfg.n_embd, cfg.batch_size, cfg.max_iters), timed, budget)
+    preset = (model_cfg.n_embd, cfg.batch_size, model_cfg.dropout, cfg.max_iters)
+    return Fit(width, batch, dropout, max_iters, preset, timed, budget)
 
 
 def time_step(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, pass_seqs: int) -> float:
