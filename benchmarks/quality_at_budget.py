@@ -42,7 +42,10 @@ REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, 
 
 
 def run(name: str, preset: str | None, minutes: float, overrides: dict[str, Any]) -> dict[str, Any]:
-    settings = dict(overrides, max_minutes=minutes, max_iters=1_000_000, early_stopping=False)
+    # The budget ends every run: a preset as it is gets room for any number of steps; a fitted one
+    # keeps its preset's max_iters, which the fit measures against and then raises itself.
+    steps = {} if preset is None else {"max_iters": 1_000_000}
+    settings = dict(overrides, max_minutes=minutes, **steps, early_stopping=False)
     model_cfg, train_cfg = configs_for_training(preset, {}, settings)  # as `minigpt2 train` resolves
     data_dir = shakespeare_prefix_data(model_cfg.block_size)
     with tempfile.TemporaryDirectory() as tmp:

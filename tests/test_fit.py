@@ -119,6 +119,8 @@ def test_the_trainer_narrows_records_and_starts_from_the_same_seed(
         (None, {"max_minutes": 5.0}, True),  # `train --max-minutes 5`: the default preset, fitted
         ("cpu", {"max_minutes": 5.0}, False),  # a preset named is trained as it is
         (None, {"max_minutes": 5.0, "n_embd": 128}, False),  # a width given is kept
+        (None, {"max_minutes": 5.0, "max_iters": 10**6}, False),  # so are a step count, a batch
+        (None, {"max_minutes": 5.0, "batch_size": 8}, False),
         (None, {"max_minutes": 5.0, "fit_to_budget": False}, False),
         (None, {}, False),  # no budget to fit
     ],

@@ -17,6 +17,7 @@ from typing import Any
 from minigpt2 import checkpoint, data
 from minigpt2.core import config
 from minigpt2.fileio import recover_dir
+from minigpt2.training.fit import FITTED
 from minigpt2.training.metrics import Callback
 from minigpt2.training.setup_configs import saved_run_configs
 
@@ -64,11 +65,11 @@ def recipe_for(source: str) -> ChatRecipe:
 def recipe_configs(
     recipe: ChatRecipe, preset: str | None = None, overrides: dict[str, Any] | None = None
 ) -> tuple[config.ModelConfig, config.TrainConfig]:
-    """What ``recipe`` trains: its preset and overrides, its width fitted to this machine and the
-    budget (``fit_to_budget``) unless a width is given; ``preset`` given: that preset as it is."""
+    """What ``recipe`` trains: its preset and overrides, fitted to this machine and the budget
+    (``fit_to_budget``) unless a setting the fit chooses is given; ``preset`` given: as it is."""
     settings = {**(recipe.overrides if preset is None else {}), **(overrides or {})}
     model_cfg, train_cfg = config.resolve(preset or recipe.preset, overrides=settings)
-    if preset is None and not {"n_embd", "fit_to_budget"} & set(settings) and train_cfg.max_minutes > 0:
+    if preset is None and not FITTED & set(settings) and train_cfg.max_minutes > 0:
         train_cfg = dataclasses.replace(train_cfg, fit_to_budget=True)
     return model_cfg, train_cfg
 

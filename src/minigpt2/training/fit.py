@@ -40,6 +40,8 @@ from minigpt2.machine import fastest_time
 from minigpt2.precision import Precision, choose_precision
 from minigpt2.training.optim import make_optimizer
 
+# The settings a fit chooses: one given explicitly is the user's choice, and no fit is made.
+FITTED = frozenset({"n_embd", "batch_size", "dropout", "max_iters", "fit_to_budget"})
 MIN_STEP_SHARE = 0.5  # a width must fit this share of the preset's max_iters into the budget
 HEADROOM = 2  # max_iters becomes at least this many times the steps the budget is expected to hold
 LADDER = (512, 384, 320, 256, 192, 128, 96, 64, 48, 32, 16)  # the widths tried below a preset's own

@@ -22,6 +22,7 @@ from minigpt2.core import config
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.fileio import read_small_text
+from minigpt2.training.fit import FITTED
 
 # What fine-tuning may change about the trained model, and what it may not.
 SHAPE = ("n_layer", "n_head", "n_embd")
@@ -40,8 +41,8 @@ def configs_for_training(
 
     ``overrides`` holds only the settings the user gave explicitly: one that contradicts the saved
     or trained model is refused rather than silently dropped. ``preset`` None is the default preset
-    with its width fitted to the time budget on this machine (``fit_to_budget``), when there is a budget
-    and neither a width nor ``fit_to_budget`` was given; a preset named is trained as it is.
+    fitted to the time budget on this machine (``fit_to_budget``), when there is a budget and none of
+    the settings a fit chooses (``fit.FITTED``) was given; a preset named is trained as it is.
     """
     if resume_dir is not None:
         if preset is not None:  # the run's own settings are what it resumes with
@@ -55,12 +56,7 @@ def configs_for_training(
         return model_cfg, train_cfg
     model_cfg, train_cfg = config.resolve(preset or config.DEFAULT_PRESET, file_values, overrides)
     given = {k.replace("-", "_") for k in (*file_values, *overrides)}
-    if (
-        preset is None
-        and init_from is None
-        and train_cfg.max_minutes > 0
-        and not {"n_embd", "fit_to_budget"} & given
-    ):
+    if preset is None and init_from is None and train_cfg.max_minutes > 0 and not FITTED & given:
         train_cfg = dataclasses.replace(train_cfg, fit_to_budget=True)
     if init_from is not None:
         base = checkpoint.load(init_from).model_config
