@@ -11,11 +11,15 @@ scales the rest. Run with ``pytest tests/test_fast.py``.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+from helpers_train import corpus_text, subprocess_env
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT, CausalSelfAttention, causal_mask
 from minigpt2.fast import gelu as gelu_module
@@ -246,3 +250,37 @@ def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
         and "No working C++ compiler found" in caplog.text
         and "more detail" not in caplog.text
     )
+
+
+def test_a_gelu_compiled_under_a_restricted_instruction_set_never_reaches_an_unrestricted_process(
+    tmp_path: Path,
+) -> None:
+    """PyTorch's compile caches do not key on ATEN_CPU_CAPABILITY: the C++ a process restricted to
+    AVX2 generated (as ``make test`` runs the numeric tests) was found by the next, unrestricted
+    process and compiled for AVX-512, which wrote past its buffers ("free(): invalid pointer" in
+    the next training). A restricted process now keeps out of those caches; then an unrestricted
+    training in the same cache folder runs. Only an AVX-512 CPU can be restricted to show it."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs an AVX-512 CPU, whose PyTorch can be restricted to AVX2")
+    from minigpt2 import data
+
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text(n_lines=800), encoding="utf-8")
+    data.prepare(str(text), tmp_path / "d", block_size=128)
+    cache = tmp_path / "inductor"
+    base = {**subprocess_env(), "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        base.pop(name, None)
+    restricted = {**base, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                  "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
+    for number, env in enumerate((restricted, base)):  # the restricted process first
+        # The chat preset's shape: a GELU of 32 x 128 x 1024, large enough to be compiled.
+        argv = ["train", "--data", tmp_path / "d", "--out", tmp_path / f"run{number}", "--preset", "chat",
+                "--max-iters", 2, "--eval-interval", 100, "--no-samples", "--dtype", "fp32"]  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "minigpt2", *map(str, argv)], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        if env is restricted:  # nothing it compiled can be found by graph: only content-named files
+            assert not any(
+                (cache / kind).rglob("*") for kind in ("fxgraph", "aotautograd") if (cache / kind).is_dir()
+            )

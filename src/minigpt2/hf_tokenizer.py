@@ -11,6 +11,10 @@ minigpt2 does:
 - ``tokenizer_config.json`` and ``special_tokens_map.json``, with a Jinja chat template that renders
   a conversation as ``chat.build_prompt`` does (dialogue or play), keeping the newest whole turns that
   fit in the window as ``Chatbot`` does. System messages are left out, as ``minigpt2 serve`` does.
+  Jinja counts characters as typed and ``build_prompt`` ids after normalising: where a message
+  changes length under normalisation (combining accents, ``\r``, a rule that makes one character
+  several) the two may keep different turns, or cut a too-long newest message elsewhere; otherwise
+  they are the same ids.
 - ``read_vocab``: the vocabulary back from a ``tokenizer.json``, for ``import-hf``.
 
 Special tokens. A ``transformers`` tokenizer reads the spelling of a special token in text as that

@@ -35,12 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minigpt2.fast.gelu import ISA_VARIABLES  # restricting the instruction set
 from minigpt2.fileio import atomic_write_text
 
 CACHE_FILE = "machine.json"
 AUTOCAST_GAIN = 0.9  # bf16 autocast must take at most this share of fp32's time to be chosen
-# The environment variables that restrict the instruction set PyTorch, oneDNN and MKL use.
-ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_model() -> str:

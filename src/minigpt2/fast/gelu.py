@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -36,10 +37,24 @@ def gelu_tanh_via_sigmoid(x: Tensor) -> Tensor:
     return (xf * torch.sigmoid(xf * (_GELU_A + _GELU_B * xf * xf))).to(x.dtype)
 
 
+# Variables that restrict the instruction set PyTorch uses (``machine.ISA_VARIABLES``).
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 @functools.cache
 def _compiled_gelu() -> Callable[[Tensor], Tensor]:
     # Built on first use: torch.compile imports its compiler stack (seconds), which only training
     # on a CPU needs. dynamic=True: one kernel for every batch and pass shape.
+    if any(os.environ.get(name) for name in ISA_VARIABLES):
+        # PyTorch's compile caches do not key on these variables: the C++ generated under a
+        # restricted set (8 floats a vector for AVX2) would be found by a later unrestricted
+        # process on the same machine and compiled for AVX-512 (16 a vector), writing past its
+        # buffers (seen: "free(): invalid pointer"). A restricted process keeps out of them.
+        import torch._functorch.config
+        import torch._inductor.config
+
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     return torch.compile(gelu_tanh_via_sigmoid, dynamic=True)
 
 
