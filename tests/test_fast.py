@@ -280,6 +280,7 @@ def test_a_gelu_compiled_under_a_restricted_instruction_set_never_reaches_an_unr
         done = subprocess.run([sys.executable, "-m", "minigpt2", *map(str, argv)], env=env,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
+        assert "compiled GELU failed" not in done.stderr  # compiled, not the F.gelu fallback
         if env is restricted:  # nothing it compiled can be found by graph: only content-named files
             assert not any(
                 (cache / kind).rglob("*") for kind in ("fxgraph", "aotautograd") if (cache / kind).is_dir()

@@ -50,11 +50,11 @@ def _compiled_gelu() -> Callable[[Tensor], Tensor]:
         # restricted set (8 floats a vector for AVX2) would be found by a later unrestricted
         # process on the same machine and compiled for AVX-512 (16 a vector), writing past its
         # buffers (seen: "free(): invalid pointer"). A restricted process keeps out of them.
-        import torch._functorch.config
-        import torch._inductor.config
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.fx_graph_cache = False
-        torch._functorch.config.enable_autograd_cache = False
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
     return torch.compile(gelu_tanh_via_sigmoid, dynamic=True)
 
 
