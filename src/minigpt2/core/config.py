@@ -101,9 +101,10 @@ class TrainConfig:
     patience: int = 5  # evaluations without a val-loss improvement before stopping
     min_delta: float = 0.0  # an improvement must beat the best val loss by more than this
     max_minutes: float = 0.0  # wall-time budget for training; 0 means no limit
-    # Narrow the model (n_embd) to the widest whose training steps, timed on this machine before the
-    # run, fill max_minutes with enough of them (training/fit.py); the depth, batch and schedule
-    # stay. On for the default chatbot and for `train --max-minutes M` without a preset.
+    # Fit the preset to this machine and max_minutes before the run (training/fit.py): the widest
+    # n_embd whose timed steps fill the budget with enough of them; a narrowed model also trains at
+    # half the batch and without dropout; max_iters is raised so the budget ends the run. On for the
+    # default chatbot and for `train --max-minutes M` without a preset.
     fit_to_budget: bool = False
     dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; see train.choose_precision
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
