@@ -174,22 +174,16 @@ def test_bad_options_exit_2_with_one_line(
     assert not (tmp_path / "run" / "best").exists()
 
 
+# A huge LR without clipping or warm-up: fp32 overflows within a few steps (fixed seed, CPU).
+DIVERGE = ("--lr", "1e4", "--min-lr", "0", "--grad-clip", "0", "--warmup-iters", "0")
+
+
 def test_huge_lr_diverges_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """lr 1e4 without clipping overflows fp32 within a few steps (deterministic: fixed seed, CPU)."""
     run = tmp_path / "run"
-    flags = (
-        "--lr",
-        "1e4",
-        "--min-lr",
-        "0",
-        "--grad-clip",
-        "0",
-        "--warmup-iters",
-        "0",
-        "--eval-interval",
-        "1",
+    rc, out, _ = main(
+        capsys, *train_args(prepare(tmp_path), run, "--max-iters", 30, *DIVERGE, "--eval-interval", 1)
     )
-    rc, out, _ = main(capsys, *train_args(prepare(tmp_path), run, "--max-iters", 30, *flags))
     s = summary(run)
     assert rc == 1 and "stopped: diverged" in out and s["stop_reason"].startswith("diverged")
     assert s["steps"] < 30 and len(rows(run)) == s["steps"]
@@ -205,18 +199,7 @@ def test_huge_lr_diverges_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_a_run_stopped_before_its_first_evaluation_says_it_has_no_best(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flags = (
-        "--lr",
-        "1e4",
-        "--min-lr",
-        "0",
-        "--grad-clip",
-        "0",
-        "--warmup-iters",
-        "0",
-        "--eval-interval",
-        "50",
-    )
+    flags = (*DIVERGE, "--eval-interval", 50)
     rc, out, _ = main(capsys, *train_args(prepare(tmp_path), tmp_path / "run", "--max-iters", 30, *flags))
     assert rc == 1 and "no evaluation yet, so no best checkpoint" in out
     assert not (tmp_path / "run" / "best").exists() and "best/" not in out.strip().splitlines()[-1]
