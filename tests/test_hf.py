@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from helpers_model import all_logits
 from minigpt2 import checkpoint, hf_tokenizer
-from minigpt2.core.chat import Template, Turn, build_prompt, make_template
+from minigpt2.core.chat import Template, Turn, build_prompt, default_reply_room, make_template, prompt_budget
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
@@ -228,7 +228,7 @@ def _to_decode(tok: CharTokenizer) -> list[list[int]]:
 
 
 def _prompt(tok: CharTokenizer, block: int, template: Template, messages: list[dict[str, str]]) -> list[int]:
-    return build_prompt(_turns(messages), template, tok, block - hf_tokenizer.reply_room(block))
+    return build_prompt(_turns(messages), template, tok, prompt_budget(block))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def hf_results(exported: dict[str, tuple[Path, CharTokenizer]]) -> dict[str, Any
     for name, (out, tok) in exported.items():
         block = json.loads((out / "config.json").read_text())["n_positions"]
         jobs[name] = {"dir": str(out), "texts": [*TEXTS, TYPED_MARKERS], "ids": _to_decode(tok),
-                      "chats": [_messages(c) for c in CHATS.values()], "room": hf_tokenizer.reply_room(block),
+                      "chats": [_messages(c) for c in CHATS.values()], "room": default_reply_room(block),
                       "block": block, "prompt": "hello there", "new": 8}  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")  # fmt: skip
@@ -285,7 +285,7 @@ def test_apply_chat_template_gives_our_chat_prompt(
     r = hf_results[name]
     for (label, chat), ids, open_ids in zip(CHATS.items(), r["chat"], r["chat_open"], strict=True):
         assert ids == _prompt(tok, block, template, _messages(chat)), label
-        assert len(ids) <= block - hf_tokenizer.reply_room(block), label
+        assert len(ids) <= prompt_budget(block), label
         if label == "fits" and name == "dialogue":  # all turns kept, the system message left out
             whole = [i for t in _turns(_messages(chat)) for i in template.turn_ids(t, tok)]
             assert ids == whole + template.reply_prefix(tok) and open_ids == whole
@@ -303,7 +303,7 @@ def test_pipeline_chat_answers_as_minigpt2_and_stops_at_the_end_of_the_turn(
     out, tok = exported[name]
     model, _, _ = checkpoint.load_model(out.parents[2] / f"{name}-run")
     block = model.config.block_size
-    room = hf_tokenizer.reply_room(block)
+    room = default_reply_room(block)
     for (label, chat), answer in zip(CHATS.items(), hf_results[name]["answers"], strict=True):
         prompt = _prompt(tok, block, make_template(name), _messages(chat))
         mine = list(generate_ids(model, prompt, SampleConfig(max_new_tokens=room, temperature=0.0),
@@ -390,7 +390,7 @@ def test_any_conversation_renders_as_build_prompt(tok: CharTokenizer, template: 
     def check(chat: list[tuple[str, str]], opener: bool) -> None:
         messages = _messages(chat)
         turns, tmpl = _turns(messages), make_template(template)
-        budget = block - hf_tokenizer.reply_room(block)
+        budget = prompt_budget(block)
         prefix = tmpl.reply_prefix(tok) if opener else []
         if turns and len(prefix) + len(tmpl.turn_ids(turns[-1], tok)) > budget:
             # The newest turn alone is cut by characters: exact where none changes its length.

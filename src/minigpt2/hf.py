@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from minigpt2 import checkpoint, hf_tokenizer
-from minigpt2.core.chat import PlayTemplate, make_template
+from minigpt2.core.chat import PlayTemplate, default_reply_room, make_template, prompt_budget
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
@@ -121,7 +121,7 @@ def export_hf(run: Path, out_dir: Path, force: bool = False) -> Path:
 
 
 def _readme(tok: CharTokenizer, block: int, template: str) -> str:
-    room = hf_tokenizer.reply_room(block)
+    room = default_reply_room(block)
     turns, stop = (
         "each turn `<|user|>text<|eot|>` or\n  `<|bot|>text<|eot|>`, the answer opened by `<|bot|>`",
         "",
@@ -134,7 +134,7 @@ def _readme(tok: CharTokenizer, block: int, template: str) -> str:
         stop = ', stop_sequence="\\n\\n"'
     # A text to continue keeps its last half-window, so the continuation has the other half.
     return README.format(vocab_size=tok.vocab_size, block=block, room=room, turns=turns, stop=stop,
-                         prompt_max=max(1, block // 2), budget=block - room,
+                         prompt_max=max(1, block // 2), budget=prompt_budget(block),
                          vocab_file=VOCAB_FILE)  # fmt: skip
 
 

@@ -36,18 +36,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from minigpt2.core.chat import PlayTemplate, make_template
+from minigpt2.core.chat import PlayTemplate, make_template, prompt_budget
 from minigpt2.core.tokenizer import BOT, EOT, NORMALISE, SPECIAL_TOKENS, UNK, USER, CharTokenizer
 from minigpt2.errors import CheckpointError
 from minigpt2.fileio import read_small_text
 
 TOKENIZER_FILE = "tokenizer.json"
 NONCHARACTERS = "\ufdd0\ufdd1\ufdd2\ufdd3"
-
-
-def reply_room(block_size: int) -> int:
-    """The window left for the answer: ``Chatbot``'s default, so a chat trims as ``minigpt2 chat`` does."""
-    return min(64, block_size // 4)
 
 
 def active_rules(tok: CharTokenizer) -> dict[str, str]:
@@ -127,10 +122,11 @@ def _cat(*parts: str) -> str:
 def chat_template(tok: CharTokenizer, block_size: int, template: str) -> str:
     """Jinja rendering ``build_prompt`` for ``messages`` (roles user and assistant; others skipped).
 
-    Turns are taken newest first while they fit in ``block_size - reply_room``; when the newest alone
-    does not, its end is kept. A text's cost is its length in characters corrected for the rules that
-    change a length (``—`` to ``--``, CRLF): exact, except that text NFC composes is counted high and
-    a cut that would split an expanded character keeps one token less: never more than fits."""
+    Turns are taken newest first while they fit in ``chat.prompt_budget(block_size)``; when the
+    newest alone does not, its end is kept. A text's cost is its length in characters corrected for
+    the rules that change a length (``—`` to ``--``, CRLF): exact, except that text NFC composes is
+    counted high and a cut that would split an expanded character keeps one token less: never more
+    than fits."""
     tmpl = make_template(template)
     rules = active_rules(tok)
     deltas = {c: len(r) - 1 for c, r in rules.items() if len(r) != 1}
@@ -141,7 +137,7 @@ def chat_template(tok: CharTokenizer, block_size: int, template: str) -> str:
         return f"({v} | length" + "".join(f" + {v}.count({_lit(c)}) * {d}" for c, d in deltas.items()) + ")"
 
     esc = f"replace('<|', {_lit('<' + escape_char(tok) + '|')})"
-    budget = block_size - reply_room(block_size)
+    budget = prompt_budget(block_size)  # Chatbot's default trimming, as `minigpt2 chat` does
     if isinstance(tmpl, PlayTemplate):  # a turn is all text: "Ham.\ntext\n\n"
         user, bot = (_lit(n + tmpl.speaker_end + "\n") for n in (tmpl.user_name, tmpl.bot_name))
         turn = f"({user} if m.role == 'user' else {bot}) ~ c | trim ~ '\\n\\n'"

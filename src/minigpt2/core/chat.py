@@ -111,6 +111,20 @@ def make_template(name: str, **options: Any) -> Template:
     raise UserError(f"unknown chat template {name!r}; use dialogue or play")
 
 
+def default_reply_room(block_size: int) -> int:
+    """The ids of the window a chat leaves for the start of the answer, unless told otherwise: a
+    quarter of it, at most 64, so the answer is not written into a window that must slide at once.
+    ``Chatbot`` and the chat template of a Hugging Face export both trim by it."""
+    return min(64, block_size // 4)
+
+
+def prompt_budget(block_size: int, reply_room: int | None = None) -> int:
+    """The most ids a chat prompt may take: the window less ``reply_room`` (``default_reply_room``
+    when None), and never less than one id (the turn's opener must fit)."""
+    room = default_reply_room(block_size) if reply_room is None else reply_room
+    return max(1, block_size - room)
+
+
 def build_prompt(history: list[Turn], template: Template, tok: CharTokenizer, budget: int) -> list[int]:
     """The prompt ids for the bot's next answer, at most ``budget`` long.
 
@@ -172,9 +186,7 @@ class Chatbot:
         self.template: Template = template or DialogueTemplate()
         self.sample = sample or CHAT_SAMPLE
         block = model.config.block_size
-        # Leave room in the window for the start of the answer, so it is not written into a window
-        # that must slide at once.
-        self.reply_room = reply_room if reply_room is not None else min(64, block // 4)
+        self.reply_room = reply_room if reply_room is not None else default_reply_room(block)
         self.history: list[Turn] = []
         self._warned: set[str] = set()
         self._generator: torch.Generator = make_generator(self.sample.seed)
@@ -206,8 +218,8 @@ class Chatbot:
     def prepare(self, history: Sequence[Turn]) -> Prepared:
         """What the model needs to write the bot's next turn after ``history``: the prompt (trimmed to
         leave ``reply_room`` in the window), the template's stop ids, and an answer of at least one id."""
-        budget = self.model.config.block_size - self.reply_room
-        prompt = build_prompt(list(history), self.template, self.tokenizer, max(1, budget))
+        budget = prompt_budget(self.model.config.block_size, self.reply_room)
+        prompt = build_prompt(list(history), self.template, self.tokenizer, budget)
         return Prepared(prompt, self.template.stop_ids, 1)
 
     def answer(
