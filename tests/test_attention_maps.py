@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minigpt2.attention_maps import answer_attention
-from minigpt2.core.chat import Chatbot, Turn, build_prompt
+from minigpt2.core.chat import Chatbot, Turn, build_prompt, prompt_budget
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import UserError
@@ -31,7 +31,7 @@ def test_answer_attention_is_the_textbook_attention_at_the_answers_positions(
     bot = Chatbot(model, tok)
     bot.history = [Turn("user", "Hello there"), Turn("bot", "Hi, how are you?")]
     amap = answer_attention(bot, layer=1)
-    prompt = build_prompt(bot.history[:-1], bot.template, tok, 48 - bot.reply_room)
+    prompt = build_prompt(bot.history[:-1], bot.template, tok, prompt_budget(48, bot.reply_room))
     ids = prompt + tok.encode("Hi, how are you?")
     A, T = len("Hi, how are you?"), len(ids)
     assert amap.layer == 1 and amap.weights.shape == (2, A, T)

@@ -25,7 +25,7 @@ import torch
 from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
 
 from minigpt2 import checkpoint
-from minigpt2.core.chat import Chatbot, Turn, build_prompt, make_template
+from minigpt2.core.chat import Chatbot, Turn, make_template
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
@@ -318,7 +318,7 @@ def common_prefix(a: str, b: str) -> int:
 
 def raw_answer(bot: Chatbot, history: list[Turn]) -> str:
     """What the model generates after ``history`` up to a stop id, before any stop string applies."""
-    prompt = build_prompt(history, bot.template, bot.tokenizer, bot.model.config.block_size - bot.reply_room)
+    prompt = bot.prepare(history).prompt
     ids = generate_ids(bot.model, prompt, bot.sample, stop_ids=bot.template.stop_ids, min_new_tokens=1)
     return bot.tokenizer.decode(list(ids))
 

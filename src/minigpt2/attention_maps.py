@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from minigpt2.core.chat import Chatbot, build_prompt
+from minigpt2.core.chat import Chatbot
 from minigpt2.core.model import GPT, Block
 from minigpt2.errors import UserError
 
@@ -39,8 +39,7 @@ def answer_attention(bot: Chatbot, layer: int = -1) -> AttentionMap:
         raise UserError(f"layer must be an integer from {-n_layer} to {n_layer - 1}, got {layer!r}")
     if not bot.history or bot.history[-1].role != "bot" or not bot.history[-1].text:
         raise UserError("there is no answer to look at yet; ask the bot something first")
-    budget = model.config.block_size - bot.reply_room
-    prompt = build_prompt(bot.history[:-1], bot.template, bot.tokenizer, max(1, budget))
+    prompt = bot.prepare(bot.history[:-1]).prompt  # the prompt the answer was written after
     answer = bot.tokenizer.encode(bot.history[-1].text)
     ids = (prompt + answer)[-model.config.block_size :]
     A = min(len(answer), len(ids) - 1)  # answer characters with a position before them in the window
