@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from minigpt2.core.config import SampleConfig
-from minigpt2.corpora import not_regular, read_regular
-from minigpt2.errors import DataError, UserError
-from minigpt2.fileio import atomic_write_text
+from minigpt2.errors import UserError
+from minigpt2.fileio import NotRegularFileError, atomic_write_text, read_regular
 from minigpt2.outdirs import check_file_target
 
 ROLES = ("user", "bot")
@@ -72,13 +71,11 @@ def load_history(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path).expanduser()
     where = f"cannot load the conversation {path}"
     try:
-        if kind := not_regular(path.stat().st_mode):
-            raise UserError(f"{where}: it is {kind}, not a file; give a file written by /save")
         raw = read_regular(path, MAX_CONVERSATION_BYTES)
+    except NotRegularFileError as err:
+        raise UserError(f"{where}: it is {err.kind}, not a file; give a file written by /save") from None
     except OSError as err:
         raise UserError(f"{where}: {err.strerror or err}") from None
-    except DataError as err:  # it became a device or FIFO between the two looks
-        raise UserError(f"{where}: {err}") from None
     if len(raw) > MAX_CONVERSATION_BYTES:
         raise UserError(
             f"{where}: it is larger than {MAX_CONVERSATION_BYTES // 2**20} MB, more than any saved"

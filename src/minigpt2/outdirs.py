@@ -24,9 +24,8 @@ import json
 import os
 from pathlib import Path
 
-from minigpt2.corpora import not_regular
 from minigpt2.errors import UserError
-from minigpt2.fileio import read_small_text
+from minigpt2.fileio import not_regular, read_small_text
 
 META = "checkpoint.json"  # what makes a folder a checkpoint (checkpoint.py writes it)
 EXPORT_MARKER = "minigpt2_vocab.json"  # written into every Hugging Face export
