@@ -32,6 +32,18 @@ def test_the_default_recipes_and_their_folders(tmp_path: Path) -> None:
     assert recipes.default_paths("shakespeare", tmp_path)[0] == tmp_path / "data" / "shakespeare"
 
 
+def test_a_source_names_one_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule of ``prepare``'s default ``--out`` and of the default chatbot's folders alike."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "my diary.txt").write_text("dear diary", encoding="utf-8")
+    assert recipes.slug("notes/my diary.txt") == "my_diary"  # an existing file: its stem
+    assert recipes.slug("chatterbot:italian") == "chatterbot-italian"
+    assert recipes.slug("..") == "__" and recipes.slug("") == "corpus"
+    assert recipes.slug("../../etc/x") == "______etc_x"
+    assert recipes.default_paths("notes/my diary.txt", tmp_path)[1] == tmp_path / "runs" / "chat-my_diary"
+
+
 @pytest.fixture
 def local_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> recipes.ChatRecipe:
     """The Italian recipe with a local text mixed in and the `tiny` preset, so the test trains fast."""

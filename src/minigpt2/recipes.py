@@ -74,16 +74,21 @@ def recipe_configs(
     return model_cfg, train_cfg
 
 
-def _slug(source: str) -> str:
-    return source.replace(":", "-").replace("/", "_")
+def slug(source: str) -> str:
+    """The folder name a SOURCE gets under ``data/`` or ``runs/`` (``prepare`` without ``--out``,
+    the default chatbot): an existing file's or folder's stem, else the source with ":" as "-"
+    (``chatterbot:english`` -> ``chatterbot-english``). Any character but letters, digits, "-" and
+    "_" becomes "_", so whatever was typed (``..``, a path) names one folder inside that parent."""
+    name = Path(source).stem if Path(source).exists() else source.replace(":", "-")
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "corpus"
 
 
 def default_paths(source: str = DEFAULT_SOURCE, root: Path = Path(".")) -> tuple[Path, Path]:
     """The data folder and run directory used for ``source``: ``data/<name>`` (``data/<name>+<mix>``
     when its recipe mixes text in), ``runs/chat-<name>``."""
     mix = recipe_for(source).mix
-    data_name = _slug(source) + (f"+{_slug(mix)}" if mix else "")
-    return root / "data" / data_name, root / "runs" / f"chat-{_slug(source)}"
+    data_name = slug(source) + (f"+{slug(mix)}" if mix else "")
+    return root / "data" / data_name, root / "runs" / f"chat-{slug(source)}"
 
 
 def has_model(run_dir: Path) -> bool:

@@ -19,15 +19,11 @@ from typing import Any
 from minigpt2.cli.console import progress_bar
 
 
-def _slug(source: str) -> str:
-    name = Path(source).stem if Path(source).exists() else source.replace(":", "-")
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "corpus"
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     from minigpt2 import data
+    from minigpt2.recipes import slug
 
-    out = Path(args.out) if args.out else Path("data") / _slug(args.source)
+    out = Path(args.out) if args.out else Path("data") / slug(args.source)
     meta = data.prepare(args.source, out, val_fraction=args.val_fraction, block_size=args.block_size,
                         force=args.force, mix=args.mix, mix_share=args.mix_share)  # fmt: skip
     vocab = meta["tokenizer"]["chars"]
