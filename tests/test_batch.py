@@ -23,7 +23,7 @@ from helpers_model import all_logits
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import make_generator, sample
 from minigpt2.core.model import GPT
-from minigpt2.core.stream import generate_ids
+from minigpt2.core.stream import first_window, generate_ids, slid_window
 from minigpt2.fast import speed_up
 from minigpt2.fast.batch import BatchDecoder, Row, draw_together, generate_many
 from minigpt2.precision import Precision
@@ -207,12 +207,11 @@ def test_a_cancelled_row_frees_its_slot_for_a_new_row(varied: Factory) -> None:
 def expected_logits(model: GPT, row: Row) -> torch.Tensor:
     """(n, V): the textbook model's logits, cache-free, at the window each of ``row``'s ids was
     drawn from (the window slides as ``generate_ids``'s does)."""
-    block, keep = model.config.block_size, model.config.block_size // 2
-    start = max(0, row.prompt_len - block)
+    block = model.config.block_size
+    start = first_window(row.prompt_len, block)
     out = []
     for end in range(row.prompt_len, len(row.tokens) + (row.finish_reason == "stop")):
-        if end - start > block:
-            start = end - keep
+        start = slid_window(end, start, block)
         out.append(all_logits(model, torch.tensor([row.tokens[start:end]]))[0, -1])
     return torch.stack(out)
 

@@ -35,6 +35,21 @@ def next_token(logits: Tensor, cfg: SampleConfig, context: Tensor, generator: to
     return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
 
 
+def first_window(n_prompt: int, block_size: int) -> int:
+    """Where the window starts over a prompt of ``n_prompt`` ids: its last ``block_size`` of them."""
+    return max(0, n_prompt - block_size)
+
+
+def slid_window(n_tokens: int, start: int, block_size: int) -> int:
+    """Where the window ``tokens[start:]`` of ``n_tokens`` ids starts for the next forward pass:
+    where it did while it holds at most ``block_size`` ids; once it holds more, it slides to the
+    newest ``block_size // 2`` (at least one). A start that moved means the cache must be refilled.
+    ``generate_ids`` and the fast engine's batched rows both slide by this rule."""
+    if n_tokens - start <= block_size:
+        return start
+    return n_tokens - max(1, block_size // 2)
+
+
 @torch.inference_mode()
 def generate_ids(
     model: GPT,
@@ -54,17 +69,17 @@ def generate_ids(
     if not prompt:
         raise ValueError("generation needs at least one prompt id")
     block = model.config.block_size
-    keep = max(1, block // 2)  # ids kept when the window slides
     stops = set(stop_ids)
     gen = generator if generator is not None else make_generator(cfg.seed)
     device = model.device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     tokens = list(prompt)
-    start = max(0, len(tokens) - block)  # the window is tokens[start:]
+    start = first_window(len(tokens), block)  # the window is tokens[start:]
     cache = KVCache(model.config) if use_cache else None
     for _ in range(cfg.max_new_tokens):
-        if len(tokens) - start > block:  # window full: slide it, refill the cache
-            start = len(tokens) - keep
+        slid = slid_window(len(tokens), start, block)
+        if slid != start:  # the window slid: refill the cache from it
+            start = slid
             if cache is not None:
                 cache.reset()
         fed = start + (cache.pos if cache is not None else 0)  # ids already in the cache end here

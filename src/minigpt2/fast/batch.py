@@ -22,8 +22,7 @@ others (up to the rounding of a product with B rows against one, which flips an 
 tie). Rows with the same plain options (temperature and top-k; no top-p, penalty or barred stop
 ids) are drawn in one batched operation (``draw_together``: the same ids, each from its row's
 generator), which costs a third of drawing them one by one. Past the context window a row slides
-as ``generate_ids`` does: it keeps its newest ``block_size // 2`` ids and refills its slot from
-them.
+by ``generate_ids``'s rule (``core/stream.slid_window``) and refills its slot from the ids kept.
 
 Row b lives in slot b of the batched cache: running rows stay in slots 0 .. B-1 (a leaving row's
 slot takes the last row's cache), so a step never computes an empty slot; rows of different
@@ -48,7 +47,7 @@ from torch import Tensor
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import make_generator
 from minigpt2.core.model import GPT, KVCache
-from minigpt2.core.stream import next_token
+from minigpt2.core.stream import first_window, next_token, slid_window
 from minigpt2.fast.batch_step import BatchStep
 from minigpt2.precision import Precision
 
@@ -94,7 +93,6 @@ class BatchDecoder:
         self.model, self.max_rows, self.precision = model, max_rows, precision
         self.batch = BatchStep(model, max_rows)
         self.block = model.config.block_size
-        self.keep = max(1, self.block // 2)  # ids kept when a window slides, as in generate_ids
         self.rows: list[Row] = []  # the running rows, row i in slot i
         self._added = 0
         self._no_ids = torch.zeros(0, dtype=torch.long)  # the window, when no penalty needs it
@@ -125,7 +123,7 @@ class BatchDecoder:
         tokens = list(prompt)
         row = Row(self._added, cfg, frozenset(stop_ids), min_new_tokens,
                   generator if generator is not None else make_generator(cfg.seed),
-                  tokens, len(tokens), start=max(0, len(tokens) - self.block))  # fmt: skip
+                  tokens, len(tokens), start=first_window(len(tokens), self.block))  # fmt: skip
         self._added += 1
         row.slot = len(self.rows)
         self.rows.append(row)
@@ -151,8 +149,9 @@ class BatchDecoder:
         if not self.rows:
             return []
         for row in self.rows:
-            if len(row.tokens) - row.start > self.block:  # window full: slide it, refill the slot
-                row.start = len(row.tokens) - self.keep
+            slid = slid_window(len(row.tokens), row.start, self.block)
+            if slid != row.start:  # the window slid: refill the row's slot from it
+                row.start = slid
                 self._fill(row)
         device, lengths = self.model.device, [r.length for r in self.rows]
         ids = torch.tensor([r.tokens[-1] for r in self.rows], dtype=torch.long, device=device)  # (B,)
