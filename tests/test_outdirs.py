@@ -17,7 +17,7 @@ import torch
 
 from helpers_train import main, one_error_line, prepare, train_args
 from minigpt2.errors import UserError
-from minigpt2.outdirs import check_target, kind_of
+from minigpt2.outdirs import META, check_target, kind_of, run_checkpoint
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -129,6 +129,20 @@ def test_check_target_rules(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         check_target(tmp_path / "file", "export", force=True)
+
+
+def test_a_run_whose_checkpoint_survives_only_as_its_old_twin_is_still_a_run(tmp_path: Path) -> None:
+    """A crash inside ``publish_dir`` leaves ``best.old`` complete and no ``best``: still a run."""
+    run = tmp_path / "run"
+    (run / "best.old").mkdir(parents=True)
+    (run / "best.old" / META).write_text("{}")
+    assert run_checkpoint(run, "best") == run / "best.old" and run_checkpoint(run, "last") is None
+    assert kind_of(run) == "run"
+    (run / "best").mkdir()
+    (run / "best" / META).write_text("{}")
+    assert run_checkpoint(run, "best") == run / "best"
+    with pytest.raises(UserError, match="is a minigpt2 run"):
+        check_target(run, "data", force=True)
 
 
 def _export_dir(tmp_path: Path, trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> Path:

@@ -4,7 +4,8 @@ Every command that writes a folder (``prepare``, ``train``, ``export``, ``import
 target with ``check_target`` before it reads anything large or writes anything (a single file a
 user names, such as ``/save FILE`` or the web page, goes through ``check_file_target``):
 
-- a folder that is, or is inside, a minigpt2 run or checkpoint is refused, whatever the command
+- a folder that is, or is inside, a minigpt2 run or checkpoint (what a folder is, the project's one
+  answer: ``is_checkpoint``, ``run_checkpoint``, ``is_run``) is refused, whatever the command
   (``train`` and ``import-hf`` decide about their own runs themselves);
 - a non-empty folder of another kind (a data folder, a Hugging Face export, anything else) is
   refused unless ``force`` is given;
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 
 from minigpt2.errors import UserError
-from minigpt2.fileio import not_regular, read_small_text
+from minigpt2.fileio import not_regular, read_small_text, recover_dir
 
 META = "checkpoint.json"  # what makes a folder a checkpoint (checkpoint.py writes it)
 EXPORT_MARKER = "minigpt2_vocab.json"  # written into every Hugging Face export
@@ -40,14 +41,22 @@ DESCRIPTIONS = {
 
 
 def is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a minigpt2 checkpoint: it holds the ``META`` file ``checkpoint.save``
+    writes last."""
     return (folder / META).is_file()
+
+
+def run_checkpoint(run_dir: Path, name: str) -> Path | None:
+    """The run's ``best`` or ``last`` checkpoint (``name``): ``run_dir/name``, or its complete
+    ``name.old`` twin where a crash fell inside ``fileio.publish_dir``; None when it has none."""
+    folder = recover_dir(run_dir / name)
+    return folder if is_checkpoint(folder) else None
 
 
 def is_run(folder: Path) -> bool:
     """A run has a best/ or last/ checkpoint, or the config.json training writes first."""
-    return any(is_checkpoint(folder / name) for name in ("best", "last")) or _is_run_config(
-        folder / "config.json"
-    )
+    has_checkpoint = any(run_checkpoint(folder, name) is not None for name in ("best", "last"))
+    return has_checkpoint or _is_run_config(folder / "config.json")
 
 
 def _is_run_config(path: Path) -> bool:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigpt2 import checkpoint, data
+from minigpt2 import data
 from minigpt2.core import config
-from minigpt2.fileio import recover_dir
+from minigpt2.outdirs import run_checkpoint
 from minigpt2.training.fit import FITTED
 from minigpt2.training.metrics import Callback
 from minigpt2.training.setup_configs import saved_run_configs
@@ -92,13 +92,13 @@ def default_paths(source: str = DEFAULT_SOURCE, root: Path = Path(".")) -> tuple
 
 
 def has_model(run_dir: Path) -> bool:
-    return (recover_dir(run_dir / "best") / checkpoint.META).is_file()
+    return run_checkpoint(run_dir, "best") is not None
 
 
 def is_ready(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a chatbot to talk to now: a best checkpoint, and a training that
     ended (or one that cannot be resumed). Otherwise ``ensure_chatbot`` trains or finishes it."""
-    resumable = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
+    resumable = run_checkpoint(run_dir, "last") is not None
     finished = (run_dir / "summary.json").is_file()  # training ended (or was stopped with Ctrl-C)
     return has_model(run_dir) and (finished or not resumable)
 
@@ -120,7 +120,7 @@ def ensure_chatbot(
     if is_ready(run_dir):
         return run_dir
     recipe = recipe_for(source)
-    resume = (recover_dir(run_dir / "last") / checkpoint.META).is_file()
+    resume = run_checkpoint(run_dir, "last") is not None
     # An interrupted run goes on with the settings it started with (a newer preset may differ).
     if resume:
         model_cfg, train_cfg = saved_run_configs(run_dir, overrides)
