@@ -19,16 +19,22 @@ from __future__ import annotations
 import io
 import re
 import sys
+import textwrap
 from typing import Any
 
 from minigpt2.cli.console import err, write_output
+from minigpt2.conversation import OPTIONS
 from minigpt2.errors import UserError
 
-CHAT_HELP = """commands:
+# The options /set takes are SampleConfig's fields (conversation.OPTIONS), which also checks them.
+SET_HELP = textwrap.fill(
+    f"change a sampling option: {', '.join(OPTIONS)} (e.g. /set temperature=0.7)",
+    width=100, initial_indent="  /set NAME=VALUE    ", subsequent_indent=" " * 21,
+)  # fmt: skip
+CHAT_HELP = f"""commands:
   /help              this help
   /reset             forget the conversation
-  /set NAME=VALUE    change a sampling option: temperature, top_k, top_p, repetition_penalty,
-                     max_new_tokens, seed (e.g. /set temperature=0.7)
+{SET_HELP}
   /save FILE         save the conversation as JSON
   /load FILE         continue a saved conversation
   /quit              leave (so do Ctrl-D and Ctrl-C at the prompt)
