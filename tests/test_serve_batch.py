@@ -150,8 +150,8 @@ def test_an_answer_cut_by_a_stop_string_leaves_its_row_long_before_max_tokens() 
     bot = endless_chatbot()
     full = expected(bot, {"max_tokens": 40, "temperature": 0})[0]
     stop = next(c for i, c in enumerate(full) if i >= 3 and c.strip() and c not in full[:i])
-    # A stop string is read by the answer's text thread within one stream interval, while the row
-    # goes on stepping; a bound of 20,000 steps leaves that thread seconds, not milliseconds.
+    # A stop string is read by the answer's text task within one stream interval, while the row
+    # goes on stepping; a bound of 20,000 steps leaves that task seconds, not milliseconds.
     body = {"max_tokens": 20_000, "temperature": 0, "stop": [stop]}
     paced = Paced(bot, 4, unlimited=True)
     limits = serve.ServeConfig(max_concurrent=4, max_tokens=20_000)

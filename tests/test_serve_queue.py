@@ -8,8 +8,10 @@ machine is. Run with ``pytest tests/test_serve_queue.py``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -144,6 +146,29 @@ def test_a_client_that_disconnects_stops_its_generation(stream: bool) -> None:
             "the generation to stop and free its slot and row",
         )
         assert slow.produced < 1000  # stopped before the end: at least 20 s away, at 0.02 s a character
+
+
+def test_answers_running_together_take_no_thread_each() -> None:
+    """Every answer's text is made on the event loop, fed by the one decoding thread: five answers
+    streaming at once (each held after its first character) run on as many threads as one does."""
+    bot = tiny_chatbot()
+    held = Scripted(bot.tokenizer, "ab", held=True)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}
+    threads: list[int] = []
+    with running(bot, serve.ServeConfig(max_concurrent=8), decoder=lambda: held) as base:
+        with contextlib.ExitStack() as streams:
+            kept: list[Iterator[str]] = []  # kept: dropping an iterator would close its connection
+            for _ in range(5):
+                response = streams.enter_context(
+                    httpx.stream("POST", base + "v1/chat/completions", json=body, timeout=30)
+                )
+                kept.append(response.iter_lines())
+                while '"content":"a"' not in next(kept[-1]).replace(" ", ""):
+                    pass  # the role chunk, then the first character: the answer is running
+                threads.append(threading.active_count())
+            held.release()
+        wait_for(lambda: idle(base), "the answers to end")
+    assert threads == threads[:1] * 5
 
 
 def test_load_twenty_concurrent_streams_lose_and_mix_nothing() -> None:

@@ -1,8 +1,12 @@
-"""The text side of served answers (``minigpt2.serve.replies``): how a streamed answer is cut into
-chunks. The first piece goes at once; after each chunk the next waits ``stream_interval`` (what is
-generated meanwhile joins it), except that pieces already drawn go together and an answer's end
-does not wait; pieces posted together are joined per choice. The clock is the test's own: nothing
-here depends on how long anything takes. Run with ``pytest tests/test_serve_replies.py``.
+"""The text side of served answers: the hand-off from the decoding thread (``minigpt2.serve.feed``),
+an answer's text from its ids (``serve.text``) and how a streamed answer is cut into chunks
+(``serve.replies``). The first chunk goes at once; after each chunk the next waits
+``stream_interval`` (what is generated meanwhile joins it), except that ids already drawn go
+together and an answer's end does not wait; pieces posted together are joined per choice. A
+``Feed`` wakes its reader from another thread at the next id, or only at the end while the reader
+holds text. The chunk tests run on a clock of their own, and the hand-off tests wait for events
+under generous deadlines: nothing here depends on how long anything takes. Run with
+``pytest tests/test_serve_replies.py``.
 """
 
 from __future__ import annotations
@@ -10,31 +14,36 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers_serve import running, tiny_chatbot
+from minigpt2 import serve
 from minigpt2.cli.parser import build_parser
-from minigpt2.core.chat import Turn
+from minigpt2.core.chat import PlayTemplate, ReplyInfo, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.errors import ConfigError
 from minigpt2.serve import ServeConfig
 from minigpt2.serve import app as app_module
-from minigpt2.serve.engine import Feed, Job
+from minigpt2.serve.engine import Job
+from minigpt2.serve.feed import Feed, Item
 from minigpt2.serve.replies import Reply, _joined, chunks
+from minigpt2.serve.text import AnswerText
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 OneLine = Callable[[subprocess.CompletedProcess[str]], str]
+DEADLINE = 60  # seconds: for a broken hand-off, not a guess at how long a working one takes
 
 
 class Drawn:
     """Stands in for ``Engine``: a job's ids are all drawn (and its end posted) the moment it is
-    submitted, before its text thread starts reading."""
+    submitted, before its task starts reading."""
 
     def __init__(self, ids: list[int]) -> None:
         self.ids, self.cancelled = ids, 0
@@ -54,15 +63,14 @@ def test_ids_already_drawn_go_out_as_one_chunk_per_choice() -> None:
     engine: Any = drawn  # in the Engine's place
 
     async def read() -> list[tuple[int, str | None]]:
-        with ThreadPoolExecutor(2) as threads:
-            history, sample = [Turn("user", "hi")], SampleConfig(max_new_tokens=40)
-            reply = Reply(bot, engine, threads, history, sample, n=2, interval=10.0)
-            return [piece async for piece in reply.pieces()]
+        history, sample = [Turn("user", "hi")], SampleConfig(max_new_tokens=40)
+        reply = Reply(bot, engine, history, sample, n=2, interval=10.0)
+        return [piece async for piece in reply.pieces()]
 
     pieces = asyncio.run(read())
     for choice in (0, 1):
         assert [p for i, p in pieces if i == choice] == ["hello there", None]
-    assert drawn.cancelled == 2  # each text thread hands its row back when its text ends
+    assert drawn.cancelled == 2  # each choice's task hands its row back when its text ends
 
 
 def test_joined_joins_each_choices_run_of_pieces_and_keeps_ends_in_place() -> None:
@@ -75,35 +83,41 @@ def test_joined_joins_each_choices_run_of_pieces_and_keeps_ends_in_place() -> No
 
 
 class Arrivals:
-    """Pieces that arrive at given times, and the answer's end at ``end``, on a clock the test owns:
-    reading a piece moves the clock to its arrival (if that is later); ``wait`` moves it on by the
-    seconds, or less, to the end (as ``Feed.wait_end``: an id does not end the wait); ``waiting``
-    says whether the next piece (or the end) has arrived by now. ``sent`` records each chunk with
-    the time it went."""
+    """A feed whose ids arrive at given times, and the answer's end at ``end``, on a clock the
+    test owns: ``wait`` moves the clock to the next arrival (the end, too), or with ``until`` to
+    ``until`` or the end, whichever is first (as ``Feed.wait``: an id does not end that wait);
+    ``take`` hands over what has arrived by now. ``sent`` records each chunk with the time it went."""
 
     def __init__(self, arrivals: list[tuple[float, str]], end: float) -> None:
-        self.arrivals, self.end, self.now = arrivals, end, 0.0
+        self.bot = tiny_chatbot()
+        encode = self.bot.tokenizer.encode
+        self.arrivals = [(at, i) for at, piece in arrivals for i in encode(piece)]
+        self.end, self.now, self.ended = end, 0.0, False
         self.sent: list[tuple[str, float]] = []
-
-    def pieces(self) -> Iterator[str]:
-        while self.arrivals:
-            at, piece = self.arrivals.pop(0)
-            self.now = max(self.now, at)
-            yield piece
-        self.now = max(self.now, self.end)
 
     def next_arrival(self) -> float:
         return self.arrivals[0][0] if self.arrivals else self.end
 
-    def waiting(self) -> bool:
-        return self.next_arrival() <= self.now
+    async def wait(self, until: float | None = None) -> None:
+        self.now = max(self.now, self.next_arrival() if until is None else min(until, self.end))
 
-    def wait(self, seconds: float) -> None:
-        self.now = min(self.now + seconds, max(self.now, self.end))
+    def take(self) -> list[Item]:
+        items: list[Item] = []
+        while self.arrivals and self.arrivals[0][0] <= self.now:
+            items.append(self.arrivals.pop(0)[1])
+        if not self.arrivals and self.end <= self.now and not self.ended:
+            self.ended = True
+            items.append(None)
+        return items
 
     def chunks(self, interval: float) -> list[tuple[str, float]]:
-        for chunk in chunks(self.pieces(), self.waiting, interval, clock=lambda: self.now, wait=self.wait):
-            self.sent.append((chunk, self.now))
+        text = AnswerText(self.bot, 100, ReplyInfo())
+
+        async def read() -> None:
+            async for chunk in chunks(self, text, interval, clock=lambda: self.now):
+                self.sent.append((chunk, self.now))
+
+        asyncio.run(read())
         return self.sent
 
 
@@ -126,50 +140,152 @@ def test_chunks_go_at_most_once_an_interval_and_the_end_at_once(
     assert Arrivals(list(EVERY_10_MS), end=0.1).chunks(interval) == expected
 
 
-def test_pieces_already_here_go_in_one_chunk_without_waiting() -> None:
+def test_ids_already_here_go_in_one_chunk_without_waiting() -> None:
     times = Arrivals([(0.0, "a"), (0.0, "b"), (0.0, "c")], end=0.0)
     assert times.chunks(10.0) == [("abc", 0.0)]
 
 
-def test_pieces_held_when_the_generation_fails_come_before_the_error() -> None:
-    def failing() -> Iterator[str]:
-        yield from "half"
-        raise RuntimeError("the model fell over")
+def test_text_held_when_the_generation_fails_comes_before_the_error() -> None:
+    bot = tiny_chatbot()
+
+    class Failing:
+        def take(self) -> list[Item]:
+            return [*bot.tokenizer.encode("half"), RuntimeError("the model fell over"), 7]
+
+        async def wait(self, until: float | None = None) -> None:
+            pass
 
     out: list[str] = []
-    with pytest.raises(RuntimeError, match="fell over"):
-        for chunk in chunks(failing(), lambda: True, 10.0, wait=lambda _: None):
+
+    async def keep() -> None:
+        text = AnswerText(bot, 100, ReplyInfo())
+        async for chunk in chunks(Failing(), text, 10.0, clock=lambda: 0.0):
             out.append(chunk)
+
+    with pytest.raises(RuntimeError, match="fell over"):
+        asyncio.run(keep())
     assert out == ["half"]
 
 
-def test_a_feed_wakes_its_reader_at_the_end_not_at_each_id() -> None:
-    """``Feed.wait_end`` is the text thread's wait between chunks: an id does not end it (the
-    thread decodes a chunk's ids together when the interval is up); the end, or an error, does."""
-    for end in (None, RuntimeError("failed")):
+def put_from_a_thread(feed: Feed, *items: Item) -> None:
+    """``items`` put by another thread, as the decoding thread puts them; returns once they are."""
+    thread = threading.Thread(target=lambda: [feed.put(item) for item in items])
+    thread.start()
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+
+
+async def turns_of_the_loop(count: int = 5) -> None:
+    """Lets the loop run what other threads handed it: a wake-up is one turn, its reader the next."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("end", [None, RuntimeError("failed")], ids=["end", "error"])
+def test_a_feed_wakes_a_reader_holding_text_at_the_end_not_at_an_id(end: Item) -> None:
+    async def scenario() -> None:
         feed = Feed()
-        waiter = threading.Thread(target=feed.wait_end, args=(3600,), daemon=True)
-        waiter.start()
-        feed.put(7)
-        waiter.join(timeout=0.05)
-        assert waiter.is_alive()  # an id came: still waiting
-        assert feed.waiting()
-        feed.put(end)
-        waiter.join(timeout=60)
-        assert not waiter.is_alive()
-        feed.wait_end(3600)  # ended: returns at once
-        assert next(feed) == 7
+        loop = asyncio.get_running_loop()
+        waiter = asyncio.create_task(feed.wait(until=loop.time() + 3600))
+        await turns_of_the_loop()
+        put_from_a_thread(feed, 7)
+        await turns_of_the_loop()
+        assert not waiter.done()  # an id came: still waiting
+        put_from_a_thread(feed, end)
+        await asyncio.wait_for(waiter, DEADLINE)
+        assert feed.take() == [7, end]
+        await asyncio.wait_for(feed.wait(until=loop.time() + 3600), DEADLINE)  # ended: at once
+
+    asyncio.run(scenario())
 
 
-def test_stream_interval_defaults_agree_and_are_checked(
+def test_a_feed_wakes_a_reader_without_text_at_each_id_and_loses_none() -> None:
+    """Another thread puts 5,000 ids as fast as it can while the reader waits for each next one:
+    every id arrives, in order, and no wake-up is lost (a lost one would leave the reader waiting
+    past the deadline)."""
+    count = 5000
+
+    async def scenario() -> list[Item]:
+        feed = Feed()
+        thread = threading.Thread(target=lambda: [feed.put(i) for i in [*range(count), None]])
+        got: list[Item] = []
+        thread.start()
+        while None not in got:
+            await asyncio.wait_for(feed.wait(), DEADLINE)
+            got += feed.take()
+        thread.join(DEADLINE)
+        return got
+
+    assert asyncio.run(scenario()) == [*range(count), None]
+
+
+VOCABULARY = range(len(tiny_chatbot().tokenizer.chars) + 4)  # the special tokens too
+
+
+def released(pieces: list[tuple[int, str]]) -> dict[int, str]:
+    """(ids read, text) pairs as the text shown by the time each number of ids had been read."""
+    shown: dict[int, str] = {}
+    for read, text in pieces:
+        shown[read] = shown.get(read, "") + text
+    return {read: text for read, text in shown.items() if text}
+
+
+@pytest.mark.parametrize("play", [False, True], ids=["dialogue", "play"])
+@settings(max_examples=300, deadline=None)
+@given(
+    ids=st.lists(st.sampled_from(VOCABULARY), max_size=40),
+    stops=st.lists(st.text(alphabet=" \nabe.", max_size=3), max_size=3),
+    max_new_tokens=st.integers(1, 50),
+)
+def test_answer_text_releases_what_reply_text_does_at_the_same_id(
+    play: bool, ids: list[int], stops: list[str], max_new_tokens: int
+) -> None:
+    """``AnswerText`` takes each id as it comes where ``Chatbot.reply_text`` pulls them: given the
+    same ids, each shows the same text by the time it has read the same number of ids, and both
+    count the same ids and finish for the same reason (a template's stop strings too: play's)."""
+    bot = tiny_chatbot()
+    if play:
+        bot.template = PlayTemplate()
+    read, pulled_info, pushed_info = 0, ReplyInfo(), ReplyInfo()
+
+    def source() -> Any:
+        nonlocal read
+        for i in ids:
+            read += 1
+            yield i
+
+    pulled = [(read, piece) for piece in bot.reply_text(source(), max_new_tokens, pulled_info, stops)]
+    text = AnswerText(bot, max_new_tokens, pushed_info, stops)
+    pushed = [(k + 1, text.push(i)) for k, i in enumerate(ids) if not text.ended]
+    pushed.append((len(pushed), text.end()))
+    assert released(pushed) == released(pulled)
+    assert pushed_info == pulled_info
+
+
+def test_serve_without_options_runs_with_the_servers_defaults(
     cli: Run, one_line_error: OneLine, saved_run: Path
 ) -> None:
+    """``minigpt2 serve`` with no options builds the limits ``ServeConfig`` has by default (the
+    command builds them from these arguments), and says so in its help; values out of range are
+    refused with one line."""
     args = build_parser().parse_args(["serve", "RUN"])
-    assert args.stream_interval == ServeConfig().stream_interval > 0
+    given = {name: getattr(args, name) for name in (*serve.LIMITS, *serve.CONNECTION_LIMITS)}
+    limits = ServeConfig(
+        **given, default_max_tokens=args.max_new_tokens, stream_interval=args.stream_interval
+    )
+    assert limits == ServeConfig() and limits.stream_interval > 0
+    assert f"(default {ServeConfig().stream_interval:g};" in " ".join(build_parser_help("serve").split())
     with pytest.raises(ConfigError, match="stream_interval"):
         ServeConfig(stream_interval=-0.01)
     line = one_line_error(cli("serve", saved_run, "--stream-interval", "5"))
     assert "stream_interval" in line
+
+
+def build_parser_help(command: str) -> str:
+    """The help of one command, as ``minigpt2 COMMAND --help`` prints it."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return str(sub.choices[command].format_help())  # type: ignore[attr-defined]
 
 
 def test_the_server_streams_with_its_stream_interval(monkeypatch: pytest.MonkeyPatch) -> None:

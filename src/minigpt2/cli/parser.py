@@ -2,8 +2,9 @@
 
 The option groups several commands share are built once (``add_*_options``); ``train`` gets one
 kebab-case flag per config field (``add_config_flags``), so a new field is a new flag with no edit
-here. Building the parser imports no torch: ``minigpt2 --help`` answers at once.
-Tests: ``pytest tests/test_cli.py tests/test_train_cli.py``.
+here; ``serve`` takes its defaults from ``ServeConfig``. Building the parser imports no torch:
+``minigpt2 --help`` answers at once.
+Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_serve_cli.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from minigpt2.cli.train_commands import (
     cmd_presets,
     cmd_train,
 )
+from minigpt2.serve.config import ServeConfig  # the serve defaults' one home (without fastapi or torch)
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 RUN_HELP = "a run directory, or RUN/best or RUN/last"
@@ -91,41 +93,40 @@ def add_chat_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     add_inference_options(p)
 
 
-# --stream-interval's default, as serve.ServeConfig's (importing serve here would slow --help; a test
-# checks that they agree).
-STREAM_INTERVAL = 0.05
-# --max-concurrent: the rows of the batch. 32 from benchmarks/serve_load.py on a 2-core AMD EPYC (cpu
-# preset, random weights, int8 decoding weights, 100-character answers, 2026-12-01, two rounds):
-# 20 streaming clients were served 3.9-4.0k characters/s at 8 rows, 3.8-3.9k at 16 and 4.2-4.7k at
-# 32; from 32 rows all 20 run at once (first character within 0.12 s, p95), where 8 and 16 rows
-# queue some of them (p95 0.58 and 0.54 s).
+# --max-concurrent's help; the measurements behind its default are with ServeConfig's field.
 ROWS_HELP = ("answers generated together, one character each per batched model step (the rows of the batch; "
              "a request with n choices takes n); on a 2-core AMD EPYC, 20 streaming clients got 3.9k "
              "characters/s at 8 rows, 4.2-4.7k at 32 and their first character within 0.12 s")  # fmt: skip
 
 
 def add_serve_limits(p: argparse.ArgumentParser) -> None:
-    # Named as serve.ServeConfig's fields (serve.LIMITS); --max-new-tokens is the per-answer default.
-    limits = [
-        ("max-message-chars", 4000, "characters in one message"),
-        ("max-history-chars", 32000, "characters in all messages of one request"),
-        ("max-messages", 200, "messages in one request"),
-        ("max-tokens", 1000, "characters one answer may ask for"),
-        ("max-concurrent", 32, ROWS_HELP),
-        ("max-queue", 32, "requests waiting for a slot; more get 429"),
-        ("max-body-bytes", 1_000_000, "request body size; larger gets 413"),
+    """The limits of ``serve``: one option per ``ServeConfig`` field of the same name, its default
+    the field's."""
+    defaults = ServeConfig()
+    limits = [  # serve.LIMITS; --max-new-tokens is the per-answer default
+        ("max_message_chars", "characters in one message"),
+        ("max_history_chars", "characters in all messages of one request"),
+        ("max_messages", "messages in one request"),
+        ("max_tokens", "characters one answer may ask for"),
+        ("max_concurrent", ROWS_HELP),
+        ("max_queue", "requests waiting for a slot; more get 429"),
+        ("max_body_bytes", "request body size; larger gets 413"),
     ]
     group = p.add_argument_group("limits")
-    for name, default, text in limits:
-        group.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
-    # Named as serve.CONNECTION_LIMITS: what one connection may take, and how many may be open.
-    group.add_argument("--max-connections", type=int, default=None,
+    for name, text in limits:
+        default = getattr(defaults, name)
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
+                           help=f"{text} (default {default})")  # fmt: skip
+    # serve.CONNECTION_LIMITS: what one connection may take, and how many may be open.
+    group.add_argument("--max-connections", type=int, default=defaults.max_connections,
                        help="open connections; past it the one idle longest is closed "
                             "(default 1000, fewer if the file descriptor limit is lower)")  # fmt: skip
-    group.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="time a client has to send a request's headers (default 10)")  # fmt: skip
-    group.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="time a request body may go without a byte arriving (default 30)")  # fmt: skip
+    group.add_argument("--header-timeout", type=float, default=defaults.header_timeout, metavar="SECONDS",
+                       help="time a client has to send a request's headers "
+                            f"(default {defaults.header_timeout:g})")  # fmt: skip
+    group.add_argument("--body-timeout", type=float, default=defaults.body_timeout, metavar="SECONDS",
+                       help="time a request body may go without a byte arriving "
+                            f"(default {defaults.body_timeout:g})")  # fmt: skip
 
 
 def add_force_option(p: argparse.ArgumentParser) -> None:
@@ -211,11 +212,14 @@ def _serve(sub: Subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (or set MINIGPT2_API_KEY)")  # fmt: skip
     p.add_argument("--model-id", default=None, help="the model name the API reports (default: RUN's name)")
     add_serve_limits(p)
-    p.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL, metavar="SECONDS",
+    interval = ServeConfig().stream_interval
+    p.add_argument("--stream-interval", type=float, default=interval, metavar="SECONDS",
                    help="least time between two chunks of a streamed answer; what is generated "
-                        f"meanwhile goes in the next (default {STREAM_INTERVAL}; 0: each piece at "
+                        f"meanwhile goes in the next (default {interval:g}; 0: each piece at "
                         "once)")  # fmt: skip
     add_chat_options(p, prompt=False)
+    # An answer's length when the request does not say: ServeConfig's, not `chat`'s.
+    p.set_defaults(max_new_tokens=ServeConfig().default_max_tokens)
     p.set_defaults(func=cmd_serve)
 
 

@@ -19,7 +19,9 @@ sampling options range-checked (400/413 with an OpenAI-style JSON error); at mos
 answers (the rows of the batch) are generated at once, up to ``max_queue`` more requests wait, and
 the rest get 429; a client that disconnects stops its generation, its row free before the next
 step; an optional API key (Bearer, printable ASCII) guards ``/v1``. The model runs in one decoding
-thread and each answer's text in a thread of its own, so the event loop keeps serving meanwhile.
+thread and everything else on the event loop, each answer's text in a coroutine of its own that the
+decoding thread wakes (at its first id, when its next chunk is due, at its end), so the model's
+steps never hold up the requests.
 Connections are bounded too: a deadline for each request's headers, a stall timeout for its body,
 and at most ``max_connections`` open (below the file descriptor limit). On a loopback address only
 loopback ``Host`` names are answered (DNS rebinding).
@@ -35,11 +37,15 @@ The files, in the order a request meets them:
 - ``hosts.py``: ``HostCheck``, the ``Host`` header check (every loopback spelling alike).
 - ``admission.py``: what the server takes on: ``BodyLimit`` (413), ``Gate`` (slots, queue, 429)
   and ``SlotResponse`` (a stream that frees its slots).
-- ``schema.py``: ``ServeConfig`` and ``LIMITS``, the API key rules, the OpenAI request models,
-  ``ApiError``, and the checks that turn a request into turns and sampling options.
+- ``config.py``: ``ServeConfig``, every limit and default of ``minigpt2 serve`` (the command-line
+  parser takes its defaults from it), ``LIMITS`` and the API key rules.
+- ``schema.py``: the OpenAI request models, ``ApiError``, and the checks that turn a request into
+  turns and sampling options.
 - ``engine.py``: ``Engine``, the decoding thread that owns the ``BatchDecoder``: rows join, step
-  together and leave; ``Job`` and ``Feed``, one row's generation and the ids it draws.
-- ``replies.py``: ``Reply``, one request's choices: their rows, and their text from the ids.
+  together and leave; ``Job``, one row's generation.
+- ``feed.py``: ``Feed``, the hand-off of one row's ids from the decoding thread to the event loop.
+- ``text.py``: ``AnswerText``, an answer's text from its ids as they come (stop strings, trimming).
+- ``replies.py``: ``Reply``, one request's choices: their rows, and their text in chunks.
 - ``app.py``: ``create_app``: the endpoints, the error handlers, the shape of the answers, and the
   lifespan that starts and stops the decoding thread.
 - ``static/chat.html``: the web chat page; its screen (conversation, composer, controls) is
@@ -48,27 +54,50 @@ The files, in the order a request meets them:
 Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, bad requests),
 ``tests/test_serve_queue.py`` (the queue, 429, disconnects, a load test), ``tests/test_serve_cli.py``
 (the command),
+``tests/test_serve_replies.py`` (chunks, the hand-off, the text of an answer),
 ``tests/test_serve_batch.py`` (an answer alone and among others, rows that leave at once, ``n``),
 ``tests/test_serve_connections.py`` (idle, slow and too many connections),
 ``tests/test_serve_http.py`` (Host names, methods, API key rules, addresses) and
 ``tests/test_serve_browser.py`` (headless Chromium, driven by Playwright).
 """
 
-from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse
-from minigpt2.serve.app import create_app
-from minigpt2.serve.descriptors import connection_cap
-from minigpt2.serve.hosts import LOOPBACK, HostCheck, is_loopback
-from minigpt2.serve.schema import (
-    CONNECTION_LIMITS,
-    LIMITS,
-    MAX_STOP_CHARS,
-    ApiError,
-    ChatMessage,
-    ChatRequest,
-    ServeConfig,
-    check_api_key,
-)
-from minigpt2.serve.server import address, addresses, bind, make_server, run_server
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse
+    from minigpt2.serve.app import create_app
+    from minigpt2.serve.config import CONNECTION_LIMITS, LIMITS, ServeConfig, check_api_key
+    from minigpt2.serve.descriptors import connection_cap
+    from minigpt2.serve.hosts import LOOPBACK, HostCheck, is_loopback
+    from minigpt2.serve.schema import MAX_STOP_CHARS, ApiError, ChatMessage, ChatRequest
+    from minigpt2.serve.server import address, addresses, bind, make_server, run_server
+
+# Where each name of the package lives. They are imported on first use, not with the package, so
+# that ``minigpt2.serve.config`` (which the command-line parser reads) comes without the web
+# framework and torch, and ``minigpt2 --help`` stays fast.
+_HOMES = {
+    "admission": ("BodyLimit", "ClientGoneError", "Gate", "SlotResponse"),
+    "app": ("create_app",),
+    "config": ("CONNECTION_LIMITS", "LIMITS", "ServeConfig", "check_api_key"),
+    "descriptors": ("connection_cap",),
+    "hosts": ("LOOPBACK", "HostCheck", "is_loopback"),
+    "schema": ("MAX_STOP_CHARS", "ApiError", "ChatMessage", "ChatRequest"),
+    "server": ("address", "addresses", "bind", "make_server", "run_server"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
 
 __all__ = [
     "CONNECTION_LIMITS",

@@ -6,9 +6,10 @@ exception handlers that turn every failure into OpenAI's ``{"error": {...}}`` JS
 ``n``, or ``chat.completion.chunk`` server-sent events (each carrying its choice's ``index``) ending
 with ``data: [DONE]``. What a request may ask is checked in ``schema``; how many answers run at once
 is ``admission``'s; the decoding thread that advances them all together is ``engine``'s, started and
-stopped with the app (its lifespan), and their text ``replies``'; which ``Host`` is answered,
-``hosts``'; the socket and uvicorn are ``server``'s. There are no interactive docs at ``/docs``:
-they load their scripts from a CDN, blank offline (``/openapi.json`` is served).
+stopped with the app (its lifespan), and their text ``replies``' (made on the event loop, which runs
+everything but the model's steps); which ``Host`` is answered, ``hosts``'; the socket and uvicorn
+are ``server``'s. There are no interactive docs at ``/docs``: they load their scripts from a CDN,
+blank offline (``/openapi.json`` is served).
 
 Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, raw HTTP, bad requests),
 ``tests/test_serve_batch.py`` (``n``, answers among others), ``tests/test_serve_http.py`` (methods,
@@ -24,7 +25,6 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -37,20 +37,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minigpt2.core.chat import Chatbot
 from minigpt2.errors import UserError
 from minigpt2.serve.admission import BodyLimit, ClientGoneError, Gate, SlotResponse
+from minigpt2.serve.config import LIMITS, ServeConfig
 from minigpt2.serve.descriptors import OUT_OF_DESCRIPTORS, out_of_descriptors
 from minigpt2.serve.engine import Decoder, Engine
 from minigpt2.serve.hosts import HostCheck
 from minigpt2.serve.replies import Reply
-from minigpt2.serve.schema import (
-    LIMITS,
-    ApiError,
-    ChatRequest,
-    ServeConfig,
-    choices,
-    sampling,
-    stop_strings,
-    to_turns,
-)
+from minigpt2.serve.schema import ApiError, ChatRequest, choices, sampling, stop_strings, to_turns
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +129,6 @@ class Routes:
         self.bot, self.limits = bot, limits
         self.gate = Gate(limits.max_concurrent, limits.max_queue)
         self.engine = Engine(decoder or (lambda: batch_decoder(bot, limits.max_concurrent)))
-        # One text thread per row (see replies); made with the app, so none exists before it runs.
-        self.threads: ThreadPoolExecutor | None = None
         # OpenAI's model object, plus what the web page needs to start its controls from: the sampling
         # defaults and the limits this server was started with (clients ignore unknown fields).
         self.model_card = {
@@ -156,13 +146,6 @@ class Routes:
             yield
         finally:
             self.engine.stop()
-            if self.threads is not None:
-                self.threads.shutdown(wait=False, cancel_futures=True)
-
-    def text_threads(self) -> ThreadPoolExecutor:
-        if self.threads is None:
-            self.threads = ThreadPoolExecutor(self.limits.max_concurrent, thread_name_prefix="minigpt2-text")
-        return self.threads
 
     def add_to(self, app: FastAPI) -> None:
         guarded = [Depends(self.authorised)]
@@ -218,8 +201,7 @@ class Routes:
         except ClientGoneError:  # nobody will read this; the slot it waited for goes to the next request
             return JSONResponse({"error": {"message": "the client went away", "type": "client_gone"}}, 408)
         try:
-            reply = Reply(self.bot, self.engine, self.text_threads(), turns, sample, stops, n,
-                          self.limits.stream_interval)  # fmt: skip
+            reply = Reply(self.bot, self.engine, turns, sample, stops, n, self.limits.stream_interval)
         except BaseException:
             leave()
             raise

@@ -4,10 +4,11 @@ Owns ``Engine``: one thread and the ``BatchDecoder`` (``minigpt2.fast.batch``) i
 decoder is not thread-safe), and ``Job``, one row's generation as a request asks for it. Requests
 post ``submit`` and ``cancel`` commands to a thread-safe queue; each turn of the loop applies the
 cancels, adds waiting jobs up to the free rows (a new prompt is prefilled and joins the next step),
-calls ``step()`` and puts each row's new id into its job's ``Feed``, the iterator the text side reads
-(``replies``). A row that finishes, or is cancelled (its client left, or a stop string ended its
-text), leaves at once and its row goes to the next job. With no row running, the thread sleeps on
-the queue. A step that fails fails the jobs in it and the loop goes on with a fresh decoder.
+calls ``step()`` and puts each row's new id into its job's ``Feed`` (``feed``), which hands it to the
+answer's coroutine on the event loop (``replies``). A row that finishes, or is cancelled (its client
+left, or a stop string ended its text), leaves at once and its row goes to the next job. With no row
+running, the thread sleeps on the queue. A step that fails fails the jobs in it and the loop goes on
+with a fresh decoder.
 
 Tests: ``pytest tests/test_serve_batch.py`` (answers alone against among others, rows that leave,
 failures) and ``tests/test_serve_queue.py`` (the same through the whole server).
@@ -19,7 +20,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ import torch
 
 from minigpt2.core.config import SampleConfig
 from minigpt2.fast.batch import Row
+from minigpt2.serve.feed import Feed
 
 log = logging.getLogger(__name__)
 
@@ -48,50 +50,10 @@ class Decoder(Protocol):
     def cancel(self, row: Row) -> None: ...
 
 
-class Feed:
-    """One job's ids as they are drawn, for the text side: iterating blocks until the next id comes,
-    ends when the row has left, and raises the error that ended it, if one did."""
-
-    def __init__(self) -> None:
-        self._items: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
-        self._over = False
-        self._ended = threading.Event()  # set when the end (None) or an error is put
-
-    def put(self, item: int | BaseException | None) -> None:
-        """An id; None: no more ids; an exception: the generation failed."""
-        self._items.put(item)
-        if not isinstance(item, int):
-            self._ended.set()
-
-    def wait_end(self, seconds: float) -> None:
-        """Wait ``seconds``, or less: until the end or an error is put. An id does not wake it: a
-        reader that waits between chunks wakes once a chunk, not once an id (waking a thread for
-        each of 20 rows at every step cost the server 6-46% of its characters/s in three pairs of
-        runs: docs/performance.md, section 8)."""
-        self._ended.wait(seconds)
-
-    def waiting(self) -> bool:
-        """True if the next item is already here (iterating would not block)."""
-        return not self._items.empty()
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        if self._over:
-            raise StopIteration
-        item = self._items.get()
-        if isinstance(item, int):
-            return item
-        self._over = True  # anything after the end (ids drawn before a cancel took effect) is dropped
-        if item is not None:
-            raise item
-        raise StopIteration
-
-
 @dataclass(eq=False)
 class Job:
-    """One row's generation: the arguments of ``BatchDecoder.add``, and the feed its ids go to."""
+    """One row's generation: the arguments of ``BatchDecoder.add``, and the feed its ids go to (made
+    on the event loop that reads it)."""
 
     prompt: list[int]
     cfg: SampleConfig

@@ -1,30 +1,28 @@
-"""The text of answers: one request's choices, each a row of the engine read by a text thread.
+"""The text of answers: one request's choices, each a row of the engine read by a coroutine.
 
 Owns ``Reply``: a request's ``n`` answers to one prompt (OpenAI's ``n``). The prompt is built once
 (``Chatbot.prepare``); each choice is a ``Job`` for the decoding thread (``engine``) with its own
-generator (seed, seed + 1, ... when the request gives a seed), and its text is ``Chatbot.reply_text``
-over the job's ``Feed``: the chatbot's own stop strings, trimming and counting, as ``Chatbot.answer``
-has them. ``reply_text`` pulls ids and the feed blocks until the next one is drawn, so each choice's
-text runs in a thread of its own (``threads``, one per row), which hands its text to the event loop
-in ``chunks``: the first piece at once, then what is generated within the server's
-``stream_interval`` together (a chunk costs the server and its client far more than a character),
-the thread sleeping between chunks. ``pieces`` gives them to the endpoint as they come (joining a
-choice's chunks that arrived together), ``whole`` all at the end. A choice whose text ends early (a
-stop string) cancels its row as soon as its thread reads it (within one interval); ``close`` (the
-client went away) cancels every row and wakes every text thread, so nothing is left generating for
-nobody.
+generator (seed, seed + 1, ... when the request gives a seed), and its text is an ``AnswerText``
+(``text``: the chatbot's own stop strings, trimming and counting, as ``Chatbot.answer`` has them)
+fed from the job's ``Feed`` (``feed``: the hand-off from the decoding thread). Each choice's text is
+made by a task of its own on the event loop (``_write``), which sends it in ``chunks``: the first
+piece at once, then what is generated within the server's ``stream_interval`` together (a chunk
+costs the server and its client far more than a character), the task sleeping between chunks. The
+tasks run whether or not the endpoint is reading, so a stop string frees its row within one
+interval even while a slow client is still being sent what came before. ``pieces`` gives the
+chunks to the endpoint as they come (joining a choice's chunks that arrived together), ``whole``
+all at the end. ``close`` (the client went away, or the answer was sent) cancels every row and
+every task, so nothing is left generating for nobody.
 
 Tests: ``pytest tests/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave) and
-``tests/test_serve_replies.py`` (chunks).
+``tests/test_serve_replies.py`` (chunks, the hand-off, the text).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
 
 import anyio
 
@@ -32,6 +30,8 @@ from minigpt2.core.chat import Chatbot, ReplyInfo, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import make_generator
 from minigpt2.serve.engine import Engine, Job
+from minigpt2.serve.feed import Item
+from minigpt2.serve.text import AnswerText
 
 SEEDS = 2**63  # a request's seed is below this; choice i is seeded (seed + i) modulo it
 
@@ -40,37 +40,32 @@ class Reply:
     """``n`` answers to ``history``, started at once; read them with ``pieces``, then ``close``.
     Made on the event loop that will read it."""
 
-    def __init__(self, bot: Chatbot, engine: Engine, threads: Executor, history: Sequence[Turn],
-                 sample: SampleConfig, stop_strings: Sequence[str] = (), n: int = 1,
-                 interval: float = 0.0) -> None:  # fmt: skip
+    def __init__(self, bot: Chatbot, engine: Engine, history: Sequence[Turn], sample: SampleConfig,
+                 stop_strings: Sequence[str] = (), n: int = 1, interval: float = 0.0) -> None:  # fmt: skip
         prompt, stop_ids, min_new_tokens = bot.prepare(history)
-        self._engine, self._loop, self._interval = engine, asyncio.get_running_loop(), interval
+        self._engine, self._interval = engine, interval
         self._queue: asyncio.Queue[tuple[int, str | BaseException | None]] = asyncio.Queue()
         self._left = n  # choices not yet ended
         self.infos = [ReplyInfo(prompt_tokens=len(prompt)) for _ in range(n)]
         seeds = [None if sample.seed is None else (sample.seed + i) % SEEDS for i in range(n)]
         self.jobs = [Job(prompt, sample, stop_ids, min_new_tokens, make_generator(s)) for s in seeds]
+        self._writers: list[asyncio.Task[None]] = []
         for index, (job, info) in enumerate(zip(self.jobs, self.infos, strict=True)):
-            text = bot.reply_text(job.feed, sample.max_new_tokens, info, stop_strings)
+            text = AnswerText(bot, sample.max_new_tokens, info, stop_strings)
             engine.submit(job)
-            threads.submit(self._write, index, job, text)
+            self._writers.append(asyncio.create_task(self._write(index, job, text)))
 
-    def _write(self, index: int, job: Job, text: Iterator[str]) -> None:
-        """A text thread: one choice's chunks to the event loop (``chunks``), then its end (None) or
-        the error that ended it."""
+    async def _write(self, index: int, job: Job, text: AnswerText) -> None:
+        """One choice's chunks (``chunks``) to ``pieces``, then its end (None) or the error that
+        ended it."""
         try:
-            for chunk in chunks(text, job.feed.waiting, self._interval, wait=job.feed.wait_end):
-                self._post(index, chunk)
-            self._post(index, None)
-        except Exception as err:
-            self._post(index, err)
+            async for chunk in chunks(job.feed, text, self._interval, asyncio.get_running_loop().time):
+                self._queue.put_nowait((index, chunk))
+            self._queue.put_nowait((index, None))
+        except Exception as err:  # the generation failed: the endpoint reports it
+            self._queue.put_nowait((index, err))
         finally:
             self._engine.cancel(job)  # a stop string ends the text before the row: free the row now
-
-    def _post(self, index: int, item: str | BaseException | None) -> None:
-        # RuntimeError: the event loop has closed (the server stopped), so nobody is reading.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
 
     async def pieces(self) -> AsyncIterator[tuple[int, str | None]]:
         """(choice, piece) as each piece comes, and (choice, None) once that choice has ended (its
@@ -111,10 +106,11 @@ class Reply:
 
     def close(self) -> None:
         """Stop every choice still running (safe to call more than once, and after they ended): their
-        rows leave before the next step, and their text threads stop waiting at once."""
+        rows leave before the next step, and their tasks end at once."""
         for job in self.jobs:
             self._engine.cancel(job)
-            job.feed.put(None)
+        for writer in self._writers:
+            writer.cancel()
 
     def usage(self) -> dict[str, int]:
         """OpenAI's token counts (characters here): the prompt once, the answers' ids summed."""
@@ -123,42 +119,46 @@ class Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chunks(
-    pieces: Iterable[str],
-    waiting: Callable[[], bool],
-    interval: float,
-    clock: Callable[[], float] = time.monotonic,
-    wait: Callable[[float], None] = time.sleep,
-) -> Iterator[str]:
-    """``pieces`` joined into chunks: the first goes at once, each next one ``interval`` seconds or
-    more after the last, with every piece that came meanwhile. ``waiting()`` says whether the next
-    piece's id is already here (it joins the chunk first, for at most one more interval);
-    ``wait(seconds)`` returns when the seconds are up or, earlier, when the ids end, so an answer's
-    end is sent at once. The ids drawn during a wait are decoded after it, together: a stop string
-    among them ends the text (and frees its row) within one interval. So a stream costs the server
-    one chunk and one wake-up of its text thread per interval, not one per character, and its
-    client one chunk (0: each piece as it comes)."""
-    held: list[str] = []
-    due = clock()  # when the next chunk may go
-    try:
-        for piece in pieces:
-            held.append(piece)
-            now = clock()
-            if waiting() and now < due + interval:
-                continue  # the next piece is already here: it goes in this chunk
-            if now < due:
-                wait(due - now)
-                if waiting():  # what was drawn meanwhile (or the end) joins this chunk first
-                    continue
-            yield "".join(held)
-            held.clear()
-            due = clock() + interval
-    except Exception:  # the generation failed: what was said before it is still shown
-        if held:
-            yield "".join(held)
-        raise
-    if held:
-        yield "".join(held)
+class Source(Protocol):
+    """What ``chunks`` reads from: a ``Feed`` (tests give one on a clock of their own)."""
+
+    def take(self) -> list[Item]: ...
+
+    async def wait(self, until: float | None = None) -> None: ...
+
+
+async def chunks(
+    feed: Source, text: AnswerText, interval: float, clock: Callable[[], float]
+) -> AsyncIterator[str]:
+    """The text of ``feed``'s ids in chunks: the first goes at once, each next one ``interval``
+    seconds or more after the last (on ``clock``, the one ``feed.wait`` counts on), with the text
+    of every id that came meanwhile; the answer's end goes at once. While it holds text it waits
+    for its chunk's time or the end, not for each id: the ids drawn meanwhile are decoded together
+    when it wakes, so a stop string among them ends the text (and frees its row) within one
+    interval. So a stream costs the server one chunk and one wake-up of its task per interval, not
+    one per character, and its client one chunk (0: each piece as it comes). An error that ended the
+    row is raised after the text that came before it."""
+    held, due = "", clock()  # the text not yet sent; when the next chunk may go
+    failure: BaseException | None = None
+    over = False
+    while not over:
+        holding = bool(held)
+        await feed.wait(due if holding else None)  # holding: returns at ``due`` or the end
+        for item in feed.take():
+            if isinstance(item, int):
+                held += text.push(item)
+                over = text.ended  # a stop string: the ids after it are not wanted
+            elif item is None:
+                held, over = held + text.end(), True
+            else:
+                failure, over = item, True
+            if over:
+                break
+        if held and (over or holding or clock() >= due):
+            yield held
+            held, due = "", clock() + interval
+    if failure is not None:
+        raise failure
 
 
 def _joined(

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from minigpt2.errors import UserError
+from minigpt2.serve.config import ServeConfig
 from minigpt2.serve.descriptors import connection_cap
-from minigpt2.serve.schema import ServeConfig
 
 if TYPE_CHECKING:
     import uvicorn
