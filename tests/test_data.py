@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from minigpt2 import corpora, data, mixing
+from minigpt2.core.batches import get_batch
 from minigpt2.core.tokenizer import EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError
 
@@ -154,22 +155,22 @@ def test_load_rejects_damaged_folders(tmp_path: Path, text_corpus: Path) -> None
 
 def test_get_batch_shapes_targets_and_reproducibility() -> None:
     series = np.arange(500, dtype=np.uint16)
-    x, y = data.get_batch(series, 6, 8, torch.Generator().manual_seed(0))
+    x, y = get_batch(series, 6, 8, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (6, 8)
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:])
     assert torch.equal(y, x + 1)  # in this series the next token is always the previous plus one
     assert torch.equal(x, x[:, :1] + torch.arange(8))  # contiguous windows
     assert int(x.min()) >= 0 and int(y.max()) < len(series)
-    again = data.get_batch(series, 6, 8, torch.Generator().manual_seed(0))
-    other = data.get_batch(series, 6, 8, torch.Generator().manual_seed(1))
+    again = get_batch(series, 6, 8, torch.Generator().manual_seed(0))
+    other = get_batch(series, 6, 8, torch.Generator().manual_seed(1))
     assert torch.equal(again[0], x) and torch.equal(again[1], y)
     assert not torch.equal(other[0], x)
 
 
 def test_get_batch_on_the_shortest_allowed_split() -> None:
     series = np.arange(9, dtype=np.uint16)  # block_size + 1 tokens: exactly one window
-    x, y = data.get_batch(series, 3, 8, torch.Generator().manual_seed(0))
+    x, y = get_batch(series, 3, 8, torch.Generator().manual_seed(0))
     assert torch.equal(x, torch.arange(8).repeat(3, 1)) and torch.equal(y, x + 1)
 
 

@@ -1,5 +1,6 @@
-"""Tests for ``minigpt2.training.optim``: Muon's orthogonalization and step, which parameters go to Muon and
-which to AdamW, the LR schedule reaching both, and an interrupted Muon run resumed exactly.
+"""Tests for the optimizers (``core/optim.py``, ``core/muon.py``): Muon's orthogonalization and
+step, which parameters go to Muon and which to AdamW, the LR schedule reaching both, and an
+interrupted Muon run resumed exactly.
 
 Covered: ``orthogonalize`` keeps a matrix's singular vectors and pushes its singular values into
 [0.5, 1.5] (tall, wide and square, stacked); a Muon step equals the same arithmetic written out per
@@ -28,10 +29,12 @@ from helpers_train import prepare, rows, tiny, trainer
 from minigpt2 import checkpoint
 from minigpt2.core import config
 from minigpt2.core.model import GPT
+from minigpt2.core.muon import Muon, Optimizers, orthogonalize
+from minigpt2.core.optim import make_optimizer
 from minigpt2.errors import ConfigError
+from minigpt2.machine import muon_dtype
 from minigpt2.training import trainer as train
 from minigpt2.training.metrics import Callback, StepRecord
-from minigpt2.training.optim import Muon, Optimizers, _ns_dtype, make_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -63,8 +66,9 @@ def test_muon_step_is_the_written_out_arithmetic() -> None:
     expected = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
     lr, momentum, decay = 0.05, 0.9, 0.1
-    opt = Muon(params, lr=lr, momentum=momentum, weight_decay=decay)
-    ns_dtype = _ns_dtype(torch.device("cpu"))  # what Muon computes in here: bf16 where it is fast
+    # What Muon computes in on this CPU: bf16 where it is fast.
+    ns_dtype = muon_dtype(torch.device("cpu"), tiny(optimizer="muon")[1])
+    opt = Muon(params, lr=lr, momentum=momentum, weight_decay=decay, ns_dtype=ns_dtype)
     # In bf16 the products of a batch of matrices may be blocked (summed in another order) unlike
     # one matrix alone: a few bf16 roundings of an update of size lr, not a property of one CPU.
     atol = 1e-5 if ns_dtype == torch.float32 else 2 * lr * 2**-5
@@ -152,8 +156,8 @@ def test_interrupted_muon_run_resumes_to_the_unbroken_run(tmp_path: Path) -> Non
     cfgs = tiny(optimizer="muon", max_iters=12, eval_interval=4, early_stopping=False)
     whole = train.train(d, tmp_path / "whole", *cfgs)
     stopped = train.train(d, tmp_path / "run", *cfgs, callbacks=[_InterruptAt(6)])
-    # The loop reads the stop request with the next step's bookkeeping: it stops after step 7.
-    assert stopped.steps == 7 and "interrupted" in stopped.stop_reason
+    # The request is read once the step's callbacks are done: the run stops after that step.
+    assert stopped.steps == 6 and "interrupted" in stopped.stop_reason
     resumed = train.train(d, tmp_path / "run", *cfgs, resume=True)
     assert resumed.steps == whole.steps == 12
     for a, b in zip(rows(tmp_path / "run"), rows(tmp_path / "whole"), strict=True):

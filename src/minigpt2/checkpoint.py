@@ -4,6 +4,8 @@ A run directory holds two checkpoints kept apart: ``RUN/best`` (lowest validatio
 ``RUN/last`` (the latest state, for resuming). Each checkpoint directory describes itself:
 
 - ``model.safetensors``: the weights (the tied LM head is stored once, as ``transformer.wte.weight``);
+  a checkpoint the textbook's own loop wrote (``core/train.py``) holds ``model.pt`` instead, a
+  dict of tensors read with ``torch.load(weights_only=True)``;
 - ``checkpoint.json``: format and version, model config, tokenizer vocabulary, and metadata (step,
   val loss, training config, data source, chat template);
 - ``train_state.pt`` (``last`` only): optimizer, scaler, RNG and sampler state, tensors and plain
@@ -38,6 +40,7 @@ from minigpt2.outdirs import kind_of
 FORMAT = "minigpt2-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS, TRAIN_STATE = "model.safetensors", "train_state.pt"
+TEXTBOOK_WEIGHTS = "model.pt"  # what core/train.py writes: the textbook imports no safetensors
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight, stored once
 
 
@@ -165,7 +168,7 @@ def load(path: Path) -> Checkpoint:
         )
     # The sizes in the JSON decide how much memory the model takes: they are checked against the
     # weights file's header (no tensor data read) before any caller builds a model from them.
-    file = ckpt_dir / WEIGHTS
+    file = weights_file(ckpt_dir)
     problem = shape_mismatch(weight_shapes(file), model_config)
     if problem:
         raise CheckpointError(f"corrupt checkpoint: {file} does not match {META}: {problem}")
@@ -197,10 +200,19 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
     return state
 
 
+def weights_file(ckpt_dir: Path) -> Path:
+    """The checkpoint's weights: ``model.safetensors``, or the textbook loop's ``model.pt``."""
+    textbook = ckpt_dir / TEXTBOOK_WEIGHTS
+    return textbook if textbook.is_file() and not (ckpt_dir / WEIGHTS).exists() else ckpt_dir / WEIGHTS
+
+
 def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape, from the safetensors header alone (no tensor data is read)."""
+    """Each tensor's shape, from the safetensors header alone (no tensor data is read; a textbook
+    ``model.pt`` is memory-mapped, so its data is not read either)."""
     from safetensors import SafetensorError, safe_open
 
+    if file.name == TEXTBOOK_WEIGHTS:
+        return {name: tuple(t.shape) for name, t in _read_textbook_weights(file).items()}
     try:
         with safe_open(file, framework="pt") as f:
             names = f.keys()  # a safe_open handle is not a mapping: it cannot be iterated
@@ -209,6 +221,21 @@ def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(
             f"corrupt checkpoint: {file} is missing, truncated or not safetensors ({err})"
         ) from None
+
+
+def _read_textbook_weights(file: Path) -> dict[str, Tensor]:
+    """``model.pt`` as the textbook saves it: a dict of tensors, nothing else (never unpickled code)."""
+    try:
+        weights = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # any failure here means a damaged file
+        raise CheckpointError(
+            f"corrupt checkpoint: {file} is unreadable or holds more than tensors ({type(err).__name__})"
+        ) from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(f"corrupt checkpoint: {file} does not hold a dict of named tensors")
+    return weights
 
 
 def shape_mismatch(shapes: dict[str, tuple[int, ...]], config: cfg.ModelConfig) -> str | None:
@@ -235,9 +262,9 @@ def _read_weights(ckpt_dir: Path, model: GPT) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = ckpt_dir / WEIGHTS
+    file = weights_file(ckpt_dir)
     try:
-        weights = load_file(file)
+        weights = _read_textbook_weights(file) if file.name == TEXTBOOK_WEIGHTS else load_file(file)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"corrupt checkpoint: {file} is missing, truncated or not safetensors ({err})"

@@ -12,7 +12,8 @@ A second SOURCE can be mixed into the training split (``mix``, see ``mixing``): 
 gets more text to learn spelling and words from, while its validation split stays its own.
 
 ``prepare`` writes ``train.bin`` and ``val.bin`` (uint16 token ids) and ``meta.json`` (vocabulary,
-source, counts) into a data folder; ``load`` maps them back; ``get_batch`` samples ``(B, T)`` batches.
+source, counts) into a data folder; ``load`` maps them back, checked. The batches drawn from them are
+the textbook's (``core/batches.py``).
 Run its tests with ``pytest tests/test_data.py``.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from minigpt2 import corpora, mixing
+from minigpt2.core.batches import read_split
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import DataError, UserError, WriteError
 from minigpt2.fileio import atomic_write_bytes, atomic_write_text
@@ -228,7 +230,7 @@ def load(data_dir: Path) -> Dataset:
             f"the data folder {data_dir} has a malformed meta.json ({err}); run `minigpt2 prepare` again"
         ) from None
     try:
-        splits = [np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")]
+        splits = [read_split(data_dir, s) for s in ("train", "val")]
     except (OSError, ValueError) as err:
         raise DataError(
             f"the data folder {data_dir} is damaged ({err}); run `minigpt2 prepare` again"
@@ -244,45 +246,6 @@ def fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256(json.dumps(dataset.tokenizer.to_dict(), sort_keys=True).encode())
     digest.update(np.ascontiguousarray(dataset.val).tobytes())
     return digest.hexdigest()[:16]
-
-
-def bot_mask(tokens: np.ndarray) -> np.ndarray:
-    """True at every token of a bot turn after its ``<|bot|>`` marker, the closing ``<|eot|>``
-    included: the tokens a chatbot is trained to produce when the loss counts bot turns only."""
-    tokens = np.asarray(tokens)
-    role = np.where(tokens == USER_ID, 1, np.where(tokens == BOT_ID, 2, 0))
-    last_marker = np.maximum.accumulate(np.where(role > 0, np.arange(len(tokens)), 0))
-    return (role[last_marker] == 2) & (tokens != BOT_ID)
-
-
-def windows(
-    data: np.ndarray, starts: Any, block_size: int, target_mask: np.ndarray | None = None
-) -> tuple[Any, Any]:
-    """Inputs ``x`` and next-character targets ``y``, both (B, T), for windows beginning at ``starts``.
-
-    With ``target_mask`` (as long as ``data``), targets where it is False become -1: no loss there.
-    """
-    import torch
-
-    index = np.asarray(starts)[:, None] + np.arange(block_size + 1)  # (B, T+1)
-    xy = torch.from_numpy(data[index].astype(np.int64))
-    x, y = xy[:, :-1], xy[:, 1:].clone()
-    if target_mask is not None:
-        y[~torch.from_numpy(target_mask[index[:, 1:]])] = -1
-    return x, y
-
-
-def random_starts(n_tokens: int, batch_size: int, block_size: int, generator: Any) -> np.ndarray:
-    """``batch_size`` random window starts, drawn from a ``torch.Generator`` (so runs can resume
-    exactly: the generator's state is saved with the checkpoint)."""
-    import torch
-
-    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator).numpy()
-
-
-def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: Any) -> tuple[Any, Any]:
-    """A random batch ``(x, y)``, each (B, T), from one split."""
-    return windows(data, random_starts(len(data), batch_size, block_size, generator), block_size)
 
 
 def remap(dataset: Dataset, tokenizer: CharTokenizer) -> tuple[np.ndarray, np.ndarray]:

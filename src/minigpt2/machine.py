@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minigpt2.core.config import TrainConfig
 from minigpt2.fast.gelu import ISA_VARIABLES  # restricting the instruction set
 from minigpt2.fileio import atomic_write_text
 
@@ -85,7 +86,8 @@ def remembered(name: str, measure: Callable[[], bool]) -> bool:
         cache = {}
     if isinstance(cache.get(key), bool):
         return bool(cache[key])
-    answer = measure()
+    with torch.random.fork_rng(devices=[]):  # its random matrices leave a run's random state as it was
+        answer = measure()
     cache[key] = answer
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,3 +164,16 @@ def cpu_autocast_pays(tokens: int, width: int) -> bool:
             return _mlp_time(tokens, width, True) < AUTOCAST_GAIN * _mlp_time(tokens, width, False)
 
     return remembered(f"bf16 autocast {tokens}x{width}", measure)
+
+
+def muon_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype of Muon's Newton-Schulz products on ``device`` (None: ``cfg`` has no Muon): bf16
+    where the hardware computes in it (a CUDA GPU with bf16, a CPU measured to multiply bf16 faster:
+    AMX, AVX512-BF16), else fp32: elsewhere bf16 products are emulated (slow) or missing."""
+    if cfg.optimizer != "muon":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_bf16_is_fast():
+        return torch.bfloat16
+    return torch.float32

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt2 import checkpoint, data
+from minigpt2 import checkpoint
+from minigpt2.core.batches import windows
 from minigpt2.core.config import ModelConfig, TrainConfig, to_dict
 from minigpt2.core.model import GPT
 from minigpt2.core.schedule import EarlyStopState
@@ -194,7 +195,7 @@ def evaluate_tokens(
     model.eval()
     total = 0.0
     for i in range(0, len(starts), batch_size):
-        x, y = data.windows(tokens, starts[i : i + batch_size], T)
+        x, y = windows(tokens, starts[i : i + batch_size], T)
         with precision.autocast():
             _, loss = model(x.to(device), y.to(device))
         assert loss is not None

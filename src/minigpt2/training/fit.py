@@ -35,10 +35,10 @@ import torch
 from minigpt2.core import train_step as core_step
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.model import GPT
+from minigpt2.core.optim import make_optimizer
 from minigpt2.fast import use_engine
-from minigpt2.machine import fastest_time
+from minigpt2.machine import fastest_time, muon_dtype
 from minigpt2.precision import Precision, choose_precision
-from minigpt2.training.optim import make_optimizer
 
 # The settings a fit chooses: one given explicitly is the user's choice, and no fit is made.
 FITTED = frozenset({"n_embd", "batch_size", "dropout", "max_iters", "fit_to_budget"})
@@ -130,20 +130,17 @@ def time_step(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, pa
     precision = training_precision(model_cfg, cfg, device, pass_seqs)
     model = use_engine(GPT(model_cfg), cfg.engine).to(device)
     params = list(model.parameters())
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device, muon_dtype(device, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.batch_size, model_cfg.block_size)
     x = torch.randint(model_cfg.vocab_size, shape, generator=generator).to(device)
     y = torch.randint(model_cfg.vocab_size, shape, generator=generator).to(device)
     pieces = list(zip(torch.split(x, pass_seqs), torch.split(y, pass_seqs), strict=True))
-    passes = [
-        (xp, yp, xp.size(0) / cfg.batch_size, i == len(pieces) - 1) for i, (xp, yp) in enumerate(pieces)
-    ]
+    passes = [(xp, yp, xp.size(0) / cfg.batch_size) for xp, yp in pieces]
 
     def step() -> None:
-        core_step.train_step(model, optimizer, scaler, passes, cfg=cfg, step=cfg.warmup_iters,
-                             horizon=cfg.max_iters, precision=precision, params=params)  # fmt: skip
+        core_step.train_step(model, optimizer, scaler, passes, precision, cfg.grad_clip, params)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -80,15 +80,22 @@ class SampleWriter:
     def write(self, model: GPT, step: int, val_loss: float, precision: Precision) -> list[dict[str, Any]]:
         """Generate one sample per prompt, append them to the file, and return them."""
         start = time.perf_counter()
-        samples = [
-            {
-                "step": step,
-                "val_loss": round(val_loss, 4),
-                "prompt": prompt,
-                "text": self._say(model, prompt, precision, i),
-            }
-            for i, prompt in enumerate(self.prompts)
-        ]
+        # Dropout off while it speaks: a sample shows the model as it will be used, and draws nothing
+        # from the random state the training's dropout goes on from (a resumed run repeats it).
+        training = model.training
+        model.eval()
+        try:
+            samples = [
+                {
+                    "step": step,
+                    "val_loss": round(val_loss, 4),
+                    "prompt": prompt,
+                    "text": self._say(model, prompt, precision, i),
+                }
+                for i, prompt in enumerate(self.prompts)
+            ]
+        finally:
+            model.train(training)
         with self.path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         self.spent += time.perf_counter() - start

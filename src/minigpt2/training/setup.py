@@ -3,8 +3,9 @@ does it.
 
 In order: the seed; the data and where the run starts (fresh, ``--resume``, ``--init-from``,
 ``runstate.load_start``); the precision; the model through ``fast.use_engine``; the optimizer and
-the fp16 GradScaler; ``torch.compile``, tried once with a fallback to eager; the DDP wrapper; the
-training state of a resume; the fixed validation windows; ``config.json``. Also ``pass_size``: how
+the loop's state (the fp16 GradScaler); ``torch.compile``, tried once with a fallback to eager; the
+DDP wrapper; the batches (``run_batches.RunBatches``); the training state of a resume;
+``config.json``. Also ``pass_size``: how
 many sequences go through one forward/backward pass. Tests: ``pytest tests/test_train.py``.
 """
 
@@ -20,15 +21,19 @@ import torch
 from torch import nn
 
 from minigpt2 import data
+from minigpt2.core.batches import random_starts, windows
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.model import GPT
+from minigpt2.core.optim import make_optimizer
 from minigpt2.core.schedule import EarlyStopState
+from minigpt2.core.train import LoopState
 from minigpt2.errors import ConfigError
 from minigpt2.fast import use_engine
+from minigpt2.machine import muon_dtype
 from minigpt2.training import fit as fitting
 from minigpt2.training.checkpoints import RunFiles
 from minigpt2.training.metrics import TensorBoardCallback
-from minigpt2.training.optim import make_optimizer
+from minigpt2.training.run_batches import RunBatches
 from minigpt2.training.runstate import RunLock, Start, load_start
 from minigpt2.training.samples import SampleWriter
 
@@ -53,12 +58,11 @@ class RunSetup(RunFiles):
     lock: RunLock | None
     train_data: np.ndarray
     val_data: np.ndarray
-    masks: tuple[np.ndarray, np.ndarray] | None  # (train, val): targets that count, for loss_on="bot"
     model: nn.Module  # raw_model, compiled and/or wrapped in DDP: what the training step calls
-    params: list[nn.Parameter]
+    loop: LoopState  # the textbook loop's state: step, early stopping, the fp16 GradScaler
+    batches: RunBatches
     no_sync: Callable[[], AbstractContextManager[object]] | None  # DDP's, None in one process
     samples: SampleWriter | None = None  # rank 0 with cfg.samples
-    eval_starts: np.ndarray  # (eval_iters, global batch) window starts
     fit: fitting.Fit | None = None  # what fit_to_budget chose, for config.json
 
     def _setup(self, data_dir: Path, model_cfg: ModelConfig, resume: bool, init_from: Path | None) -> None:
@@ -68,13 +72,17 @@ class RunSetup(RunFiles):
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, as it should
         start = self._load(data_dir, model_cfg, resume, init_from)
         self._build_model(start)
-        self.sampler = torch.Generator().manual_seed(cfg.seed)  # same on every rank: one global batch
-        self.step, self.elapsed = 0, 0.0
+        cfg = self.cfg  # as fit_to_budget may have changed it
+        self.batches = RunBatches(
+            self.train_data, self.val_data, self.model_cfg.block_size, cfg.batch_size, cfg.grad_accum,
+            cfg.eval_iters, cfg.loss_on == "bot", cfg.seed, self.device, rank=self.dist.rank,
+            world_size=self.dist.world_size, pass_size=self.pass_size, no_sync=self.no_sync,
+        )  # fmt: skip
+        self.sampler = self.batches.generator  # same seed on every rank: one global batch
+        self.elapsed = 0.0
         self.records = []
-        self.early = EarlyStopState()
         if start.train_state is not None:
             self._restore(start.train_state)  # checkpoints.RunFiles
-        self.eval_starts = self._eval_windows()
         if self.dist.is_main:
             if cfg.tensorboard:
                 try:
@@ -107,9 +115,6 @@ class RunSetup(RunFiles):
             raise ConfigError(
                 "--loss-on bot needs a dialogue corpus (e.g. chatterbot); this data is plain text"
             )
-        self.masks = (
-            (data.bot_mask(self.train_data), data.bot_mask(self.val_data)) if cfg.loss_on == "bot" else None
-        )
         return start
 
     def _fit_to_budget(self) -> None:
@@ -136,22 +141,35 @@ class RunSetup(RunFiles):
         if start.weights is not None:
             self.raw_model.load_state_dict(start.weights, strict=False)
         self.raw_model.to(self.device)
-        self.params = list(self.raw_model.parameters())  # once: listing them walks every module
-        self.optimizer = make_optimizer(self.raw_model, self.cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        ns_dtype = muon_dtype(self.device, self.cfg)  # Muon's, measured on a CPU
+        self.optimizer = make_optimizer(self.raw_model, self.cfg, self.device, ns_dtype)
+        self.loop = LoopState(torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler))
         self.model = self._wrap(self.raw_model)
 
-    def _eval_windows(self) -> np.ndarray:
-        """Fixed validation windows, (eval_iters, global batch): the same batches at every evaluation,
-        so the numbers compare and early stopping reacts to the model, not to sampling noise."""
-        eval_gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-        T = self.model_cfg.block_size
-        return np.stack(
-            [
-                data.random_starts(len(self.val_data), self.global_batch, T, eval_gen)
-                for _ in range(self.cfg.eval_iters)
-            ]
-        )
+    # The loop's state, read and written by name where a run's files save and restore it.
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    @property
+    def early(self) -> EarlyStopState:
+        return self.loop.early
+
+    @early.setter
+    def early(self, value: EarlyStopState) -> None:
+        self.loop.early = value
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.loop.scaler
+
+    @scaler.setter
+    def scaler(self, value: torch.amp.GradScaler) -> None:
+        self.loop.scaler = value
 
     @property
     def global_batch(self) -> int:
@@ -194,8 +212,8 @@ class RunSetup(RunFiles):
         and the compile time is spent here, not in the first timed step). Compiling is an
         optimisation, so a failure falls back to eager with a warning instead of ending the run."""
         T, B = self.model_cfg.block_size, self.pass_size  # the shape every pass will have
-        trial = data.random_starts(len(self.train_data), B, T, torch.Generator().manual_seed(0))
-        x, y = data.windows(self.train_data, trial, T)
+        trial = random_starts(len(self.train_data), B, T, torch.Generator().manual_seed(0))
+        x, y = windows(self.train_data, trial, T)
         try:
             compiled = torch.compile(model)
             with self.precision.autocast():

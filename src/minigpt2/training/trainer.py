@@ -1,13 +1,15 @@
-"""The training loop: ``Trainer.run`` steps until ``max_iters``, the time budget, early stopping,
-divergence or Ctrl-C (SIGINT/SIGTERM), evaluating every ``eval_interval`` steps.
+"""The product's trainer: the textbook's loop (``core/train.py``) with what a tool adds around it.
 
-The step itself, with the five techniques minigpt2 was founded on (mixed precision, gradient
-clipping, LR schedule, LR warm-up, early stopping), is the textbook's ``core/train_step.py``; here
-is what feeds and follows it: the batches (gradient accumulation, passes of ``max_pass_tokens``,
-each process's slice under DDP), the LR horizon of a time budget, the decision after each
-evaluation (``best`` on an improvement, early stopping), the metrics and callbacks, a graceful stop.
-Building the run is ``setup.py``; its files (``best``, ``last``, exact resume) are ``checkpoints.py``.
-Reports go through ``metrics.Callback``; nothing here prints. Tests: ``pytest tests/test_train.py``.
+``Trainer.run`` drives ``core.train.train``, the same loop a learner reads, with the five
+techniques minigpt2 was founded on, and plugs into it: the batches of a run (passes of
+``max_pass_tokens``, each process's slice under DDP: ``run_batches.py``), the model as compiled and
+wrapped for DDP, the LR horizon of a time budget, the end of that budget, and the mean of the losses
+over processes. Around each step the loop reports, it keeps the metrics, calls the callbacks
+(progress bar, TensorBoard), saves ``best`` on an improvement and ``last`` after each evaluation,
+writes the samples, and stops at Ctrl-C or SIGTERM with ``last`` saved, so a resume is exact.
+Building the run is ``setup.py``; its files (``best``, ``last``, exact resume) are
+``checkpoints.py``. Reports go through ``metrics.Callback``; nothing here prints.
+Tests: ``pytest tests/test_train.py``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any
 
 import torch
 
-from minigpt2 import data
+from minigpt2.core import train as core_train
 from minigpt2.core import train_step as core_step
 from minigpt2.core.config import ModelConfig, TrainConfig
-from minigpt2.core.schedule import early_stop_update
+from minigpt2.core.schedule import lr_at
 from minigpt2.fast.memory import keep_freed_memory
 from minigpt2.precision import choose_device
 from minigpt2.training import distributed
@@ -59,6 +61,7 @@ class Trainer(RunSetup):
         self.lock = RunLock(run_dir) if self.dist.is_main else None
         self._stop_requested = False
         self._stop_signal: int | None = None  # the signal that asked for the stop
+        self._clock = 0.0  # perf_counter() at the run's start, less the time of the steps resumed
         try:
             self._setup(data_dir, model_cfg, resume, init_from)  # setup.RunSetup
         except BaseException:  # a run that cannot start must not keep (or leave) its directory
@@ -66,31 +69,7 @@ class Trainer(RunSetup):
                 self.lock.abandon()
             raise
 
-    # -- one optimizer step: core/train_step.py on this step's batches ------------------------------
-
-    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``grad_accum`` micro-batches; each is this process's slice of one global batch, so N
-        processes see exactly what one process with an N times larger batch would."""
-        T, B, r = self.model_cfg.block_size, self.cfg.batch_size, self.dist.rank
-        mask = self.masks[0] if self.masks else None
-        for _ in range(self.cfg.grad_accum):
-            starts = data.random_starts(len(self.train_data), self.global_batch, T, self.sampler)
-            x, y = data.windows(self.train_data, starts[r * B : (r + 1) * B], T, mask)
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _passes(self) -> Iterator[core_step.Pass]:
-        """The step's forward/backward passes: each micro-batch cut into ``pass_size`` pieces.
-        Yields (x, y, weight, last pass of the step?). A piece's weight is its share of the
-        micro-batch's counted targets (all of them, or only the bot's with ``loss_on="bot"``) over
-        ``grad_accum``, so the pieces' weighted mean losses add up to the micro-batch's mean loss."""
-        size, accum = self.pass_size, self.cfg.grad_accum
-        for i, (x, y) in enumerate(self._micro_batches()):
-            # Without a loss mask every target counts: the shares are plain numbers (no tensor ops).
-            counted = (y != -1).sum().clamp(min=1) if self.masks else y.numel()  # tensor: no wait
-            pieces = list(zip(torch.split(x, size), torch.split(y, size), strict=True))
-            for j, (xp, yp) in enumerate(pieces):
-                weight = ((yp != -1).sum() if self.masks else yp.numel()) / counted / accum
-                yield xp, yp, weight, i == accum - 1 and j == len(pieces) - 1
+    # -- what the run plugs into the textbook's loop ------------------------------------------------
 
     def horizon(self) -> int:
         """The step the LR schedule decays towards: ``max_iters``, or with a time budget the steps
@@ -109,29 +88,39 @@ class Trainer(RunSetup):
         expected = int(self.step / self.elapsed * cfg.max_minutes * 60)
         return max(self.step + 1, min(cfg.max_iters, expected))
 
-    def train_step(self) -> core_step.StepResult:
-        """One optimizer step. Returns (train loss, grad norm before clipping, clipped?, lr)."""
-        return core_step.train_step(
-            self.model, self.optimizer, self.scaler, self._passes(), cfg=self.cfg, step=self.step,
-            horizon=self.horizon(), precision=self.precision, params=self.params, no_sync=self.no_sync,
-            process_mean=self._process_mean,
+    def _lr_of(self, step: int) -> float:
+        cfg = self.cfg
+        return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
+                     max_iters=self.horizon(), schedule=cfg.lr_schedule)  # fmt: skip
+
+    def _out_of_time(self) -> str:
+        """Asked by the loop after each step: the time so far (one clock for all processes, so they
+        agree on the LR horizon), and the reason to stop when the budget is spent."""
+        cfg = self.cfg
+        self.elapsed = time.perf_counter() - self._clock
+        if cfg.max_minutes > 0 and self.dist.enabled:
+            self.elapsed = float(distributed.mean(torch.tensor(self.elapsed), self.dist))
+        out = cfg.max_minutes > 0 and self.elapsed >= cfg.max_minutes * 60
+        out = distributed.any_true(out, self.device, self.dist)
+        return f"time budget of {cfg.max_minutes:g} minutes reached" if out else ""
+
+    def _average(self, value: torch.Tensor) -> float:
+        return float(distributed.mean(value, self.dist))
+
+    def train_step(self) -> tuple[float, float, bool, float]:
+        """One optimizer step outside the loop (tests, benchmarks): (train loss, grad norm before
+        clipping, clipped?, lr)."""
+        lr = self._lr_of(self.step)
+        core_train.set_lr(self.optimizer, lr)
+        loss, grad_norm, clipped = core_step.train_step(
+            self.model, self.optimizer, self.scaler, self.batches.passes(), self.precision,
+            self.cfg.grad_clip, list(self.raw_model.parameters()),
         )  # fmt: skip
+        return self._average(loss), grad_norm, clipped, lr
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation windows (this process's share, averaged over all)."""
-        if self.model is not self.raw_model:  # a DDP wrapper has a mode of its own: the step reads it
-            self.model.eval()
-        return core_step.evaluate(self.raw_model, self._eval_batches(), self.precision, self._process_mean)
-
-    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        T, B, r = self.model_cfg.block_size, self.cfg.batch_size, self.dist.rank
-        mask = self.masks[1] if self.masks else None
-        for starts in self.eval_starts:
-            x, y = data.windows(self.val_data, starts[r * B : (r + 1) * B], T, mask)
-            yield x.to(self.device), y.to(self.device)
-
-    def _process_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return distributed.mean(value, self.dist)
+        return self._average(core_step.evaluate(self.raw_model, self.batches.val_batches(), self.precision))
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -142,54 +131,29 @@ class Trainer(RunSetup):
             cb.on_start(cfg.max_iters, self.step)
         metrics = MetricsFile(self.run_dir / "metrics.csv", self.records) if self.dist.is_main else None
         reason = f"reached max_iters ({cfg.max_iters})"
-        tokens_per_step = self.global_batch * cfg.grad_accum * self.model_cfg.block_size
-        clock = time.perf_counter() - self.elapsed
+        self._clock = time.perf_counter() - self.elapsed
         # With the fast engine on a CPU, freed activations stay in the process for the next step.
         fast_cpu = cfg.engine == "fast" and self.device.type == "cpu"
         memory = keep_freed_memory() if fast_cpu else contextlib.nullcontext()
+        loop = core_train.train(
+            self.raw_model, self.optimizer, self.batches, cfg, self.precision, state=self.loop,
+            step_model=self.model, lr_of=self._lr_of, should_stop=self._out_of_time, average=self._average,
+        )  # fmt: skip
         with (
             self._graceful_stop(),
             memory,
+            contextlib.closing(loop),
             contextlib.closing(metrics) if metrics else contextlib.nullcontext(),
         ):
-            while self.step < cfg.max_iters:
-                t0 = time.perf_counter()
-                train_loss, grad_norm, clipped, lr = self.train_step()
-                if not math.isfinite(train_loss):
-                    reason = (
-                        f"diverged: the training loss became {train_loss} at step {self.step + 1};"
-                        f" {self._best_note()}; try a lower --lr"
-                    )
+            for report in loop:
+                if report.stop.startswith("diverged"):
+                    reason = report.stop.replace("; try", f"; {self._best_note()}; try")
                     break
-                self.step += 1
-                self.elapsed = time.perf_counter() - clock
-                if cfg.max_minutes > 0 and self.dist.enabled:  # one clock for all: same LR horizon
-                    self.elapsed = float(distributed.mean(torch.tensor(self.elapsed), self.dist))
-                record = StepRecord(self.step, train_loss, math.nan, lr, grad_norm, clipped,
-                                    tokens_per_step / (time.perf_counter() - t0), self.elapsed)  # fmt: skip
-                out_of_time = cfg.max_minutes > 0 and self.elapsed >= cfg.max_minutes * 60
-                out_of_time = distributed.any_true(out_of_time, self.device, self.dist)
-                stop = distributed.any_true(self._stop_requested, self.device, self.dist)
-                stop_early = False
-                self.records.append(record)  # first, so that a `best` saved below reports this step
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters or out_of_time:
-                    record.val_loss = self.evaluate()
-                    stop_early = self._after_eval(record.val_loss)
-                if metrics:
-                    metrics.write(record)
-                total = self.expected_steps()
-                for cb in self.callbacks:
-                    cb.on_total(total)
-                    cb.on_step(record)
-                if not math.isnan(record.val_loss):
-                    self._save("last")
-                if stop_early:
-                    reason = f"early stopping: no improvement in {cfg.patience} evaluations"
+                self._after_step(report, metrics)
+                if report.stop:
+                    reason = report.stop
                     break
-                if out_of_time:
-                    reason = f"time budget of {cfg.max_minutes:g} minutes reached"
-                    break
-                if stop:
+                if distributed.any_true(self._stop_requested, self.device, self.dist):
                     reason = "interrupted; resume with --resume"
                     self._save("last")
                     break
@@ -197,6 +161,25 @@ class Trainer(RunSetup):
         # Recorded so that the command can exit as shells expect of a program a signal stopped.
         result.stop_signal = self._stop_signal if reason.startswith("interrupted") else None
         return result
+
+    def _after_step(self, report: core_train.Report, metrics: MetricsFile | None) -> None:
+        """The record of a step, and what follows an evaluation: ``best`` on an improvement, the
+        callbacks, the samples, ``last``."""
+        tokens = self.global_batch * self.cfg.grad_accum * self.model_cfg.block_size
+        record = StepRecord(report.step, report.loss, report.val_loss, report.lr, report.grad_norm,
+                            report.clipped, tokens / report.seconds, self.elapsed)  # fmt: skip
+        self.records.append(record)  # first, so that a `best` saved below reports this step
+        evaluated = not math.isnan(report.val_loss)
+        if evaluated:
+            self._after_eval(report.val_loss, report.improved)
+        if metrics:
+            metrics.write(record)
+        total = self.expected_steps()
+        for cb in self.callbacks:
+            cb.on_total(total)
+            cb.on_step(record)
+        if evaluated:
+            self._save("last")
 
     def _announce(self) -> None:
         cfg, model_cfg = self.cfg, self.model_cfg
@@ -213,12 +196,9 @@ class Trainer(RunSetup):
             self._message(f"batch {cfg.batch_size} runs as {passes} passes of up to {self.pass_size} "
                           "sequences (max_pass_tokens: less memory, same gradients)")  # fmt: skip
 
-    def _after_eval(self, val_loss: float) -> bool:
-        """Early stopping: save ``best`` on an improvement; True when patience has run out."""
-        cfg = self.cfg
-        self.early, improved, stop = early_stop_update(
-            self.early, val_loss, self.step, min_delta=cfg.min_delta, patience=cfg.patience
-        )
+    def _after_eval(self, val_loss: float, improved: bool) -> None:
+        """``best`` on an improvement (early stopping's bookkeeping is the loop's), the callbacks and
+        the samples of what the model says now."""
         if improved:
             self._save("best")
         for cb in self.callbacks:
@@ -227,7 +207,6 @@ class Trainer(RunSetup):
             shown = self.samples.write(self.raw_model, self.step, val_loss, self.precision)
             for cb in self.callbacks:
                 cb.on_samples(shown)
-        return stop and cfg.early_stopping
 
     @contextlib.contextmanager
     def _graceful_stop(self) -> Iterator[None]:

@@ -1,12 +1,13 @@
-"""The optimizers: AdamW (GPT-2's), or Muon for the blocks' weight matrices beside AdamW for the rest.
+"""Muon, the optimizer ``--optimizer muon`` gives the blocks' weight matrices (AdamW keeps the rest).
 
-AdamW scales each weight's step by that weight's own gradient history. Muon (Keller Jordan et al.,
-2024) treats a weight matrix as one object: it keeps a momentum of the matrix's gradient, then
-*orthogonalizes* it, replacing the singular values of ``U S V^T`` by ones (approximately, with five
-Newton-Schulz iterations), so that every direction of the update moves as far, rare ones as much as
-the common ones that dominate the gradient. Per step of training it learns more: the ``cpu`` preset
-reached val loss 1.49-1.51 in 5 minutes with it, 1.55-1.57 with AdamW (``docs/performance.md``,
-section 3), though each training step takes ~9% longer there (the orthogonalization's products).
+AdamW (``core/optim.py``) scales each weight's step by that weight's own gradient history. Muon
+(Keller Jordan et al., 2024) treats a weight matrix as one object: it keeps a momentum of the
+matrix's gradient, then *orthogonalizes* it, replacing the singular values of ``U S V^T`` by ones
+(approximately, with five Newton-Schulz iterations), so that every direction of the update moves as
+far, rare ones as much as the common ones that dominate the gradient. Per step of training it learns
+more: the ``cpu`` preset reached val loss 1.49-1.51 in 5 minutes with it, 1.55-1.57 with AdamW
+(``docs/performance.md``, section 3), though each training step takes ~9% longer there (the
+orthogonalization's products).
 
 Muon is for 2-D matrices inside the blocks (attention and MLP). The embeddings (also the output
 head, as the weights are tied), biases and LayerNorms keep AdamW, as in Muon's own recipe.
@@ -17,13 +18,10 @@ Tests: ``pytest tests/test_optim.py``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from minigpt2.core.config import TrainConfig
-from minigpt2.machine import cpu_bf16_is_fast
+from torch import Tensor
 
 # A quintic polynomial per iteration, x -> a x + b (x x^T) x + c (x x^T)^2 x, applied to the singular
 # values: these coefficients (Jordan's) push every singular value in (0, 1] to roughly 0.7-1.2 in
@@ -70,11 +68,15 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.float32,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps
         )
         super().__init__(params, defaults)
+        # The dtype of the Newton-Schulz products: bf16 where the hardware multiplies in it (a CUDA
+        # GPU, a CPU with AMX or AVX512-BF16), fp32 where bf16 would be emulated (``make_optimizer``).
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon takes 2-D weight matrices only; give the others to AdamW")
@@ -96,21 +98,11 @@ class Muon(torch.optim.Optimizer):
                 by_shape.setdefault(p.shape, []).append((p, update))
             for shape, pairs in by_shape.items():
                 stack = torch.stack([u for _, u in pairs])
-                ortho = orthogonalize(stack, group["ns_steps"], dtype=_ns_dtype(stack.device))
+                ortho = orthogonalize(stack, group["ns_steps"], dtype=self.ns_dtype)
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 for (p, _), o in zip(pairs, ortho, strict=True):
                     p.mul_(1 - lr * decay)
                     p.add_(o, alpha=-lr * scale)
-
-
-def _ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes in it (CUDA with bf16, CPUs measured to multiply bf16 faster:
-    AMX, AVX512-BF16), else fp32: elsewhere bf16 products are emulated (slow) or missing."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
-    return torch.float32
 
 
 class Optimizers:
@@ -142,34 +134,3 @@ class Optimizers:
             raise ValueError("the saved optimizer state is for another optimizer")
         for o, s in zip(self.optimizers, saved, strict=True):
             o.load_state_dict(s)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """``cfg.optimizer``: "adamw", or "muon" (Muon for the blocks' matrices, AdamW for the rest).
-
-    AdamW decays 2-D weights only (matmuls, embeddings), never biases or LayerNorm, whose job is to
-    shift and scale, not to be shrunk. Fused kernels where the device has them. Each param group
-    carries ``lr_scale``: the training loop sets its LR to the schedule's LR times that (Muon's
-    groups: ``muon_lr / lr``, so both follow the same warm-up and decay).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # The blocks' weight matrices: transformer.h.<i>.attn.c_attn.weight and the like.
-    in_blocks = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
-    matrices = in_blocks if cfg.optimizer == "muon" else []
-    taken = {id(p) for p in matrices}
-    rest = [p for _, p in named if id(p) not in taken]
-    groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
-    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    try:
-        adamw = torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
-    except (RuntimeError, TypeError):
-        adamw = torch.optim.AdamW(groups, **kwargs)
-    if not matrices:
-        return adamw
-    scale = cfg.muon_lr / cfg.lr
-    muon = Muon([{"params": matrices, "lr_scale": scale}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-    # Not an Optimizer subclass, but it has every part of one that is used (see its docstring).
-    return cast(torch.optim.Optimizer, Optimizers(muon, adamw))
