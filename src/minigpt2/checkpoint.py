@@ -33,9 +33,9 @@ from minigpt2.core import config as cfg
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError, UserError, WriteError
-from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, recover_dir, temp_dir_for
+from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, temp_dir_for
 from minigpt2.outdirs import META as META
-from minigpt2.outdirs import kind_of
+from minigpt2.outdirs import is_checkpoint, kind_of, run_checkpoint
 
 FORMAT = "minigpt2-checkpoint"
 FORMAT_VERSION = 1
@@ -118,12 +118,12 @@ def save(
 def resolve(path: Path) -> Path:
     """A checkpoint directory from a run directory (its ``best``, else ``last``) or itself."""
     path = Path(path).expanduser()
-    if (path / META).is_file():
+    if is_checkpoint(path):
         return path
     for name in ("best", "last"):
-        candidate = recover_dir(path / name)
-        if (candidate / META).is_file():
-            return candidate
+        found = run_checkpoint(path, name)
+        if found is not None:
+            return found
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}; train one with `minigpt2 train`")
     if kind_of(path) == "run":  # a training that is starting, or stopped before its first evaluation

@@ -24,8 +24,8 @@ from minigpt2 import checkpoint, data
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import ConfigError, UserError, WriteError
-from minigpt2.fileio import clean_up_after_crash, recover_dir
-from minigpt2.outdirs import check_target
+from minigpt2.fileio import clean_up_after_crash
+from minigpt2.outdirs import check_target, run_checkpoint
 
 
 @dataclass
@@ -138,13 +138,13 @@ def load_start(
     init_from: Path | None,
 ) -> Start:
     """Decide how the run begins: resume ``RUN/last``, fine-tune ``init_from``, or start fresh."""
-    last, best = (recover_dir(run_dir / n) for n in ("last", "best"))
-    has_run = any((folder / checkpoint.META).is_file() for folder in (last, best))
+    last, best = (run_checkpoint(run_dir, n) for n in ("last", "best"))
+    has_run = last is not None or best is not None
     if resume:
-        if (last / checkpoint.META).is_file():
+        if last is not None:
             ckpt = checkpoint.load(last)
             state = checkpoint.load_train_state(ckpt.path)
-        elif (best / checkpoint.META).is_file():
+        elif best is not None:
             # last/ was lost (a full disk at its first save, or deleted): go on from best/'s weights,
             # at its step, with what best/ cannot hold started afresh (``RunFiles._restore``).
             ckpt = checkpoint.load(best)

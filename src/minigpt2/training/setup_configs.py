@@ -22,6 +22,7 @@ from minigpt2.core import config
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.fileio import read_small_text
+from minigpt2.outdirs import run_checkpoint
 from minigpt2.training.fit import FITTED
 
 # What fine-tuning may change about the trained model, and what it may not.
@@ -92,7 +93,7 @@ def saved_run_configs(
     """The configs a run was trained with (``RUN/config.json``), for resuming it: its model as
     saved, its training settings under ``train_overrides`` (``None`` values are skipped)."""
     path = run_dir / "config.json"
-    if not path.exists() and (run_dir / "best" / checkpoint.META).is_file():  # an import, or a copy
+    if not path.exists() and run_checkpoint(run_dir, "best") is not None:  # an import, or a copy
         raise ConfigError(
             f"cannot resume {run_dir}: it was not trained here (no config.json, as after import-hf);"
             f" to train it further, start a new run with --init-from {run_dir}"
