@@ -71,44 +71,44 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(data_dir, Path(run_dir), model_cfg, train_cfg)
         # For both paths (see the docstring): on a CPU, freed activations are kept for reuse.
-        memory = keep_freed_memory() if trainer.device.type == "cpu" else contextlib.nullcontext()
+        memory = keep_freed_memory() if trainer.parts.device.type == "cpu" else contextlib.nullcontext()
         stack.enter_context(memory)
         for _ in range(warmup):
             trainer.train_step()
         # The optimizer's share of a step (AdamW, or Muon's matrix products + AdamW), timed inside it.
         optimizer_times: list[float] = []
-        optimizer_step = trainer.optimizer.step
+        optimizer_step = trainer.parts.optimizer.step
 
         def timed_optimizer_step() -> None:
-            sync(trainer.device)  # on a GPU: time the kernels, not their launch
+            sync(trainer.parts.device)  # on a GPU: time the kernels, not their launch
             start = time.perf_counter()
             optimizer_step()
-            sync(trainer.device)
+            sync(trainer.parts.device)
             optimizer_times.append(time.perf_counter() - start)
 
-        trainer.optimizer.step = timed_optimizer_step  # type: ignore[method-assign]
+        trainer.parts.optimizer.step = timed_optimizer_step  # type: ignore[method-assign]
         # Forward+backward alone on one fixed batch, timed right after each whole step (the speed of
         # this machine drifts by the minute), splits compute from overhead: medians of both.
-        passes = list(trainer._passes())
+        passes = list(trainer.parts.batches.passes())
         step_times, compute_times = [], []
         for _ in range(steps):
-            sync(trainer.device)
+            sync(trainer.parts.device)
             start = time.perf_counter()
             trainer.train_step()  # ends with the gradients set to None, as before a real step
-            sync(trainer.device)
+            sync(trainer.parts.device)
             step_times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            for x, y, weight, _last in passes:
-                with trainer.precision.autocast():
-                    _, loss = trainer.model(x, y)
+            for x, y, weight in passes:
+                with trainer.parts.precision.autocast():
+                    _, loss = trainer.parts.model(x, y)
                 assert loss is not None
                 (loss * weight).backward()
-            sync(trainer.device)
+            sync(trainer.parts.device)
             compute_times.append(time.perf_counter() - start)
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.parts.optimizer.zero_grad(set_to_none=True)
         step_s, compute_s = statistics.median(step_times), statistics.median(compute_times)
-        tokens = trainer.global_batch * train_cfg.grad_accum * model_cfg.block_size
-        flops_per_token = trainer.raw_model.flops_per_token()
+        tokens = trainer.parts.global_batch * train_cfg.grad_accum * model_cfg.block_size
+        flops_per_token = trainer.parts.raw_model.flops_per_token()
         if trainer.lock:
             trainer.lock.release()
     return {
@@ -118,12 +118,12 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         "optimizer_share": statistics.median(optimizer_times) / step_s,
         "model_tflops": flops_per_token * tokens / step_s / 1e12,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "precision": trainer.precision.name,
+        "precision": trainer.parts.precision.name,
         "optimizer": train_cfg.optimizer,
-        "params": trainer.raw_model.num_params(),
-        "device": trainer.device.type,
+        "params": trainer.parts.raw_model.num_params(),
+        "device": trainer.parts.device.type,
         # False when torch.compile was asked for but failed and the trainer fell back to eager.
-        "compiled": trainer.model is not trainer.raw_model,
+        "compiled": trainer.parts.model is not trainer.parts.raw_model,
     }
 
 

@@ -51,7 +51,7 @@ def test_sdpa_matches_manual_attention_on_the_gpu(dtype: torch.dtype) -> None:
 def test_mixed_precision_training_steps_on_the_gpu(tmp_path: Path, dtype: str, optimizer: str) -> None:
     data = prepare(tmp_path)
     with trainer(data, tmp_path / "run", device="cuda", dtype=dtype, dropout=0.1, optimizer=optimizer) as t:
-        assert t.precision.name == dtype and t.scaler.is_enabled() == (dtype == "fp16")
+        assert t.parts.precision.name == dtype and t.parts.loop.scaler.is_enabled() == (dtype == "fp16")
         losses = [t.train_step()[0] for _ in range(30)]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns

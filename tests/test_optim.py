@@ -131,13 +131,13 @@ def test_muon_run_learns_and_follows_the_schedule(tmp_path: Path) -> None:
         lrs = []
         for _ in range(30):
             t.train_step()
-            lrs.append([g["lr"] for g in t.optimizer.param_groups])
-            t.step += 1
+            lrs.append([g["lr"] for g in t.parts.optimizer.param_groups])
+            t.parts.loop.step += 1
         assert t.evaluate() < first - 0.5
-    scale = t.cfg.muon_lr / t.cfg.lr
+    scale = t.parts.cfg.muon_lr / t.parts.cfg.lr
     for muon_lr, adamw_lr, _ in lrs:
         assert muon_lr == pytest.approx(adamw_lr * scale, rel=1e-12)
-    assert max(lr[0] for lr in lrs) == pytest.approx(t.cfg.muon_lr)
+    assert max(lr[0] for lr in lrs) == pytest.approx(t.parts.cfg.muon_lr)
 
 
 class _InterruptAt(Callback):
@@ -175,10 +175,10 @@ def test_resume_takes_this_configs_muon_lr_and_old_adamw_states(tmp_path: Path) 
     d = prepare(tmp_path)
     train.train(d, tmp_path / "run", *tiny(optimizer="muon", max_iters=4, eval_interval=2))
     with trainer(d, tmp_path / "run", optimizer="muon", muon_lr=0.005, max_iters=8, resume=True) as t:
-        assert t.step == 4
+        assert t.parts.step == 4
         t.train_step()
-        muon_lr, adamw_lr, _ = (g["lr"] for g in t.optimizer.param_groups)
-        assert muon_lr == pytest.approx(adamw_lr * 0.005 / t.cfg.lr, rel=1e-12)
+        muon_lr, adamw_lr, _ = (g["lr"] for g in t.parts.optimizer.param_groups)
+        assert muon_lr == pytest.approx(adamw_lr * 0.005 / t.parts.cfg.lr, rel=1e-12)
     train.train(d, tmp_path / "old", *tiny(max_iters=4, eval_interval=2))
     state = checkpoint.load_train_state(tmp_path / "old" / "last")
     for group in state["optimizer"]["param_groups"]:
@@ -186,7 +186,7 @@ def test_resume_takes_this_configs_muon_lr_and_old_adamw_states(tmp_path: Path) 
     torch.save(state, tmp_path / "old" / "last" / checkpoint.TRAIN_STATE)
     with trainer(d, tmp_path / "old", max_iters=8, resume=True) as t:
         _, _, _, lr = t.train_step()
-        assert [g["lr"] for g in t.optimizer.param_groups] == [lr, lr]
+        assert [g["lr"] for g in t.parts.optimizer.param_groups] == [lr, lr]
 
 
 @pytest.mark.parametrize(("first", "then"), [("adamw", "muon"), ("muon", "adamw")])

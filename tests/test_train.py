@@ -97,14 +97,14 @@ def test_clipped_column_matches_logged_norm(run: Path) -> None:
 def test_clipping_caps_the_update(tmp_path: Path, grad_clip: float) -> None:
     seen: list[float] = []
     with trainer(prepare(tmp_path), tmp_path / "run", grad_clip=grad_clip) as t:
-        step = t.optimizer.step
+        step = t.parts.optimizer.step
 
         def measured_step(*args: object, **kwargs: object) -> object:
-            norms = [p.grad.norm() for p in t.raw_model.parameters() if p.grad is not None]
+            norms = [p.grad.norm() for p in t.parts.raw_model.parameters() if p.grad is not None]
             seen.append(float(torch.linalg.vector_norm(torch.stack(norms))))
             return step(*args, **kwargs)
 
-        t.optimizer.step = measured_step  # type: ignore[method-assign]
+        t.parts.optimizer.step = measured_step  # type: ignore[method-assign]
         results = [t.train_step() for _ in range(3)]
     assert len(seen) == 3
     for (_, norm, clipped, _), applied in zip(results, seen, strict=True):
@@ -163,9 +163,9 @@ def test_grad_accum_sees_the_same_batch(tmp_path: Path) -> None:
     out = {}
     for bs, accum in ((4, 2), (8, 1)):
         with trainer(d, tmp_path / f"run{bs}", batch_size=bs, grad_accum=accum, dropout=0.0) as t:
-            state = t.sampler.get_state()
-            xs = torch.cat([x for x, _, _ in t.batches.passes()])
-            t.sampler.set_state(state)
+            state = t.parts.batches.generator.get_state()
+            xs = torch.cat([x for x, _, _ in t.parts.batches.passes()])
+            t.parts.batches.generator.set_state(state)
             out[bs] = (xs, t.train_step(), t.train_step())
     assert torch.equal(out[4][0], out[8][0])
     for a, b in zip(out[4][1:], out[8][1:], strict=True):
@@ -188,9 +188,12 @@ def test_passes_of_a_batch_give_the_same_step(tmp_path: Path, pass_tokens: int, 
     for tokens in (8 * BLOCK, pass_tokens):
         with trainer(d, tmp_path / f"run{tokens}", batch_size=8, dropout=0.0, max_pass_tokens=tokens,
                      loss_on=loss_on) as t:  # fmt: skip
-            assert t.pass_size == (8 if tokens == 8 * BLOCK else tokens // BLOCK)
+            assert t.parts.pass_size == (8 if tokens == 8 * BLOCK else tokens // BLOCK)
             steps = [t.train_step()[:2] for _ in range(2)]
-            results[tokens] = (steps, torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]))
+            results[tokens] = (
+                steps,
+                torch.cat([p.detach().flatten() for p in t.parts.raw_model.parameters()]),
+            )
     (one_pass, w1), (pieces, w2) = results[8 * BLOCK], results[pass_tokens]
     for a, b in zip(one_pass, pieces, strict=True):
         assert a[0] == pytest.approx(b[0], abs=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
@@ -200,9 +203,9 @@ def test_passes_of_a_batch_give_the_same_step(tmp_path: Path, pass_tokens: int, 
 def test_max_pass_tokens_auto_cuts_big_cpu_batches_only(tmp_path: Path) -> None:
     d = prepare(tmp_path)
     with trainer(d, tmp_path / "small", batch_size=8) as t:  # 8 x 16 tokens: well under 4096
-        assert t.pass_size == 8
+        assert t.parts.pass_size == 8
     with trainer(d, tmp_path / "big", batch_size=300) as t:  # 4,800 tokens: 256 per pass
-        assert t.pass_size == 4096 // BLOCK
+        assert t.parts.pass_size == 4096 // BLOCK
 
 
 def test_bf16_autocast_is_active_on_cpu() -> None:
@@ -236,11 +239,11 @@ def test_init_from_extends_the_vocabulary(
     d = prepare(tmp_path, text=text)
     with trainer(d, tmp_path / "direct", init_from=run) as t:
         old_v = base.model_config.vocab_size
-        assert t.tokenizer.chars[: old_v - 4] == base.tokenizer.chars
-        assert t.model_cfg.vocab_size == old_v + len(new_chars)
+        assert t.parts.tokenizer.chars[: old_v - 4] == base.tokenizer.chars
+        assert t.parts.model_cfg.vocab_size == old_v + len(new_chars)
         old_wte = base.build_model().transformer.wte.weight
-        assert torch.equal(t.raw_model.transformer.wte.weight[:old_v].detach(), old_wte)
-        assert t.tokenizer.decode(t.train_data[:200].tolist()) == text[:200]  # ids re-encoded
+        assert torch.equal(t.parts.raw_model.transformer.wte.weight[:old_v].detach(), old_wte)
+        assert t.parts.tokenizer.decode(t.parts.train_data[:200].tolist()) == text[:200]  # ids re-encoded
     rc, _, err = main(capsys, *train_args(d, tmp_path / "ft", "--init-from", run, "--max-iters", 2,
                                           "--eval-interval", 2))  # fmt: skip
     assert rc == 0, err
@@ -269,10 +272,10 @@ def test_loss_on_bot_masks_targets_and_trains(tmp_path: Path) -> None:
     data.prepare("chatterbot:italian", d, block_size=16)
     with trainer(d, tmp_path / "run", loss_on="bot", max_iters=3, eval_interval=3) as t:
         gen = torch.Generator()
-        gen.set_state(t.sampler.get_state())
-        starts = random_starts(len(t.train_data), t.global_batch, 16, gen)
-        _, y, _ = next(t.batches.passes())
-        bot = bot_mask(t.train_data)[starts[:, None] + np.arange(1, 17)]
+        gen.set_state(t.parts.batches.generator.get_state())
+        starts = random_starts(len(t.parts.train_data), t.parts.global_batch, 16, gen)
+        _, y, _ = next(t.parts.batches.passes())
+        bot = bot_mask(t.parts.train_data)[starts[:, None] + np.arange(1, 17)]
         assert 0 < bot.sum() < bot.size
         assert torch.equal(y != -1, torch.from_numpy(bot))
         result = t.run()

@@ -7,14 +7,16 @@ wrapped for DDP, the LR horizon of a time budget, the end of that budget, and th
 over processes. Around each step the loop reports, it keeps the metrics, calls the callbacks
 (progress bar, TensorBoard), saves ``best`` on an improvement and ``last`` after each evaluation,
 writes the samples, and stops at Ctrl-C or SIGTERM with ``last`` saved, so a resume is exact.
-Building the run is ``setup.py``; its files (``best``, ``last``, exact resume) are
-``checkpoints.py``. Reports go through ``metrics.Callback``; nothing here prints.
+It is built by composition: ``setup.build_run`` makes the run's parts (``RunParts``), ``RunFiles``
+(``checkpoints.py``) saves and restores them, and the loop is the textbook's. Reports go through
+``metrics.Callback`` and ``logging``; nothing here prints.
 Tests: ``pytest tests/test_train.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import time
@@ -28,18 +30,21 @@ from minigpt2.core import train as core_train
 from minigpt2.core import train_step as core_step
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.schedule import lr_at
+from minigpt2.errors import ConfigError
 from minigpt2.fast.memory import keep_freed_memory
 from minigpt2.precision import choose_device
 from minigpt2.training import distributed
-from minigpt2.training.checkpoints import evaluate_tokens
-from minigpt2.training.metrics import Callback, MetricsFile, StepRecord
+from minigpt2.training.checkpoints import RunFiles, evaluate_tokens
+from minigpt2.training.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback
 from minigpt2.training.runstate import RunLock, TrainResult
-from minigpt2.training.setup import CPU_PASS_TOKENS, RunSetup, pass_size
+from minigpt2.training.samples import SampleWriter
+from minigpt2.training.setup import CPU_PASS_TOKENS, build_run, pass_size
 
 __all__ = ["CPU_PASS_TOKENS", "Trainer", "evaluate_tokens", "pass_size", "train"]
+log = logging.getLogger(__name__)
 
 
-class Trainer(RunSetup):
+class Trainer:
     """One training run into ``run_dir``. Build it, then call ``run()``."""
 
     def __init__(
@@ -53,91 +58,115 @@ class Trainer(RunSetup):
         init_from: Path | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        self.run_dir, self.cfg = run_dir, cfg
         device = choose_device(cfg.device)
-        self.dist = distributed.init(device)
-        self.device = distributed.process_device(device, self.dist)
-        self.callbacks = list(callbacks) if self.dist.is_main else []
-        self.lock = RunLock(run_dir) if self.dist.is_main else None
+        dist = distributed.init(device)
+        self.callbacks = list(callbacks) if dist.is_main else []
+        self.lock = RunLock(run_dir) if dist.is_main else None
+        self.samples: SampleWriter | None = None  # rank 0 with cfg.samples: what the model says now
         self._stop_requested = False
         self._stop_signal: int | None = None  # the signal that asked for the stop
         self._clock = 0.0  # perf_counter() at the run's start, less the time of the steps resumed
         try:
-            self._setup(data_dir, model_cfg, resume, init_from)  # setup.RunSetup
+            self.parts, start = build_run(
+                data_dir, run_dir, model_cfg, cfg, dist, distributed.process_device(device, dist),
+                resume=resume, init_from=init_from, message=self._message,
+            )  # fmt: skip
+            self.files = RunFiles(self.parts, self._message)
+            if start.train_state is not None:
+                self.files.restore(start.train_state)
+            if dist.is_main:
+                self._main_process_extras()
+                self.files.write_config(data_dir, init_from)  # last: a run that fails to start writes nothing
         except BaseException:  # a run that cannot start must not keep (or leave) its directory
             if self.lock:
                 self.lock.abandon()
             raise
+
+    def _main_process_extras(self) -> None:
+        """TensorBoard and the samples file: the first process's alone."""
+        p = self.parts
+        if p.cfg.tensorboard:
+            try:
+                self.callbacks.append(TensorBoardCallback(p.run_dir / "tensorboard"))
+            except ImportError:
+                raise ConfigError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+        if p.cfg.samples:  # what the model says at each evaluation (samples.py)
+            kind = p.data_meta.get("kind")
+            self.samples = SampleWriter(p.run_dir, p.cfg, p.tokenizer, p.val_data, kind)
+            self.samples.keep_until(p.step)
 
     # -- what the run plugs into the textbook's loop ------------------------------------------------
 
     def horizon(self) -> int:
         """The step the LR schedule decays towards: ``max_iters``, or with a time budget the steps
         expected to fit in it at the speed so far, so the LR reaches ``min_lr`` as time runs out."""
-        cfg = self.cfg
-        if self.step < max(10, cfg.warmup_iters):  # the first steps' speed is no guide (warming up)
-            return cfg.max_iters
+        if self.parts.step < max(10, self.parts.cfg.warmup_iters):  # the first steps' speed is no guide
+            return self.parts.cfg.max_iters
         return self.expected_steps()
 
     def expected_steps(self) -> int:
         """The steps this run will take: ``max_iters``, or fewer where the time budget ends first
         at the speed so far (what the progress bar counts towards)."""
-        cfg = self.cfg
-        if cfg.max_minutes <= 0 or self.elapsed <= 0:
-            return cfg.max_iters
-        expected = int(self.step / self.elapsed * cfg.max_minutes * 60)
-        return max(self.step + 1, min(cfg.max_iters, expected))
+        p = self.parts
+        if p.cfg.max_minutes <= 0 or p.elapsed <= 0:
+            return p.cfg.max_iters
+        expected = int(p.step / p.elapsed * p.cfg.max_minutes * 60)
+        return max(p.step + 1, min(p.cfg.max_iters, expected))
 
     def _lr_of(self, step: int) -> float:
-        cfg = self.cfg
+        cfg = self.parts.cfg
         return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
                      max_iters=self.horizon(), schedule=cfg.lr_schedule)  # fmt: skip
 
     def _out_of_time(self) -> str:
         """Asked by the loop after each step: the time so far (one clock for all processes, so they
         agree on the LR horizon), and the reason to stop when the budget is spent."""
-        cfg = self.cfg
-        self.elapsed = time.perf_counter() - self._clock
-        if cfg.max_minutes > 0 and self.dist.enabled:
-            self.elapsed = float(distributed.mean(torch.tensor(self.elapsed), self.dist))
-        out = cfg.max_minutes > 0 and self.elapsed >= cfg.max_minutes * 60
-        out = distributed.any_true(out, self.device, self.dist)
-        return f"time budget of {cfg.max_minutes:g} minutes reached" if out else ""
+        p = self.parts
+        p.elapsed = time.perf_counter() - self._clock
+        if p.cfg.max_minutes > 0 and p.dist.enabled:
+            p.elapsed = float(distributed.mean(torch.tensor(p.elapsed), p.dist))
+        out = p.cfg.max_minutes > 0 and p.elapsed >= p.cfg.max_minutes * 60
+        out = distributed.any_true(out, p.device, p.dist)
+        return f"time budget of {p.cfg.max_minutes:g} minutes reached" if out else ""
 
     def _average(self, value: torch.Tensor) -> float:
-        return float(distributed.mean(value, self.dist))
+        return float(distributed.mean(value, self.parts.dist))
 
     def train_step(self) -> tuple[float, float, bool, float]:
         """One optimizer step outside the loop (tests, benchmarks): (train loss, grad norm before
         clipping, clipped?, lr)."""
-        lr = self._lr_of(self.step)
-        core_train.set_lr(self.optimizer, lr)
+        p = self.parts
+        lr = self._lr_of(p.step)
+        core_train.set_lr(p.optimizer, lr)
         loss, grad_norm, clipped = core_step.train_step(
-            self.model, self.optimizer, self.scaler, self.batches.passes(), self.precision,
-            self.cfg.grad_clip, list(self.raw_model.parameters()),
+            p.model, p.optimizer, p.loop.scaler, p.batches.passes(), p.precision, p.cfg.grad_clip,
+            list(p.raw_model.parameters()),
         )  # fmt: skip
         return self._average(loss), grad_norm, clipped, lr
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation windows (this process's share, averaged over all)."""
-        return self._average(core_step.evaluate(self.raw_model, self.batches.val_batches(), self.precision))
+        p = self.parts
+        return self._average(core_step.evaluate(p.raw_model, p.batches.val_batches(), p.precision))
 
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        p = self.parts
         self._announce()
         for cb in self.callbacks:
-            cb.on_start(cfg.max_iters, self.step)
-        metrics = MetricsFile(self.run_dir / "metrics.csv", self.records) if self.dist.is_main else None
-        reason = f"reached max_iters ({cfg.max_iters})"
-        self._clock = time.perf_counter() - self.elapsed
+            cb.on_start(p.cfg.max_iters, p.step)
+        metrics = MetricsFile(p.run_dir / "metrics.csv", p.records) if p.dist.is_main else None
+        reason = f"reached max_iters ({p.cfg.max_iters})"
+        self._clock = time.perf_counter() - p.elapsed
         # With the fast engine on a CPU, freed activations stay in the process for the next step.
-        fast_cpu = cfg.engine == "fast" and self.device.type == "cpu"
+        fast_cpu = p.cfg.engine == "fast" and p.device.type == "cpu"
         memory = keep_freed_memory() if fast_cpu else contextlib.nullcontext()
         loop = core_train.train(
-            self.raw_model, self.optimizer, self.batches, cfg, self.precision, state=self.loop,
-            step_model=self.model, lr_of=self._lr_of, should_stop=self._out_of_time, average=self._average,
+            p.raw_model, p.optimizer, p.batches, p.cfg, p.precision, state=p.loop, step_model=p.model,
+            lr_of=self._lr_of, should_stop=self._out_of_time, average=self._average,
         )  # fmt: skip
         with (
             self._graceful_stop(),
@@ -147,17 +176,17 @@ class Trainer(RunSetup):
         ):
             for report in loop:
                 if report.stop.startswith("diverged"):
-                    reason = report.stop.replace("; try", f"; {self._best_note()}; try")
+                    reason = report.stop.replace("; try", f"; {self.files.best_note()}; try")
                     break
                 self._after_step(report, metrics)
                 if report.stop:
                     reason = report.stop
                     break
-                if distributed.any_true(self._stop_requested, self.device, self.dist):
+                if distributed.any_true(self._stop_requested, p.device, p.dist):
                     reason = "interrupted; resume with --resume"
-                    self._save("last")
+                    self.files.save("last")
                     break
-        result = self._finish(reason)
+        result = self.files.finish(reason, self.callbacks)
         # Recorded so that the command can exit as shells expect of a program a signal stopped.
         result.stop_signal = self._stop_signal if reason.startswith("interrupted") else None
         return result
@@ -165,10 +194,11 @@ class Trainer(RunSetup):
     def _after_step(self, report: core_train.Report, metrics: MetricsFile | None) -> None:
         """The record of a step, and what follows an evaluation: ``best`` on an improvement, the
         callbacks, the samples, ``last``."""
-        tokens = self.global_batch * self.cfg.grad_accum * self.model_cfg.block_size
+        p = self.parts
+        tokens = p.global_batch * p.cfg.grad_accum * p.model_cfg.block_size
         record = StepRecord(report.step, report.loss, report.val_loss, report.lr, report.grad_norm,
-                            report.clipped, tokens / report.seconds, self.elapsed)  # fmt: skip
-        self.records.append(record)  # first, so that a `best` saved below reports this step
+                            report.clipped, tokens / report.seconds, p.elapsed)  # fmt: skip
+        p.records.append(record)  # first, so that a `best` saved below reports this step
         evaluated = not math.isnan(report.val_loss)
         if evaluated:
             self._after_eval(report.val_loss, report.improved)
@@ -179,34 +209,40 @@ class Trainer(RunSetup):
             cb.on_total(total)
             cb.on_step(record)
         if evaluated:
-            self._save("last")
-
-    def _announce(self) -> None:
-        cfg, model_cfg = self.cfg, self.model_cfg
-        self._message(f"device {self.device}, precision {self.precision.name} ({self.precision.reason})")
-        self._message(
-            f"model: {self.raw_model.num_params():,} parameters, {model_cfg.n_layer} layers,"
-            f" {model_cfg.n_head} heads, width {model_cfg.n_embd},"
-            f" context {model_cfg.block_size}, vocabulary {model_cfg.vocab_size}"
-        )
-        if self.dist.enabled:
-            self._message(f"DDP: {self.dist.world_size} processes, global batch {self.global_batch}")
-        if self.pass_size < cfg.batch_size:
-            passes = -(-cfg.batch_size // self.pass_size)
-            self._message(f"batch {cfg.batch_size} runs as {passes} passes of up to {self.pass_size} "
-                          "sequences (max_pass_tokens: less memory, same gradients)")  # fmt: skip
+            self.files.save("last")
 
     def _after_eval(self, val_loss: float, improved: bool) -> None:
         """``best`` on an improvement (early stopping's bookkeeping is the loop's), the callbacks and
         the samples of what the model says now."""
+        p = self.parts
         if improved:
-            self._save("best")
+            self.files.save("best")
         for cb in self.callbacks:
-            cb.on_eval(self.step, val_loss, improved)
-        if self.samples is not None and self.samples.due(self.elapsed):
-            shown = self.samples.write(self.raw_model, self.step, val_loss, self.precision)
+            cb.on_eval(p.step, val_loss, improved)
+        if self.samples is not None and self.samples.due(p.elapsed):
+            shown = self.samples.write(p.raw_model, p.step, val_loss, p.precision)
             for cb in self.callbacks:
                 cb.on_samples(shown)
+
+    def _announce(self) -> None:
+        p, model_cfg = self.parts, self.parts.model_cfg
+        self._message(f"device {p.device}, precision {p.precision.name} ({p.precision.reason})")
+        self._message(
+            f"model: {p.raw_model.num_params():,} parameters, {model_cfg.n_layer} layers,"
+            f" {model_cfg.n_head} heads, width {model_cfg.n_embd},"
+            f" context {model_cfg.block_size}, vocabulary {model_cfg.vocab_size}"
+        )
+        if p.dist.enabled:
+            self._message(f"DDP: {p.dist.world_size} processes, global batch {p.global_batch}")
+        if p.pass_size < p.cfg.batch_size:
+            passes = -(-p.cfg.batch_size // p.pass_size)
+            self._message(f"batch {p.cfg.batch_size} runs as {passes} passes of up to {p.pass_size} "
+                          "sequences (max_pass_tokens: less memory, same gradients)")  # fmt: skip
+
+    def _message(self, text: str) -> None:
+        log.info(text)
+        for cb in self.callbacks:
+            cb.on_message(text)
 
     @contextlib.contextmanager
     def _graceful_stop(self) -> Iterator[None]:
