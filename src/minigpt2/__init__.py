@@ -56,7 +56,9 @@ MOVED = {
 class _MovedFinder(importlib.abc.MetaPathFinder):
     """Asked last, for a module no other finder has: one that moved fails naming its new place."""
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname in MOVED:
             raise ModuleNotFoundError(f"{fullname} moved: import {MOVED[fullname]}", name=fullname)
         return None

@@ -1,10 +1,12 @@
 """Looking inside the model: where each head looked while the chatbot wrote its last answer.
 
-``answer_attention(bot, layer)`` runs the model once over the conversation and the bot's last
-answer with the textbook attention keeping its weights (``CausalSelfAttention.keep_weights``), and
-returns, for every head of that layer, one row per character of the answer: the attention of the
-position that wrote it (the one before it, whose output predicted it) over every character it
-could see. The notebook draws them as heatmaps. Tests: ``pytest tests/test_attention_maps.py``.
+``answer_attention(bot, layer)`` runs the model once over the conversation and the bot's last answer
+through the written-out attention (``attn_impl="manual"``), reading its weights as they enter the
+attention's dropout (a forward hook: the textbook model keeps nothing for it), and returns, for
+every head of that layer, one row per character of the answer: the attention of the position that
+wrote it (the one before it, whose output predicted it) over every character it could see. The
+notebook draws them as heatmaps.
+Tests: ``pytest tests/test_attention_maps.py``.
 """
 
 from __future__ import annotations
@@ -44,15 +46,18 @@ def answer_attention(bot: Chatbot, layer: int = -1) -> AttentionMap:
     ids = (prompt + answer)[-model.config.block_size :]
     A = min(len(answer), len(ids) - 1)  # answer characters with a position before them in the window
     block: Block = model.transformer.h[layer]  # type: ignore[assignment]
-    attention = block.attn
-    attention.keep_weights = True
+    attention, seen = block.attn, []
+    impl = attention.attn_impl
+    # The softmax weights are the input of the (in eval mode, identity) attention dropout.
+    hook = attention.attn_dropout.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    attention.attn_impl = "manual"  # the fused kernel never shows its weights
     try:
         with torch.inference_mode():
             model(torch.tensor([ids], device=model.device))
-        weights = attention.weights
     finally:
-        attention.keep_weights, attention.weights = False, None
-    assert weights is not None  # (1, nh, T, T)
+        attention.attn_impl = impl
+        hook.remove()
+    weights = seen[0]  # (1, nh, T, T)
     T = len(ids)
     # Character i of the answer (at position T - A + i) was predicted by position T - A + i - 1.
     rows = weights[0, :, T - A - 1 : T - 1, :].float().cpu()  # (nh, A, T)

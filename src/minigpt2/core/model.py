@@ -78,9 +78,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # heads back into the residual stream
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # To look inside: when True, ``attend`` keeps its attention weights in ``self.weights``.
-        self.keep_weights = False
-        self.weights: Tensor | None = None
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x: (B, T, C) -> (B, T, C)."""
@@ -100,7 +97,7 @@ class CausalSelfAttention(nn.Module):
         """softmax(q k^T / sqrt(hs), masked to the past) v: (B, nh, T, hs) from q (B, nh, T, hs)
         and k, v (B, nh, Tk, hs)."""
         T, Tk = q.size(2), k.size(2)
-        if self.attn_impl == "sdpa" and not self.keep_weights:
+        if self.attn_impl == "sdpa":
             # The same computation as below in one fused kernel. The mask is implicit when queries
             # and keys line up, unneeded for a single new token, and explicit otherwise.
             mask = None if T == Tk or T == 1 else causal_mask(T, Tk, q.device)
@@ -111,8 +108,6 @@ class CausalSelfAttention(nn.Module):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, Tk) similarity scores
         att = att.masked_fill(~causal_mask(T, Tk, q.device), float("-inf"))  # no peeking ahead
         att = F.softmax(att, dim=-1)  # each row: how much this query attends to each key
-        if self.keep_weights:
-            self.weights = att.detach()  # (B, nh, T, Tk)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs): weighted average of the values
 
