@@ -7,7 +7,11 @@ promise for all of them:
   rules): a clean ``ConfigError`` naming the setting, or a config whose draw from any finite
   logits is an id in range (never NaN, never an exception), batched or alone;
 - a checkpoint's ``checkpoint.json`` of any JSON shape: a one-line ``UserError`` or a loaded model;
-- ``--mix-share`` of any float: a one-line ``UserError`` or a training split with that share.
+- ``--mix-share`` of any float: a one-line ``UserError`` or a training split with that share;
+- any ids a model draws and any stop strings a client asks for: the answer's text (``ReplyText``),
+  streamed, is the whole text cut before its first stop string, without spaces at either end; it
+  holds back only what could still begin a stop string (or spaces), counts the ids it was given up
+  to the end, and ``Chatbot.reply_text`` asks for none after it.
 
 Run with ``pytest tests/test_properties.py`` (bounded: tens of examples each, no deadline, so a
 busy machine only makes it slower).
@@ -18,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt2 import checkpoint, data
+from minigpt2.core.chat import Chatbot, PlayTemplate, ReplyInfo, ReplyText
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.generate import make_generator
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import next_token
-from minigpt2.core.tokenizer import CharTokenizer
+from minigpt2.core.tokenizer import UNK_ID, CharTokenizer
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.fast.batch import draw_together
 
@@ -142,3 +149,100 @@ def test_any_mix_share_is_one_line_or_that_share(
     assert 0 < share < 1 and math.isfinite(share)
     assert meta["mix"]["share"] == pytest.approx(share, abs=0.01)
     shutil.rmtree(out)
+
+
+TEXT_TOK = CharTokenizer(list(" \nab."))
+# Any id, the special tokens too (each shown by its spelling, "<|unk|>" not shown).
+IDS = st.lists(st.integers(0, TEXT_TOK.vocab_size - 1), max_size=40)
+
+
+@st.composite
+def ids_and_stops(draw: st.DrawFn) -> tuple[list[int], list[str]]:
+    """Ids and stop strings: any strings of the characters the ids are shown with, and pieces of
+    the ids' own text (so that stop strings are met, often across ids, inside the spelling of a
+    special token, or overlapping one another)."""
+    ids = draw(IDS)
+    text = TEXT_TOK.decode(ids)
+    any_stop = st.text(alphabet=" \nab.<|e", max_size=4)
+    if text:
+        start = draw(st.integers(0, len(text) - 1))
+        any_stop |= st.integers(1, 5).map(lambda n: text[start : start + n])
+    return ids, draw(st.lists(any_stop, max_size=3))
+
+
+def whole_text(ids: list[int], stops: list[str]) -> tuple[str, int | None]:
+    """The text of ``ids`` taken whole, the slow way: decoded id by id (``<|unk|>`` left out) until
+    the text so far holds a stop string, then cut before the first one in it; and how many ids that
+    took (None: no stop string came)."""
+    text = ""
+    for count, i in enumerate(ids, start=1):
+        text += "" if i == UNK_ID else TEXT_TOK.decode([i])
+        cuts = [text.index(s) for s in stops if s and s in text]
+        if cuts:
+            return text[: min(cuts)], count
+    return text, None
+
+
+def held_for_a_reason(rest: str, stops: list[str]) -> bool:
+    """Whether ``rest`` (text not shown yet) is spaces (which wait for something visible), then the
+    start of a stop string or nothing: the only text worth holding back."""
+    return any(
+        rest[:j].isspace() or j == 0
+        for j in range(len(rest) + 1)
+        if rest[j:] == "" or any(len(s) > len(rest[j:]) and s.startswith(rest[j:]) for s in stops)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids_and_stops(), st.integers(1, 50))
+def test_an_answers_text_streamed_is_its_whole_text_shown_as_soon_as_it_is_safe(
+    drawn: tuple[list[int], list[str]], max_new_tokens: int
+) -> None:
+    """Pushed one at a time, ids show the text they make as a whole (cut at a stop string, no
+    spaces at either end), each piece as soon as nothing after it can turn it into a stop string."""
+    ids, stops = drawn
+    info = ReplyInfo()
+    text = ReplyText(TEXT_TOK, stops, max_new_tokens, info)
+    shown, pushed = "", 0
+    for k in range(len(ids)):
+        if text.ended:
+            break
+        shown += text.push(ids[k])
+        pushed += 1
+        so_far, stopped_at = whole_text(ids[: k + 1], stops)
+        assert text.ended == (stopped_at is not None)
+        visible = so_far.lstrip()  # leading spaces are never shown
+        assert visible.startswith(shown)
+        held = so_far[len(so_far) - len(visible) + len(shown) :] if shown else so_far
+        assert held_for_a_reason(held, stops)
+    shown += text.finish()
+    whole, stopped_at = whole_text(ids, stops)
+    assert shown == whole.strip()
+    assert not any(s and s in shown for s in stops)
+    assert info.completion_tokens == pushed == (stopped_at or len(ids))
+    cut_off = stopped_at is None and len(ids) >= max_new_tokens
+    assert info.finish_reason == ("length" if cut_off else "stop")
+    assert text.push(TEXT_TOK.encode("a")[0]) == text.finish() == ""  # ended: nothing more
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids_and_stops(), st.booleans())
+def test_reply_text_pulls_no_id_after_the_answers_end(drawn: tuple[list[int], list[str]], play: bool) -> None:
+    """``Chatbot.reply_text`` reads ids from a generator through ``ReplyText``, with the template's
+    stop strings (a play's blank line) added to the caller's."""
+    ids, stops = drawn
+    model = types.SimpleNamespace(config=types.SimpleNamespace(block_size=16))  # never run
+    bot = Chatbot(model, TEXT_TOK, PlayTemplate() if play else None)
+    pulled = 0
+
+    def source() -> Iterator[int]:
+        nonlocal pulled
+        for i in ids:
+            pulled += 1
+            yield i
+
+    info = ReplyInfo()
+    pieces = list(bot.reply_text(source(), 100, info, stops))
+    whole, _ = whole_text(ids, [*bot.template.stop_strings, *stops])
+    assert "".join(pieces) == whole.strip() and all(pieces)
+    assert pulled == info.completion_tokens

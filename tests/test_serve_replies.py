@@ -1,12 +1,12 @@
-"""The text side of served answers: the hand-off from the decoding thread (``minigpt2.serve.feed``),
-an answer's text from its ids (``serve.text``) and how a streamed answer is cut into chunks
-(``serve.replies``). The first chunk goes at once; after each chunk the next waits
-``stream_interval`` (what is generated meanwhile joins it), except that ids already drawn go
-together and an answer's end does not wait; pieces posted together are joined per choice. A
-``Feed`` wakes its reader from another thread at the next id, or only at the end while the reader
-holds text. The chunk tests run on a clock of their own, and the hand-off tests wait for events
-under generous deadlines: nothing here depends on how long anything takes. Run with
-``pytest tests/test_serve_replies.py``.
+"""The text side of served answers: the hand-off from the decoding thread (``minigpt2.serve.feed``)
+and how a streamed answer is cut into chunks (``serve.replies``), its text made by the chatbot's
+``ReplyText`` (tested on its own in ``tests/test_properties.py``). The first chunk goes at once;
+after each chunk the next waits ``stream_interval`` (what is generated meanwhile joins it), except
+that ids already drawn go together and an answer's end does not wait; pieces posted together are
+joined per choice. A ``Feed`` wakes its reader from another thread at the next id, or only at the
+end while the reader holds text. The chunk tests run on a clock of their own, and the hand-off
+tests wait for events under generous deadlines: nothing here depends on how long anything takes.
+Run with ``pytest tests/test_serve_replies.py``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from helpers_serve import running, tiny_chatbot
 from minigpt2 import serve
 from minigpt2.cli.parser import build_parser
-from minigpt2.core.chat import PlayTemplate, ReplyInfo, Turn
+from minigpt2.core.chat import ReplyInfo, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.errors import ConfigError
 from minigpt2.serve import ServeConfig
@@ -34,7 +32,6 @@ from minigpt2.serve import app as app_module
 from minigpt2.serve.engine import Job
 from minigpt2.serve.feed import Feed, Item
 from minigpt2.serve.replies import Reply, _joined, chunks
-from minigpt2.serve.text import AnswerText
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 OneLine = Callable[[subprocess.CompletedProcess[str]], str]
@@ -111,7 +108,7 @@ class Arrivals:
         return items
 
     def chunks(self, interval: float) -> list[tuple[str, float]]:
-        text = AnswerText(self.bot, 100, ReplyInfo())
+        text = self.bot.new_reply_text(100, ReplyInfo())
 
         async def read() -> None:
             async for chunk in chunks(self, text, interval, clock=lambda: self.now):
@@ -158,7 +155,7 @@ def test_text_held_when_the_generation_fails_comes_before_the_error() -> None:
     out: list[str] = []
 
     async def keep() -> None:
-        text = AnswerText(bot, 100, ReplyInfo())
+        text = bot.new_reply_text(100, ReplyInfo())
         async for chunk in chunks(Failing(), text, 10.0, clock=lambda: 0.0):
             out.append(chunk)
 
@@ -217,49 +214,6 @@ def test_a_feed_wakes_a_reader_without_text_at_each_id_and_loses_none() -> None:
         return got
 
     assert asyncio.run(scenario()) == [*range(count), None]
-
-
-VOCABULARY = range(len(tiny_chatbot().tokenizer.chars) + 4)  # the special tokens too
-
-
-def released(pieces: list[tuple[int, str]]) -> dict[int, str]:
-    """(ids read, text) pairs as the text shown by the time each number of ids had been read."""
-    shown: dict[int, str] = {}
-    for read, text in pieces:
-        shown[read] = shown.get(read, "") + text
-    return {read: text for read, text in shown.items() if text}
-
-
-@pytest.mark.parametrize("play", [False, True], ids=["dialogue", "play"])
-@settings(max_examples=300, deadline=None)
-@given(
-    ids=st.lists(st.sampled_from(VOCABULARY), max_size=40),
-    stops=st.lists(st.text(alphabet=" \nabe.", max_size=3), max_size=3),
-    max_new_tokens=st.integers(1, 50),
-)
-def test_answer_text_releases_what_reply_text_does_at_the_same_id(
-    play: bool, ids: list[int], stops: list[str], max_new_tokens: int
-) -> None:
-    """``AnswerText`` takes each id as it comes where ``Chatbot.reply_text`` pulls them: given the
-    same ids, each shows the same text by the time it has read the same number of ids, and both
-    count the same ids and finish for the same reason (a template's stop strings too: play's)."""
-    bot = tiny_chatbot()
-    if play:
-        bot.template = PlayTemplate()
-    read, pulled_info, pushed_info = 0, ReplyInfo(), ReplyInfo()
-
-    def source() -> Any:
-        nonlocal read
-        for i in ids:
-            read += 1
-            yield i
-
-    pulled = [(read, piece) for piece in bot.reply_text(source(), max_new_tokens, pulled_info, stops)]
-    text = AnswerText(bot, max_new_tokens, pushed_info, stops)
-    pushed = [(k + 1, text.push(i)) for k, i in enumerate(ids) if not text.ended]
-    pushed.append((len(pushed), text.end()))
-    assert released(pushed) == released(pulled)
-    assert pushed_info == pulled_info
 
 
 def test_serve_without_options_runs_with_the_servers_defaults(

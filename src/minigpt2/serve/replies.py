@@ -2,17 +2,17 @@
 
 Owns ``Reply``: a request's ``n`` answers to one prompt (OpenAI's ``n``). The prompt is built once
 (``Chatbot.prepare``); each choice is a ``Job`` for the decoding thread (``engine``) with its own
-generator (seed, seed + 1, ... when the request gives a seed), and its text is an ``AnswerText``
-(``text``: the chatbot's own stop strings, trimming and counting, as ``Chatbot.answer`` has them)
-fed from the job's ``Feed`` (``feed``: the hand-off from the decoding thread). Each choice's text is
-made by a task of its own on the event loop (``_write``), which sends it in ``chunks``: the first
-piece at once, then what is generated within the server's ``stream_interval`` together (a chunk
-costs the server and its client far more than a character), the task sleeping between chunks. The
-tasks run whether or not the endpoint is reading, so a stop string frees its row within one
-interval even while a slow client is still being sent what came before. ``pieces`` gives the
-chunks to the endpoint as they come (joining a choice's chunks that arrived together), ``whole``
-all at the end. ``close`` (the client went away, or the answer was sent) cancels every row and
-every task, so nothing is left generating for nobody.
+generator (seed, seed + 1, ... when the request gives a seed), and its text is the chatbot's
+``ReplyText`` (``Chatbot.new_reply_text``: the stop strings, trimming and counting of
+``Chatbot.answer``), handed each id as it comes from the job's ``Feed`` (``feed``: the hand-off from
+the decoding thread). Each choice's text is made by a task of its own on the event loop
+(``_write``), which sends it in ``chunks``: the first piece at once, then what is generated within
+the server's ``stream_interval`` together (a chunk costs the server and its client far more than a
+character), the task sleeping between chunks. The tasks run whether or not the endpoint is reading,
+so a stop string frees its row within one interval even while a slow client is still being sent what
+came before. ``pieces`` gives the chunks to the endpoint as they come (joining a choice's chunks
+that arrived together), ``whole`` all at the end. ``close`` (the client went away, or the answer was
+sent) cancels every row and every task, so nothing is left generating for nobody.
 
 Tests: ``pytest tests/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave) and
 ``tests/test_serve_replies.py`` (chunks, the hand-off, the text).
@@ -26,12 +26,11 @@ from typing import Protocol
 
 import anyio
 
-from minigpt2.core.chat import Chatbot, ReplyInfo, Turn
+from minigpt2.core.chat import Chatbot, ReplyInfo, ReplyText, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import make_generator
 from minigpt2.serve.engine import Engine, Job
 from minigpt2.serve.feed import Item
-from minigpt2.serve.text import AnswerText
 
 SEEDS = 2**63  # a request's seed is below this; choice i is seeded (seed + i) modulo it
 
@@ -51,11 +50,11 @@ class Reply:
         self.jobs = [Job(prompt, sample, stop_ids, min_new_tokens, make_generator(s)) for s in seeds]
         self._writers: list[asyncio.Task[None]] = []
         for index, (job, info) in enumerate(zip(self.jobs, self.infos, strict=True)):
-            text = AnswerText(bot, sample.max_new_tokens, info, stop_strings)
+            text = bot.new_reply_text(sample.max_new_tokens, info, stop_strings)
             engine.submit(job)
             self._writers.append(asyncio.create_task(self._write(index, job, text)))
 
-    async def _write(self, index: int, job: Job, text: AnswerText) -> None:
+    async def _write(self, index: int, job: Job, text: ReplyText) -> None:
         """One choice's chunks (``chunks``) to ``pieces``, then its end (None) or the error that
         ended it."""
         try:
@@ -128,7 +127,7 @@ class Source(Protocol):
 
 
 async def chunks(
-    feed: Source, text: AnswerText, interval: float, clock: Callable[[], float]
+    feed: Source, text: ReplyText, interval: float, clock: Callable[[], float]
 ) -> AsyncIterator[str]:
     """The text of ``feed``'s ids in chunks: the first goes at once, each next one ``interval``
     seconds or more after the last (on ``clock``, the one ``feed.wait`` counts on), with the text
@@ -149,7 +148,7 @@ async def chunks(
                 held += text.push(item)
                 over = text.ended  # a stop string: the ids after it are not wanted
             elif item is None:
-                held, over = held + text.end(), True
+                held, over = held + text.finish(), True
             else:
                 failure, over = item, True
             if over:
