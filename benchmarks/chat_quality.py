@@ -30,9 +30,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cpu_model, emit, print_table
 
-from minigpt2 import corpora, data, recipes
+from minigpt2 import data
 from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
-from minigpt2.inference import Chatbot
+from minigpt2.data import corpora
+from minigpt2.inference.chatbot import Chatbot
+from minigpt2.training import recipes
 from minigpt2.training.trainer import train
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # letters, with inner apostrophes (don't, l'altro)

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from minigpt2 import corpora, data
+from minigpt2 import data
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
+from minigpt2.data import corpora
 from minigpt2.fast.batch import BatchDecoder
-from minigpt2.fileio import atomic_write_text
-from minigpt2.machine import cpu_bf16_is_fast, cpu_description
+from minigpt2.hardware.machine import cpu_bf16_is_fast, cpu_description
+from minigpt2.storage.fileio import atomic_write_text
 
 CLASSIC_CHARS = 1_115_394  # the size of the classic tiny-shakespeare corpus
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cpu_model, emit, print_table
 
-from minigpt2 import checkpoint
 from minigpt2.core.model import GPT, KVCache
 from minigpt2.fast import speed_up
 from minigpt2.fast.decode import Decoder
+from minigpt2.storage import checkpoint
 
 
 @torch.inference_mode()

@@ -33,7 +33,7 @@ from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.fast import speed_up
-from minigpt2.precision import choose_precision
+from minigpt2.hardware.precision import choose_precision
 
 VOCAB = sorted(set("\n !&'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz[]_0123456789\""))
 

@@ -29,8 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cpu_model, emit, print_table, shakespeare_prefix_data
 
-from minigpt2.fileio import atomic_write_bytes
-from minigpt2.precision import choose_device
+from minigpt2.hardware.precision import choose_device
+from minigpt2.storage.fileio import atomic_write_bytes
 from minigpt2.training.metrics import png_bytes, read_metrics
 from minigpt2.training.setup_configs import configs_for_training
 from minigpt2.training.trainer import train

@@ -34,11 +34,11 @@ from minigpt2.core import config
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
+from minigpt2.exports.hf import _conv1d, _hf_config
 from minigpt2.fast import speed_up
 from minigpt2.fast.decode import FastGPT
 from minigpt2.fast.int8 import choose_decode_weights
-from minigpt2.hf import _conv1d, _hf_config
-from minigpt2.precision import choose_precision
+from minigpt2.hardware.precision import choose_precision
 
 PROMPT = [5, 6, 7]
 

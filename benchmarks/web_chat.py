@@ -1,4 +1,5 @@
-"""Chatting in the browser: the exported page (``minigpt2.web``) in Chromium against the Python chatbot.
+"""Chatting in the browser: the exported page (``minigpt2.exports.web``) in Chromium against the
+Python chatbot.
 
     python benchmarks/web_chat.py                  # the `chat` preset's shape, random weights
     python benchmarks/web_chat.py --load-sizes     # also: each size's page, time to open, speed
@@ -15,7 +16,7 @@ model on one thread, then the page's Web Worker with fp32 and fp16 weights, in h
 
 ``--load-sizes`` exports bigger shapes too and reports each page's size, the time from opening it to
 the model being ready, and the characters/s of a 50-character answer: what
-``minigpt2.web.export.MAX_PARAMS`` is chosen from.
+``minigpt2.exports.web.export.MAX_PARAMS`` is chosen from.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, print_table
 
-from minigpt2 import checkpoint
 from minigpt2.core import config
 from minigpt2.core.chat import DialogueTemplate, ReplyInfo, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
-from minigpt2.inference import Chatbot
-from minigpt2.web import export as web_export
-from minigpt2.web import export_web
+from minigpt2.exports.web import export as web_export
+from minigpt2.exports.web import export_web
+from minigpt2.inference.chatbot import Chatbot
+from minigpt2.storage import checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 VOCAB = sorted(set("\n !\"',-.:;?()0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))

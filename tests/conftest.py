@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt2 import checkpoint
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
+from minigpt2.storage import checkpoint
 
 # A vocabulary of ordinary characters (no combining marks, no "\r"), used by most tests.
 ALPHABET = sorted(set(" \n!',-.:;?\"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))

@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.attention_maps``: the heads' attention over the bot's last answer.
+"""Tests for ``minigpt2.notebook.attention_maps``: the heads' attention over the bot's last answer.
 
 The weights are the textbook attention's own (each row a probability distribution over the past,
 zero on the future), taken at the positions that wrote the answer's characters; the model is left
@@ -13,12 +13,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from minigpt2.attention_maps import answer_attention
 from minigpt2.core.chat import Chatbot, Turn, build_prompt, prompt_budget
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import UserError
 from minigpt2.fast import speed_up
+from minigpt2.notebook.attention_maps import answer_attention
 
 
 @pytest.mark.parametrize("engine", ["reference", "fast"])

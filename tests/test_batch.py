@@ -26,7 +26,7 @@ from minigpt2.core.model import GPT
 from minigpt2.core.stream import first_window, generate_ids, slid_window
 from minigpt2.fast import speed_up
 from minigpt2.fast.batch import BatchDecoder, Row, draw_together, generate_many
-from minigpt2.precision import Precision
+from minigpt2.hardware.precision import Precision
 
 Factory = Callable[..., GPT]
 GREEDY = SampleConfig(max_new_tokens=40, temperature=0.0)

@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt2 import checkpoint
 from minigpt2.core.chat import DialogueTemplate, PlayTemplate, Turn, build_prompt
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
-from minigpt2.inference import Chatbot
+from minigpt2.inference.chatbot import Chatbot
+from minigpt2.storage import checkpoint
 
 TOK = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!'\n:")))
 GREEDY = SampleConfig(max_new_tokens=50, temperature=0.0)
@@ -228,7 +228,7 @@ def test_saving_to_a_missing_folder_is_a_clear_error(tiny_bot: Chatbot, tmp_path
 def test_loading_refuses_devices_fifos_big_files_and_bad_turns(tiny_bot: Chatbot, tmp_path: Path) -> None:
     """Each refusal is one line naming the file and the problem, and a big file is read only up to
     the limit. (Devices and FIFOs: ``tests/test_repl.py``, in a process with a memory cap.)"""
-    from minigpt2.conversation import MAX_CONVERSATION_BYTES
+    from minigpt2.inference.conversation import MAX_CONVERSATION_BYTES
 
     (tmp_path / "big.json").write_bytes(b" " * (MAX_CONVERSATION_BYTES + 1))
     files = {

@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.checkpoint``: saving, resolving and safely loading checkpoint directories.
+"""Tests for ``minigpt2.storage.checkpoint``: saving, resolving and safely loading checkpoint directories.
 
 Covers the save/load round trip, run-directory resolution (best, last, best.old after a crash), every
 kind of corruption raising a one-line ``CheckpointError`` (a pickle disguised as safetensors must not
@@ -23,10 +23,10 @@ from torch import nn
 
 from helpers_train import main, one_error_line, train_args
 from helpers_train import prepare as prepare_data
-from minigpt2 import checkpoint
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError
+from minigpt2.storage import checkpoint
 
 Factory = Callable[..., GPT]
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt2 import checkpoint, data
+from minigpt2 import data
 from minigpt2.core import config
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import stream_text
-from minigpt2.precision import choose_precision
+from minigpt2.hardware.precision import choose_precision
+from minigpt2.storage import checkpoint
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 OneLine = Callable[[subprocess.CompletedProcess[str]], str]

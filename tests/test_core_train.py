@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from helpers_train import prepare, rows, run_module, tiny
-from minigpt2 import checkpoint
 from minigpt2.core.batches import Batches, read_data_folder
 from minigpt2.core.model import GPT
 from minigpt2.core.optim import make_optimizer
 from minigpt2.core.precision import Precision
 from minigpt2.core.train import Report, train
 from minigpt2.errors import CheckpointError
-from minigpt2.inference import Chatbot
+from minigpt2.inference.chatbot import Chatbot
+from minigpt2.storage import checkpoint
 from minigpt2.training import trainer as product
 
 

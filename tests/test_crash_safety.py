@@ -32,9 +32,10 @@ import pytest
 import torch
 
 from helpers_train import main, one_error_line, prepare, rows, subprocess_env, summary, tiny, train_args
-from minigpt2 import checkpoint, data
+from minigpt2 import data
 from minigpt2.errors import DataError
-from minigpt2.fileio import recover_dir
+from minigpt2.storage import checkpoint
+from minigpt2.storage.fileio import recover_dir
 from minigpt2.training import metrics
 from minigpt2.training import trainer as train
 
@@ -49,7 +50,8 @@ FLAGS = ("--max-iters", STEPS, "--eval-interval", 2, "--dropout", 0.1, "--no-ear
 PAUSER = """
 import os, sys, time
 from pathlib import Path
-from minigpt2 import checkpoint, cli
+from minigpt2 import cli
+from minigpt2.storage import checkpoint
 moment, name, nth = os.environ["PAUSE_AT"].split(":")
 seen, write, replace = [0], checkpoint.atomic_write_bytes, os.replace
 def pause_if_due():

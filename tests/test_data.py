@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.data`` and ``minigpt2.corpora``: preparing corpora, loading them, batching.
+"""Tests for ``minigpt2.data`` and ``minigpt2.data.corpora``: preparing corpora, loading them, batching.
 
 Covers ``prepare`` on a .txt file, a folder, chatterbot dialogues (split by conversation) and the
 Shakespeare download (marked ``network``), ``load``, ``get_batch``, CRLF handling, and every kind of
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt2 import corpora, data, mixing
+from minigpt2 import data
 from minigpt2.core.batches import get_batch
 from minigpt2.core.tokenizer import EOT_ID, USER_ID, CharTokenizer
+from minigpt2.data import corpora, mixing
 from minigpt2.errors import DataError
 
 

@@ -22,7 +22,7 @@ from minigpt2.core.stream import generate_ids, stream_text
 from minigpt2.core.tokenizer import EOT_ID, CharTokenizer
 from minigpt2.errors import ConfigError
 from minigpt2.fast import speed_up, use_engine
-from minigpt2.precision import choose_precision
+from minigpt2.hardware.precision import choose_precision
 
 Factory = Callable[..., GPT]
 GREEDY = SampleConfig(max_new_tokens=40, temperature=0.0)

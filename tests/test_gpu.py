@@ -16,13 +16,13 @@ import torch
 
 from helpers_model import all_logits
 from helpers_train import prepare, trainer
-from minigpt2 import checkpoint
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT, KVCache
 from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.fast import speed_up
 from minigpt2.fast.decode import Decoder
+from minigpt2.storage import checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -24,14 +24,15 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from helpers_model import all_logits
-from minigpt2 import checkpoint, hf_tokenizer
 from minigpt2.core.chat import Template, Turn, build_prompt, default_reply_room, make_template, prompt_budget
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, NORMALISE, UNK_ID, USER_ID, CharTokenizer
 from minigpt2.errors import CheckpointError
-from minigpt2.hf import VOCAB_FILE, export_hf, import_hf
+from minigpt2.exports import hf_tokenizer
+from minigpt2.exports.hf import VOCAB_FILE, export_hf, import_hf
+from minigpt2.storage import checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from helpers_train import main, one_error_line, prepare, subprocess_env, tiny, train_args
-from minigpt2 import checkpoint, data
+from minigpt2 import data
 from minigpt2.core.chat import Chatbot, DialogueTemplate, PlayTemplate
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID
+from minigpt2.storage import checkpoint
 from minigpt2.training import trainer as train
 
 Capsys = pytest.CaptureFixture[str]

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from helpers_model import all_logits
-from minigpt2 import checkpoint
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT, KVCache
 from minigpt2.core.stream import generate_ids, stream_text
@@ -27,8 +26,9 @@ from minigpt2.fast import speed_up
 from minigpt2.fast.batch import BatchDecoder, generate_many
 from minigpt2.fast.decode import Decoder, decoder_for
 from minigpt2.fast.int8 import AUTO_MIN_BYTES, Int8Linear, choose_decode_weights, quantize
-from minigpt2.inference import load_for_inference
-from minigpt2.precision import choose_precision
+from minigpt2.hardware.precision import choose_precision
+from minigpt2.inference.chatbot import load_for_inference
+from minigpt2.storage import checkpoint
 
 Factory = Callable[..., GPT]
 Run = Callable[..., subprocess.CompletedProcess[str]]

@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.machine``: bf16 on a CPU decided by measurement, remembered per machine.
+"""Tests for ``minigpt2.hardware.machine``: bf16 on a CPU decided by measurement, remembered per machine.
 
 The decisions are checked with timings the test chooses (no test depends on this machine's speed):
 emulated bf16 is never chosen, fast bf16 is chosen only where autocast gains 10%, an answer is
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt2 import machine
-from minigpt2.precision import choose_precision
+from minigpt2.hardware import machine
+from minigpt2.hardware.precision import choose_precision
 
 
 @pytest.fixture(autouse=True)

@@ -15,13 +15,13 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from minigpt2 import checkpoint
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import UserError
-from minigpt2.inference import Chatbot
+from minigpt2.inference.chatbot import Chatbot
 from minigpt2.notebook import ChatPanel, chat_loop, load_chatbot
+from minigpt2.storage import checkpoint
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "chatbot.ipynb"
 MESSAGES = ["ciao", "come stai?", "che cosa fai oggi?"]

@@ -26,13 +26,13 @@ import pytest
 import torch
 
 from helpers_train import prepare, rows, tiny, trainer
-from minigpt2 import checkpoint
 from minigpt2.core import config
 from minigpt2.core.model import GPT
 from minigpt2.core.muon import Muon, Optimizers, orthogonalize
 from minigpt2.core.optim import make_optimizer
 from minigpt2.errors import ConfigError
-from minigpt2.machine import muon_dtype
+from minigpt2.hardware.machine import muon_dtype
+from minigpt2.storage import checkpoint
 from minigpt2.training import trainer as train
 from minigpt2.training.metrics import Callback, StepRecord
 
@@ -222,7 +222,7 @@ def test_grad_scaler_drives_muon_and_adamw_together() -> None:
 def test_the_default_chatbot_resumes_with_the_settings_it_started_with(tmp_path: Path) -> None:
     """`make chat` after an upgrade: a chatbot run killed mid-training (no summary.json) under
     older settings (here AdamW, while the `chat` preset now uses Muon) goes on with its own."""
-    from minigpt2 import recipes
+    from minigpt2.training import recipes
 
     d = prepare(tmp_path)
     run = tmp_path / "run"

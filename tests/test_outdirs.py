@@ -17,7 +17,7 @@ import torch
 
 from helpers_train import main, one_error_line, prepare, train_args
 from minigpt2.errors import UserError
-from minigpt2.outdirs import META, check_target, kind_of, run_checkpoint
+from minigpt2.storage.outdirs import META, check_target, kind_of, run_checkpoint
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -198,7 +198,7 @@ def test_import_hf_refuses_an_extra_tensor(
 def test_written_files_follow_the_umask_and_symlinks_are_written_through(tmp_path: Path, umask: int) -> None:
     import os
 
-    from minigpt2.fileio import atomic_write_text
+    from minigpt2.storage.fileio import atomic_write_text
 
     old = os.umask(umask)
     try:
@@ -229,7 +229,7 @@ def test_save_never_writes_into_a_run_or_a_data_folder(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from minigpt2.inference import Chatbot
+    from minigpt2.inference.chatbot import Chatbot
 
     data_dir, run = trained
     before = _snapshot(run), _snapshot(data_dir)
@@ -278,7 +278,7 @@ def test_an_atomic_write_never_replaces_a_device_or_fifo(tmp_path: Path) -> None
     import os
 
     from minigpt2.errors import WriteError
-    from minigpt2.fileio import atomic_write_text
+    from minigpt2.storage.fileio import atomic_write_text
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -31,7 +31,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt2 import checkpoint, data
+from minigpt2 import data
 from minigpt2.core.chat import Chatbot, PlayTemplate, ReplyInfo, ReplyText
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.generate import make_generator
@@ -40,6 +40,7 @@ from minigpt2.core.stream import next_token
 from minigpt2.core.tokenizer import UNK_ID, CharTokenizer
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.fast.batch import draw_together
+from minigpt2.storage import checkpoint
 
 BOUNDED = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

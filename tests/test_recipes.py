@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.recipes``: what the default chatbot trains on and with.
+"""Tests for ``minigpt2.training.recipes``: what the default chatbot trains on and with.
 
 Covered: each chatterbot language's recipe and the folders it uses (the data folder names the text
 mixed in, the run folder stays ``runs/chat-<source>``); ``ensure_chatbot`` prepares the recipe's
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt2 import recipes
+from minigpt2.training import recipes
 
 FAST = {"max_iters": 4, "eval_interval": 2, "eval_iters": 1, "max_minutes": 0, "samples": False}
 

@@ -28,12 +28,12 @@ import pytest
 import torch
 
 from helpers_train import subprocess_env
-from minigpt2 import checkpoint
 from minigpt2.cli import repl
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
-from minigpt2.inference import Chatbot
+from minigpt2.inference.chatbot import Chatbot
+from minigpt2.storage import checkpoint
 
 TOK = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz .,?!")))
 DEADLINE = 120.0  # seconds: each process imports torch on a possibly busy machine

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from helpers_serve import client, tiny_chatbot
-from minigpt2 import checkpoint
+from minigpt2.storage import checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -26,8 +26,9 @@ import httpx
 import pytest
 
 from helpers_serve import Scripted, connect, health, running, tiny_chatbot, wait_for
-from minigpt2 import checkpoint, serve
+from minigpt2 import serve
 from minigpt2.serve import descriptors
+from minigpt2.storage import checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SHORT = serve.ServeConfig(header_timeout=0.3, body_timeout=0.3)  # seconds: the tests wait for far longer

@@ -24,9 +24,10 @@ import openai
 import pytest
 
 from helpers_serve import running, tiny_chatbot
-from minigpt2 import checkpoint, serve
+from minigpt2 import serve
 from minigpt2.errors import ConfigError
 from minigpt2.serve.hosts import host_name
+from minigpt2.storage import checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOOPBACK_ONLY = serve.ServeConfig(allowed_hosts=(serve.LOOPBACK,))

@@ -49,3 +49,12 @@ def test_what_moved_out_of_the_textbooks_chatbot_says_where_it_is(tok: object, n
         Chatbot.from_run("runs/x")
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bot.nope  # noqa: B018 - an ordinary missing attribute stays ordinary
+
+
+@pytest.mark.parametrize(("old", "new"), [("minigpt2.checkpoint", "minigpt2.storage.checkpoint"),
+                                          ("minigpt2.training.optim", "minigpt2.core.optim")])  # fmt: skip
+def test_a_module_imported_by_its_old_name_says_where_it_moved(old: str, new: str) -> None:
+    import importlib
+
+    with pytest.raises(ModuleNotFoundError, match=new.replace(".", r"\.")):
+        importlib.import_module(old)

@@ -22,15 +22,16 @@ import pytest
 import torch
 
 from helpers_train import BLOCK, corpus_text, main, meta, prepare, rows, summary, tiny, train_args, trainer
-from minigpt2 import checkpoint, cli, data
+from minigpt2 import cli, data
 from minigpt2.core.batches import bot_mask, random_starts
 from minigpt2.core.model import GPT
 from minigpt2.core.schedule import lr_at
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, CharTokenizer
 from minigpt2.core.train_step import evaluate, train_step
 from minigpt2.errors import ConfigError, UserError
-from minigpt2.machine import cpu_autocast_pays
-from minigpt2.precision import choose_precision
+from minigpt2.hardware.machine import cpu_autocast_pays
+from minigpt2.hardware.precision import choose_precision
+from minigpt2.storage import checkpoint
 from minigpt2.training import trainer as train
 from minigpt2.training.metrics import COLUMNS
 from minigpt2.training.runstate import RunLock

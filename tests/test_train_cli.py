@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from helpers_train import main, meta, one_error_line, prepare, rows, subprocess_env, summary, tiny, train_args
-from minigpt2 import checkpoint, data
-from minigpt2.fileio import recover_dir
-from minigpt2.precision import choose_precision
+from minigpt2 import data
+from minigpt2.hardware.precision import choose_precision
+from minigpt2.storage import checkpoint
+from minigpt2.storage.fileio import recover_dir
 from minigpt2.training import trainer as train
 
 

@@ -1,4 +1,4 @@
-"""The exported web page (``minigpt2.web.export_web``), driven in headless Chromium via Playwright.
+"""The exported web page (``minigpt2.exports.web.export_web``), driven in headless Chromium via Playwright.
 
 Each test exports a tiny checkpoint built here (random weights, widened so that answers vary with
 the message), opens the page from disk (``file://``) with every other request aborted, and checks
@@ -24,15 +24,15 @@ import pytest
 import torch
 from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
 
-from minigpt2 import checkpoint
 from minigpt2.core.chat import Chatbot, Turn, make_template
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import UserError
-from minigpt2.web import export as web
-from minigpt2.web import export_web
+from minigpt2.exports.web import export as web
+from minigpt2.exports.web import export_web
+from minigpt2.storage import checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -32,7 +32,7 @@ def sample_config(args: argparse.Namespace) -> Any:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from minigpt2.core.stream import stream_text
-    from minigpt2.inference import load_for_inference
+    from minigpt2.inference.chatbot import load_for_inference
 
     cfg = sample_config(args)
     loaded = load_for_inference(args.run, args.device, args.dtype, args.engine, generation=True,
@@ -50,7 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _chatbot(args: argparse.Namespace, sample: Any) -> Any:
-    from minigpt2.inference import Chatbot
+    from minigpt2.inference.chatbot import Chatbot
 
     return Chatbot.from_run(args.run, device=args.device, dtype=args.dtype, template=args.template,
                             engine=args.engine, decode_weights=args.decode_weights,
@@ -73,7 +73,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _default_chatbot(source: str, preset: str | None = None) -> str:
     """The run directory of the default chatbot for ``source``, trained first if needed."""
-    from minigpt2 import recipes
+    from minigpt2.training import recipes
 
     data_dir, run_dir = recipes.default_paths(source)
     if not recipes.is_ready(run_dir):
@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "pip install 'minigpt2[serve]'") from None  # fmt: skip
     from urllib.parse import urlsplit
 
-    from minigpt2.recipes import DEFAULT_SOURCE
+    from minigpt2.training.recipes import DEFAULT_SOURCE
 
     # Options are checked before anything is trained or loaded: the sampling ones, the key (which
     # every HTTP client must be able to send), the limits, the connection cap under the fd limit.

@@ -23,10 +23,10 @@ import textwrap
 from typing import Any
 
 from minigpt2.cli.console import err, write_output
-from minigpt2.conversation import OPTIONS
 from minigpt2.errors import UserError
+from minigpt2.inference.options import OPTIONS
 
-# The options /set takes are SampleConfig's fields (conversation.OPTIONS), which also checks them.
+# The options /set takes are SampleConfig's fields (inference.options.OPTIONS), which also checks them.
 SET_HELP = textwrap.fill(
     f"change a sampling option: {', '.join(OPTIONS)} (e.g. /set temperature=0.7)",
     width=100, initial_indent="  /set NAME=VALUE    ", subsequent_indent=" " * 21,

@@ -21,7 +21,7 @@ from minigpt2.cli.console import progress_bar
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from minigpt2 import data
-    from minigpt2.recipes import slug
+    from minigpt2.training.recipes import slug
 
     out = Path(args.out) if args.out else Path("data") / slug(args.source)
     meta = data.prepare(args.source, out, val_fraction=args.val_fraction, block_size=args.block_size,
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from minigpt2 import data
     from minigpt2.errors import CheckpointError, ConfigError
-    from minigpt2.inference import load_for_inference
+    from minigpt2.inference.chatbot import load_for_inference
     from minigpt2.training.trainer import evaluate_tokens
 
     if args.batch_size < 1 or args.max_windows < 0:
@@ -133,12 +133,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "web":
-        from minigpt2.web import export_web
+        from minigpt2.exports.web import export_web
 
         page = export_web(Path(args.run), Path(args.out), dtype=args.dtype, force=args.force)
         print(page.summary())
         return 0
-    from minigpt2.hf import export_hf
+    from minigpt2.exports.hf import export_hf
 
     out = export_hf(Path(args.run), Path(args.out), force=args.force)
     print(f"exported {args.run} as a Hugging Face GPT-2 model to {out}")
@@ -146,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from minigpt2.hf import import_hf
+    from minigpt2.exports.hf import import_hf
 
     run = import_hf(Path(args.dir), Path(args.out), force=args.force)
     print(f"imported {args.dir} into {run}/best")

@@ -6,7 +6,7 @@ the hardware has 16-bit units, and the model learns as in fp32. bf16 keeps fp32'
 nothing more; fp16's range is narrow, so small gradients would underflow to zero, and the loss is
 multiplied up first (a ``torch.amp.GradScaler``, ``use_scaler``) and the gradients divided back
 before the step (``core/train_step.py``). fp32 is no autocast at all. Which one a machine gets is
-decided outside the textbook (``minigpt2.precision.choose_precision``, by measurement on a CPU).
+decided outside the textbook (``minigpt2.hardware.precision.choose_precision``, by measurement on a CPU).
 Tests: ``pytest tests/test_train.py -k bf16``.
 """
 

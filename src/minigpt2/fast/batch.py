@@ -49,7 +49,7 @@ from minigpt2.core.generate import make_generator
 from minigpt2.core.model import GPT, KVCache
 from minigpt2.core.stream import first_window, next_token, slid_window
 from minigpt2.fast.batch_step import BatchStep
-from minigpt2.precision import Precision
+from minigpt2.hardware.precision import Precision
 
 
 @dataclass(eq=False)

@@ -49,7 +49,7 @@ The files, in the order a request meets them:
 - ``app.py``: ``create_app``: the endpoints, the error handlers, the shape of the answers, and the
   lifespan that starts and stops the decoding thread.
 - ``static/chat.html``: the web chat page; its screen (conversation, composer, controls) is
-  ``minigpt2/web/chat_ui.js``, shared with the exported page, and put in by ``app.chat_page``.
+  ``minigpt2/exports/web/chat_ui.js``, shared with the exported page, and put in by ``app.chat_page``.
 
 Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, bad requests),
 ``tests/test_serve_queue.py`` (the queue, 429, disconnects, a load test), ``tests/test_serve_cli.py``

@@ -265,10 +265,10 @@ async def disconnect(request: Request) -> None:
 
 def chat_page() -> str:
     """The web chat: ``static/chat.html`` with the screen it shares with the exported page
-    (``minigpt2/web/chat_ui.js``) in place of its CHAT_UI mark."""
+    (``minigpt2/exports/web/chat_ui.js``) in place of its CHAT_UI mark."""
     package = resources.files("minigpt2")
     page = package.joinpath("serve/static/chat.html").read_text(encoding="utf-8")
-    screen = package.joinpath("web/chat_ui.js").read_text(encoding="utf-8")
+    screen = package.joinpath("exports/web/chat_ui.js").read_text(encoding="utf-8")
     # Inside <script>, these would end the element (or change how the parser reads it).
     assert page.count("{{CHAT_UI}}") == 1 and not re.search(r"</script|<!--", screen, re.IGNORECASE)
     return page.replace("{{CHAT_UI}}", screen)

@@ -4,7 +4,7 @@
 ``best`` holds the weights of the best evaluation so far (early stopping decides when it is
 written); ``last`` adds the training state (optimizer, scaler, sampler, random state, counters,
 metrics), so a resume from it continues exactly, bit for bit. ``RunFiles`` does this for the
-``Trainer``; the checkpoint format itself is ``minigpt2/checkpoint.py``.
+``Trainer``; the checkpoint format itself is ``minigpt2/storage/checkpoint.py``.
 Tests: ``pytest tests/test_train.py tests/test_optim.py`` (resume, fine-tuning, switching optimizer).
 """
 
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt2 import checkpoint
 from minigpt2.core.batches import windows
 from minigpt2.core.config import to_dict
 from minigpt2.core.model import GPT
 from minigpt2.core.schedule import EarlyStopState
 from minigpt2.errors import CheckpointError, ConfigError
-from minigpt2.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.storage import checkpoint
+from minigpt2.storage.fileio import atomic_write_bytes, atomic_write_text
 from minigpt2.training import distributed
 from minigpt2.training.metrics import Callback, StepRecord, plot_losses, png_bytes, read_records
 from minigpt2.training.runstate import TrainResult, restore_rng, rng_state

@@ -37,8 +37,8 @@ from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.optim import make_optimizer
 from minigpt2.fast import use_engine
-from minigpt2.machine import fastest_time, muon_dtype
-from minigpt2.precision import Precision, choose_precision
+from minigpt2.hardware.machine import fastest_time, muon_dtype
+from minigpt2.hardware.precision import Precision, choose_precision
 
 # The settings a fit chooses: one given explicitly is the user's choice, and no fit is made.
 FITTED = frozenset({"n_embd", "batch_size", "dropout", "max_iters", "fit_to_budget"})

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from minigpt2.fileio import atomic_write_text
+from minigpt2.storage.fileio import atomic_write_text
 
 
 @dataclass

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt2 import checkpoint, data
+from minigpt2 import data
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import ConfigError, UserError, WriteError
-from minigpt2.fileio import clean_up_after_crash
-from minigpt2.outdirs import check_target, run_checkpoint
+from minigpt2.storage import checkpoint
+from minigpt2.storage.fileio import clean_up_after_crash
+from minigpt2.storage.outdirs import check_target, run_checkpoint
 
 
 @dataclass

@@ -28,8 +28,8 @@ from minigpt2.core.config import SampleConfig, TrainConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import stream_text
 from minigpt2.core.tokenizer import EOT_ID, USER_ID, CharTokenizer
-from minigpt2.fileio import atomic_write_text
-from minigpt2.precision import Precision
+from minigpt2.hardware.precision import Precision
+from minigpt2.storage.fileio import atomic_write_text
 
 MAX_SHARE = 0.05  # of training time, at most, spent writing samples
 REPLY_CHARS, TEXT_CHARS = 80, 120  # short: a glimpse, not a benchmark

@@ -31,7 +31,7 @@ from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.core.train import LoopState
 from minigpt2.errors import ConfigError
 from minigpt2.fast import use_engine
-from minigpt2.machine import muon_dtype
+from minigpt2.hardware.machine import muon_dtype
 from minigpt2.training import fit as fitting
 from minigpt2.training.distributed import DistInfo
 from minigpt2.training.metrics import StepRecord

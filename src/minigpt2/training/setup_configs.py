@@ -17,12 +17,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from minigpt2 import checkpoint
 from minigpt2.core import config
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.errors import ConfigError, UserError
-from minigpt2.fileio import read_small_text
-from minigpt2.outdirs import run_checkpoint
+from minigpt2.storage import checkpoint
+from minigpt2.storage.fileio import read_small_text
+from minigpt2.storage.outdirs import run_checkpoint
 from minigpt2.training.fit import FITTED
 
 # What fine-tuning may change about the trained model, and what it may not.

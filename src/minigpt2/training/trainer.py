@@ -32,7 +32,7 @@ from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.schedule import lr_at
 from minigpt2.errors import ConfigError
 from minigpt2.fast.memory import keep_freed_memory
-from minigpt2.precision import choose_device
+from minigpt2.hardware.precision import choose_device
 from minigpt2.training import distributed
 from minigpt2.training.checkpoints import RunFiles, evaluate_tokens
 from minigpt2.training.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback

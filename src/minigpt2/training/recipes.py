@@ -16,7 +16,7 @@ from typing import Any
 
 from minigpt2 import data
 from minigpt2.core import config
-from minigpt2.outdirs import run_checkpoint
+from minigpt2.storage.outdirs import run_checkpoint
 from minigpt2.training.fit import FITTED
 from minigpt2.training.metrics import Callback
 from minigpt2.training.setup_configs import saved_run_configs

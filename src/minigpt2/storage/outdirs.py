@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from minigpt2.errors import UserError
-from minigpt2.fileio import not_regular, read_small_text, recover_dir
+from minigpt2.storage.fileio import not_regular, read_small_text, recover_dir
 
 META = "checkpoint.json"  # what makes a folder a checkpoint (checkpoint.py writes it)
 EXPORT_MARKER = "minigpt2_vocab.json"  # written into every Hugging Face export

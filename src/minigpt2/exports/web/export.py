@@ -59,12 +59,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt2 import checkpoint, outdirs
 from minigpt2.core.chat import Chatbot, make_template
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import NORMALISE
 from minigpt2.errors import UserError, WriteError
-from minigpt2.fileio import atomic_write_bytes
+from minigpt2.storage import checkpoint, outdirs
+from minigpt2.storage.fileio import atomic_write_bytes
 
 DTYPES = {"fp32": "<f4", "fp16": "<f2"}  # little-endian, as every browser's typed arrays
 MAX_PARAMS = 30_000_000  # the most a page streams at reading speed (the module's docstring)
@@ -201,7 +201,7 @@ def render_page(data: dict[str, Any], weights_b64: str) -> bytes:
     """page.html with its placeholders filled: the served page's style and markup, the model's
     description, the worker's code, the weights, the shared screen and the page's own code. Each
     is scanned once, so no inserted text is read as one."""
-    files = resources.files("minigpt2.web")
+    files = resources.files("minigpt2.exports.web")
     worker = "\n".join(files.joinpath(name).read_text(encoding="utf-8") for name in WORKER_PARTS)
     page_code, chat_ui = (files.joinpath(f).read_text(encoding="utf-8") for f in ("page.js", "chat_ui.js"))
     for code in (worker, page_code, chat_ui):

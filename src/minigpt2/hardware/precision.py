@@ -73,7 +73,7 @@ def choose_precision(
         if kind == "cpu" and work is not None and work < CPU_BF16_MIN_WORK:
             return Precision(device, "fp32", "auto: too little work per pass for bf16 to pay on a CPU")
         if kind == "cpu":
-            from minigpt2.machine import cpu_autocast_pays
+            from minigpt2.hardware.machine import cpu_autocast_pays
 
             tokens, width = shape if shape is not None else (4096, 256)
             if cpu_autocast_pays(tokens, width):

@@ -20,14 +20,15 @@ from typing import Any
 
 from torch import Tensor
 
-from minigpt2 import checkpoint, hf_tokenizer
 from minigpt2.core.chat import PlayTemplate, default_reply_room, make_template, prompt_budget
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import CheckpointError, ConfigError, UserError
-from minigpt2.fileio import atomic_write_bytes, publish_dir, read_small_text, temp_dir_for
-from minigpt2.outdirs import check_target
+from minigpt2.exports import hf_tokenizer
+from minigpt2.storage import checkpoint
+from minigpt2.storage.fileio import atomic_write_bytes, publish_dir, read_small_text, temp_dir_for
+from minigpt2.storage.outdirs import check_target
 
 VOCAB_FILE = "minigpt2_vocab.json"
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")

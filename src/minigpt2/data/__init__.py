@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from minigpt2 import corpora, mixing
 from minigpt2.core.batches import read_split
 from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
+from minigpt2.data import corpora, mixing
 from minigpt2.errors import DataError, UserError, WriteError
-from minigpt2.fileio import atomic_write_bytes, atomic_write_text
-from minigpt2.outdirs import check_target
+from minigpt2.storage.fileio import atomic_write_bytes, atomic_write_text
+from minigpt2.storage.outdirs import check_target
 
 DATA_FORMAT_VERSION = 1
 

@@ -1,4 +1,4 @@
-"""What a user hands a conversation: the JSON file of ``/save`` and ``/load``, and options by name.
+"""A conversation kept as a file: the JSON of ``/save`` and ``/load``.
 
 A saved conversation is ``{"template": {...}, "history": [{"role": "user", "text": "..."}, ...]}``
 (roles ``user`` or ``bot``). The file is whatever path the user typed, so both ends are guarded:
@@ -7,32 +7,26 @@ A saved conversation is ``{"template": {...}, "history": [{"role": "user", "text
   read), at most ``MAX_CONVERSATION_BYTES`` + 1 bytes of it, and checks every turn's role and text;
 - ``save`` writes only to a regular file or a new one, in an existing folder, atomically, under the
   rule of every single-file write (``outdirs.check_file_target``: never over a device or a folder,
-  never into a run, data folder or export); a write the system refuses is worded as where and why;
-- ``parse_option`` (``/set NAME=VALUE``) and ``sample_with`` (the notebook's keywords) check a
-  sampling option's name and type (an integer for ``max_new_tokens``, not ``1e3``); ``SampleConfig``
-  checks its range.
+  never into a run, data folder or export); a write the system refuses is worded as where and why.
 
-Each refusal is one ``UserError`` line naming the file or option and the problem. ``Chatbot.save``,
-``load`` and ``set_option`` call these; the front ends (the terminal chat, the notebook) call those.
+Each refusal is one ``UserError`` line naming the file and the problem. ``Chatbot.save`` and
+``load`` call these; the front ends (the terminal chat, the notebook) call those.
 Tests: ``pytest tests/test_chat.py tests/test_repl.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 from pathlib import Path
 from typing import Any
 
-from minigpt2.core.config import SampleConfig
 from minigpt2.errors import UserError
-from minigpt2.fileio import NotRegularFileError, atomic_write_text, read_regular
-from minigpt2.outdirs import check_file_target
+from minigpt2.inference.options import shown
+from minigpt2.storage.fileio import NotRegularFileError, atomic_write_text, read_regular
+from minigpt2.storage.outdirs import check_file_target
 
 ROLES = ("user", "bot")
-FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
-OPTIONS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 # A conversation is read whole into memory. 4 MB holds several messages of the largest size the
 # server accepts (a 1 MB request body) with room to spare, while the model only ever sees the last
 # context window of it; a bigger file is not a conversation this program wrote.
@@ -95,42 +89,7 @@ def load_history(path: str | Path) -> list[tuple[str, str]]:
         if role not in ROLES or not isinstance(text, str):
             raise UserError(
                 f"{where}: turn {number} needs a role (user or bot) and a text string, got"
-                f" role {_shown(role)} and text {_shown(text)}"
+                f" role {shown(role)} and text {shown(text)}"
             )
         turns.append((str(role), text))
     return turns
-
-
-def _shown(value: Any) -> str:
-    """A value as the error line shows it: its repr, cut short (a turn's text may be a megabyte)."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def parse_option(name: str, text: str) -> Any:
-    """A sampling option's value typed as text: a number, an integer, or ``none`` for ``seed``."""
-    if name not in OPTIONS:
-        raise UserError(f"unknown option {name!r}; options: {', '.join(OPTIONS)}")
-    if name == "seed" and text.strip().lower() == "none":
-        return None
-    try:
-        return float(text) if name in FLOAT_OPTIONS else int(text)
-    except ValueError:
-        raise UserError(f"{name} needs {_kind(name)}, got {text!r}") from None
-
-
-def sample_with(sample: SampleConfig, values: dict[str, Any]) -> SampleConfig:
-    """``sample`` with ``values`` in place of its own, each checked by name, type and range."""
-    for name, value in values.items():
-        if name not in OPTIONS:
-            raise UserError(f"unknown option {name!r}; options: {', '.join(OPTIONS)}")
-        number = isinstance(value, float if name in FLOAT_OPTIONS else int) or (
-            name in FLOAT_OPTIONS and isinstance(value, int)
-        )
-        if isinstance(value, bool) or not (number or (name == "seed" and value is None)):
-            raise UserError(f"{name} needs {_kind(name)}, got {_shown(value)}")
-    return dataclasses.replace(sample, **values)  # SampleConfig checks the ranges
-
-
-def _kind(name: str) -> str:
-    return "a number" if name in FLOAT_OPTIONS else "an integer or none" if name == "seed" else "an integer"

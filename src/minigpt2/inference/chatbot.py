@@ -4,7 +4,7 @@
 does it, for the chatbot, ``sample``, ``eval``, the server and the notebook. ``Chatbot``: the
 textbook's chatbot (``core/chat.py``) with what the product adds around it: ``from_run``,
 ``set_option`` (a sampling option by name, as ``/set`` types it), ``save``/``load`` (a conversation
-kept as JSON; ``minigpt2.conversation`` checks both ends) and ``next_char_probs`` (the notebook's
+kept as JSON; ``minigpt2.inference.conversation`` checks both ends) and ``next_char_probs`` (the notebook's
 view of what the model was choosing from).
 Tests: ``pytest tests/test_chat.py tests/test_cli.py tests/test_int8.py tests/test_notebook.py``.
 """
@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from minigpt2 import checkpoint, conversation
-from minigpt2.conversation import parse_option, sample_with
 from minigpt2.core import chat
 from minigpt2.core.chat import Turn, make_template
 from minigpt2.core.generate import make_generator
@@ -30,7 +28,10 @@ from minigpt2.errors import ConfigError, UserError
 from minigpt2.fast import use_engine
 from minigpt2.fast.decode import FastGPT
 from minigpt2.fast.int8 import DecodeWeights, choose_decode_weights
-from minigpt2.precision import Precision, choose_device, choose_precision
+from minigpt2.hardware.precision import Precision, choose_device, choose_precision
+from minigpt2.inference import conversation
+from minigpt2.inference.options import parse_option, sample_with
+from minigpt2.storage import checkpoint
 
 
 @dataclass

@@ -4,6 +4,6 @@
 and the size limit); the page's parts are the HTML and JavaScript files beside it.
 """
 
-from minigpt2.web.export import MAX_PARAMS, WebExport, export_web
+from minigpt2.exports.web.export import MAX_PARAMS, WebExport, export_web
 
 __all__ = ["MAX_PARAMS", "WebExport", "export_web"]

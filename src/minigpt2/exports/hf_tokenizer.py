@@ -39,7 +39,7 @@ from typing import Any
 from minigpt2.core.chat import PlayTemplate, make_template, prompt_budget
 from minigpt2.core.tokenizer import BOT, EOT, NORMALISE, SPECIAL_TOKENS, UNK, USER, CharTokenizer
 from minigpt2.errors import CheckpointError
-from minigpt2.fileio import read_small_text
+from minigpt2.storage.fileio import read_small_text
 
 TOKENIZER_FILE = "tokenizer.json"
 NONCHARACTERS = "\ufdd0\ufdd1\ufdd2\ufdd3"

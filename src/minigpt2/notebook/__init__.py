@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from minigpt2 import recipes
-from minigpt2.conversation import OPTIONS, sample_with
 from minigpt2.core.chat import Turn
 from minigpt2.errors import UserError
-from minigpt2.inference import Chatbot
+from minigpt2.inference.chatbot import Chatbot
+from minigpt2.inference.options import OPTIONS, sample_with
+from minigpt2.training import recipes
 from minigpt2.training.metrics import Callback, ProgressBar, StepRecord, plot_losses, png_bytes
 
 QUIT_WORDS = ("quit", "exit", "esci", "/quit")
@@ -29,7 +29,7 @@ _END: Any = object()  # the end of scripted messages (a None among them is a wro
 
 def describe_hardware(device: str = "auto", dtype: str = "auto") -> str:
     """One line: the device and the precision that training and chat will use, and why."""
-    from minigpt2.precision import choose_device, choose_precision
+    from minigpt2.hardware.precision import choose_device, choose_precision
 
     dev = choose_device(device)
     train, chat = choose_precision(dev, dtype), choose_precision(dev, dtype, inference=True)
@@ -208,7 +208,7 @@ def attention_heatmaps(bot: Chatbot, layer: int = -1) -> Any:
     from IPython.display import Image, display
     from matplotlib.figure import Figure
 
-    from minigpt2.attention_maps import answer_attention
+    from minigpt2.notebook.attention_maps import answer_attention
 
     amap = answer_attention(bot, layer)
     nh, A, K = amap.weights.shape

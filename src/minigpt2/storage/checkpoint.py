@@ -33,9 +33,9 @@ from minigpt2.core import config as cfg
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import CheckpointError, UserError, WriteError
-from minigpt2.fileio import atomic_write_bytes, fsync_dir, publish_dir, temp_dir_for
-from minigpt2.outdirs import META as META
-from minigpt2.outdirs import is_checkpoint, kind_of, run_checkpoint
+from minigpt2.storage.fileio import atomic_write_bytes, fsync_dir, publish_dir, temp_dir_for
+from minigpt2.storage.outdirs import META as META
+from minigpt2.storage.outdirs import is_checkpoint, kind_of, run_checkpoint
 
 FORMAT = "minigpt2-checkpoint"
 FORMAT_VERSION = 1
