@@ -25,8 +25,8 @@ STAGES = ["bigram by counting", "bigram learned", "attention only", "block", "GP
 # A lesson of about half a minute: every stage and experiment runs, each a few dozen steps.
 SHORT = {
     "CONTEXT": 32, "BATCH": 16, "EVAL_BATCHES": 4, "WIDTH": 32, "HEADS": 2,
-    "BIGRAM_STEPS": 150, "BLOCK_STEPS": 150, "GPT_SHAPE": {"n_layer": 2, "n_head": 2, "n_embd": 48},
-    "GPT_STEPS": 200, "TECHNIQUE_STEPS": 30, "OVERFIT_CHARS": 2000, "OVERFIT_STEPS": 60,
+    "BIGRAM_STEPS": 200, "BLOCK_STEPS": 400, "GPT_SHAPE": {"n_layer": 2, "n_head": 2, "n_embd": 48},
+    "GPT_STEPS": 300, "TECHNIQUE_STEPS": 30, "OVERFIT_CHARS": 2000, "OVERFIT_STEPS": 60,
     "MESSAGES": ["Hello", "What is AI?"], "REPLY_CHARS": 40,
 }  # fmt: skip
 
@@ -114,7 +114,7 @@ def test_the_lesson_runs_top_to_bottom_and_its_table_falls(
     # trained briefly, comes close), and the one-block model and the GPT beat every bigram.
     assert table["bigram by counting"] <= table["bigram learned"] + 0.05, table
     assert table["block"] < table["bigram by counting"], table
-    assert table["GPT"] < table["bigram by counting"], table
+    assert table["GPT"] < table["block"], table
     # Every stage's picture: counts, bigram curve, heads, blocks, GPT, four experiments, the table.
     images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 11
