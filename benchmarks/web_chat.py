@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, print_table
 
 from minigpt2.core import config
-from minigpt2.core.chat import DialogueTemplate, ReplyInfo, Turn
+from minigpt2.core.chat import DialogueTemplate, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
+from minigpt2.core.stream import ReplyInfo
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.exports.web import export as web_export
 from minigpt2.exports.web import export_web

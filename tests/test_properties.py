@@ -32,11 +32,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt2 import data
-from minigpt2.core.chat import Chatbot, PlayTemplate, ReplyInfo, ReplyText
+from minigpt2.core.chat import Chatbot, PlayTemplate
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.generate import make_generator
 from minigpt2.core.model import GPT
-from minigpt2.core.stream import next_token
+from minigpt2.core.stream import ReplyInfo, ReplyText, next_token
 from minigpt2.core.tokenizer import UNK_ID, CharTokenizer
 from minigpt2.errors import ConfigError, UserError
 from minigpt2.fast.batch import draw_together

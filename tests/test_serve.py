@@ -22,8 +22,9 @@ import pytest
 
 from helpers_serve import Scripted, ask, client, idle, running, tiny_chatbot, wait_for
 from minigpt2 import serve
-from minigpt2.core.chat import ReplyInfo, Turn
+from minigpt2.core.chat import Turn
 from minigpt2.core.config import SampleConfig
+from minigpt2.core.stream import ReplyInfo
 
 
 @pytest.fixture(scope="module")

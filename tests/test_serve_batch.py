@@ -22,8 +22,9 @@ import pytest
 
 from helpers_serve import Paced, health, running, tiny_chatbot, wait_for
 from minigpt2 import serve
-from minigpt2.core.chat import Chatbot, DialogueTemplate, ReplyInfo
+from minigpt2.core.chat import Chatbot, DialogueTemplate
 from minigpt2.core.generate import make_generator
+from minigpt2.core.stream import ReplyInfo
 from minigpt2.serve.schema import ChatRequest, sampling, stop_strings, to_turns
 
 LIMITS = serve.ServeConfig(max_concurrent=24, max_tokens=1000)

@@ -24,8 +24,9 @@ import pytest
 from helpers_serve import running, tiny_chatbot
 from minigpt2 import serve
 from minigpt2.cli.parser import build_parser
-from minigpt2.core.chat import ReplyInfo, Turn
+from minigpt2.core.chat import Turn
 from minigpt2.core.config import SampleConfig
+from minigpt2.core.stream import ReplyInfo
 from minigpt2.errors import ConfigError
 from minigpt2.serve import ServeConfig
 from minigpt2.serve import app as app_module

@@ -14,9 +14,10 @@ Two templates turn a history into the model's prompt:
   speaker line then the text then a blank line (``Ham.\\nWho's there?\\n\\n``); the prompt ends with the
   bot's speaker line, and the answer ends where the next speech would begin (a blank line).
 
-``ReplyText`` turns an answer's ids into its text one id at a time, as they are drawn (stop strings,
-``<|unk|>`` hidden, no spaces at either end, the ids counted): ``Chatbot.reply_text`` pulls ids from
-a generator through it, and the server hands it each id as it comes.
+An answer's text is made one id at a time, as the ids are drawn, by ``core/stream.py``'s
+``ReplyText`` (stop strings, ``<|unk|>`` hidden, no spaces at either end, the ids counted):
+``Chatbot.reply_text`` pulls ids from a generator through it, and the server hands it each id as
+it comes.
 
 Tests: ``pytest tests/test_chat.py`` and ``tests/test_properties.py`` (``ReplyText`` on any ids).
 """
@@ -28,22 +29,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from minigpt2.core.config import CHAT_SAMPLE, SampleConfig
-from minigpt2.core.tokenizer import BOT_ID, EOT_ID, UNK_ID, USER_ID, CharTokenizer
+from minigpt2.core.stream import ReplyInfo, ReplyText
+from minigpt2.core.tokenizer import BOT_ID, EOT_ID, USER_ID, CharTokenizer
 from minigpt2.errors import UserError
 
 # torch (and what imports it) is imported inside the methods that run the model: the templates and
 # the prompt rules here are also used where torch is not needed yet.
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class ReplyInfo:
-    """Filled in while ``Chatbot.answer`` streams (what an API reports as usage and finish reason)."""
-
-    prompt_tokens: int = 0  # ids fed to the model (after trimming to the context window)
-    completion_tokens: int = 0  # ids generated, the stop id not counted
-    finish_reason: str = "stop"  # "stop": the turn ended (or a stop string); "length": max_new_tokens
 
 
 class Prepared(NamedTuple):
@@ -147,81 +140,6 @@ def build_prompt(history: list[Turn], template: Template, tok: CharTokenizer, bu
         kept.append(ids)
         used += len(ids)
     return [i for ids in reversed(kept) for i in ids] + prefix
-
-
-class ReplyText:
-    """The text of one answer, made as its ids are drawn: ``push`` each id, then ``finish``.
-
-    Each returns the text now safe to show, so one set of rules serves the caller that pulls ids
-    from a generator (``Chatbot.reply_text``) and the one handed them as they come (the server):
-    - the answer ends just before the first stop string, not shown; then ``ended`` is true;
-    - text that could begin a stop string is held back until it cannot (a play's "\\n" may be the
-      start of its "\\n\\n", and text once shown cannot be taken back);
-    - ``<|unk|>`` is counted but not shown (the model may draw it; it stands for no character);
-    - no spaces or line breaks at either end (trailing ones wait for something visible to follow),
-      so the text streamed is the text a history keeps.
-    ``info`` counts the ids, up to the one that completes a stop string, and says why the answer
-    ended: "stop" (a stop id or stop string) or "length" (it ran to ``max_new_tokens``).
-    """
-
-    def __init__(self, tokenizer: CharTokenizer, stop_strings: Sequence[str], max_new_tokens: int,
-                 info: ReplyInfo) -> None:  # fmt: skip
-        self._decode = tokenizer.decode
-        self.stop_strings = tuple(s for s in stop_strings if s)  # "" would end every answer at once
-        self._longest = max((len(s) for s in self.stop_strings), default=0)
-        self._max_new_tokens, self.info = max_new_tokens, info
-        self._held = ""  # decoded text that could still be the start of a stop string
-        self._started = False  # something visible has been shown: spaces are no longer leading
-        self._spaces = ""  # spaces after the last visible text: shown only if more text follows
-        self.ended = False  # a stop string or ``finish`` ended the answer: later ids are ignored
-        info.finish_reason = "stop"
-
-    def push(self, new_id: int) -> str:
-        """The text that ``new_id`` makes safe to show: "" if none, and always once ``ended``."""
-        if self.ended:
-            return ""
-        self.info.completion_tokens += 1
-        if new_id == UNK_ID:
-            return ""
-        held = self._held + self._decode([new_id])
-        # Shown text never ends with the start of a stop string, so a stop string lies within held.
-        hits = [held.index(s) for s in self.stop_strings if s in held]
-        if hits:
-            self.ended = True
-            return self._shown(held[: min(hits)])
-        safe = len(held) - self._could_begin_a_stop(held)
-        self._held = held[safe:]
-        return self._shown(held[:safe])
-
-    def finish(self) -> str:
-        """No more ids come (a stop id, ``max_new_tokens``, or the caller stopped): the text held
-        back, which no stop string can follow now, and ``info``'s finish reason."""
-        if self.ended:
-            return ""
-        self.ended = True
-        if self.info.completion_tokens >= self._max_new_tokens:  # cut off, not its choice to end
-            self.info.finish_reason = "length"
-        return self._shown(self._held)
-
-    def _could_begin_a_stop(self, text: str) -> int:
-        """The length of the longest end of ``text`` that a stop string starts with (0: none)."""
-        ends = range(1, min(self._longest, len(text) + 1))
-        starts_a_stop = (
-            n for n in ends if any(len(s) > n and text.endswith(s[:n]) for s in self.stop_strings)
-        )
-        return max(starts_a_stop, default=0)
-
-    def _shown(self, piece: str) -> str:
-        """What of ``piece`` to show, given the spaces rule: "" while it holds only spaces."""
-        if not self._started:
-            piece = piece.lstrip()
-            self._started = bool(piece)
-        body = piece.rstrip()
-        if not body:
-            self._spaces += piece
-            return ""
-        shown, self._spaces = self._spaces + body, piece[len(body) :]
-        return shown
 
 
 # The product's chatbot (loading runs, options by name, conversations in files, the notebook's

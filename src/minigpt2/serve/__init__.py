@@ -3,9 +3,9 @@
 Only transport lives here. The conversation logic is ``Chatbot``'s (``minigpt2.core.chat``): the
 server turns OpenAI ``messages`` into ``Turn``s, builds the prompt with ``Chatbot.prepare``, draws
 the answer's ids through the batched engine (``minigpt2.fast.batch``), where every running answer
-advances by one character in the same model step, turns them into text with ``Chatbot.reply_text``
-(stop strings, trimming, counting, as ``Chatbot.answer`` does), and sends it back whole or as
-server-sent events. Endpoints:
+advances by one character in the same model step, turns them into text with the textbook's
+``ReplyText`` as each id comes (``Chatbot.new_reply_text``: stop strings, trimming, counting, as
+``Chatbot.answer`` does), and sends it back whole or as server-sent events. Endpoints:
 
 - ``POST /v1/chat/completions``: ``messages`` in, the reply out; ``"stream": true`` sends
   ``chat.completion.chunk`` events and ends with ``data: [DONE]``, as OpenAI's API does; ``n`` asks
@@ -44,7 +44,6 @@ The files, in the order a request meets them:
 - ``engine.py``: ``Engine``, the decoding thread that owns the ``BatchDecoder``: rows join, step
   together and leave; ``Job``, one row's generation.
 - ``feed.py``: ``Feed``, the hand-off of one row's ids from the decoding thread to the event loop.
-- ``text.py``: ``AnswerText``, an answer's text from its ids as they come (stop strings, trimming).
 - ``replies.py``: ``Reply``, one request's choices: their rows, and their text in chunks.
 - ``app.py``: ``create_app``: the endpoints, the error handlers, the shape of the answers, and the
   lifespan that starts and stops the decoding thread.

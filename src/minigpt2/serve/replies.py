@@ -26,9 +26,10 @@ from typing import Protocol
 
 import anyio
 
-from minigpt2.core.chat import Chatbot, ReplyInfo, ReplyText, Turn
+from minigpt2.core.chat import Chatbot, Turn
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.generate import make_generator
+from minigpt2.core.stream import ReplyInfo, ReplyText
 from minigpt2.serve.engine import Engine, Job
 from minigpt2.serve.feed import Item
 
