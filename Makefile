@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-done
 # `make chat LANG=italian`: LANG counts only when given on the command line (it is also the locale).
 CHAT_LANG ?= $(if $(filter command line,$(origin LANG)),$(LANG),english)
 
-.PHONY: setup test lint chat serve notebook clean
+.PHONY: setup test lint chat serve notebook lesson clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ serve: setup
 notebook: setup
 	$(BIN)/python -m pip install --quiet -e ".[notebook]"
 	$(BIN)/jupyter lab notebooks/chatbot.ipynb
+
+# The lesson: from counting characters to GPT-2 and its five training techniques (docs/lesson.md).
+lesson: setup
+	$(BIN)/python -m pip install --quiet -e ".[notebook]"
+	$(BIN)/jupyter lab notebooks/lesson.ipynb
 
 clean:
 	rm -rf $(VENV) data runs

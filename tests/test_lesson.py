@@ -22,11 +22,11 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 STAGES = ["bigram by counting", "bigram learned", "attention only", "block", "GPT"]
-# A lesson of about half a minute: every stage and experiment runs, each a few dozen steps.
+# A short lesson: every stage and experiment runs, the small models a few hundred steps of 32 characters.
 SHORT = {
     "CONTEXT": 32, "BATCH": 16, "EVAL_BATCHES": 4, "WIDTH": 32, "HEADS": 2,
     "BIGRAM_STEPS": 200, "BLOCK_STEPS": 400, "GPT_SHAPE": {"n_layer": 2, "n_head": 2, "n_embd": 48},
-    "GPT_STEPS": 300, "TECHNIQUE_STEPS": 30, "OVERFIT_CHARS": 2000, "OVERFIT_STEPS": 60,
+    "GPT_STEPS": 250, "TECHNIQUE_STEPS": 20, "OVERFIT_CHARS": 2000, "OVERFIT_STEPS": 40,
     "MESSAGES": ["Hello", "What is AI?"], "REPLY_CHARS": 40,
 }  # fmt: skip
 
@@ -120,5 +120,9 @@ def test_the_lesson_runs_top_to_bottom_and_its_table_falls(
     assert len(images) >= 11
     said = "".join(o.get("text", "") for c in code_cells for o in c.outputs if o.output_type == "stream")
     assert "the packed heads compute what the separate heads do: True" in said
+    # The package's GPT, given the weights of the notebook's block model, measures the same.
+    mine = float(said.split("val loss of the notebook's block model: ", 1)[1].split()[0])
+    package = float(said.split("val loss of the package's GPT with its weights: ", 1)[1].split()[0])
+    assert mine == pytest.approx(table["block"], abs=1e-5) and package == pytest.approx(mine, abs=1e-4)
     assert said.count("bot> ") == len(SHORT["MESSAGES"])
     assert (tmp_path / "data" / "lesson-chatterbot-english" / "meta.json").is_file()
