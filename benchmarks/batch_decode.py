@@ -7,7 +7,7 @@ Weights are random (speed does not depend on them); the vocabulary is the Shakes
 ``--new-chars`` characters after a 3-id prompt, well past the context window, so every row slides
 and refills; no stop ids, so every row runs to the end. The reference is one row through
 ``generate_ids`` on the engine (``speed_up``: the flat one-token step), fp32, in the same run; the
-batched paths are ``generate_many`` with that many rows (``minigpt2.fast.batch``), fp32. Figures are
+batched paths are ``generate_many`` with that many rows (``minigpt2.fast.batch_decoder``), fp32. Figures are
 characters/s summed over all rows; ``per_row`` is what each conversation sees. The paths take turns
 for ``--rounds`` rounds (median of each; every round's figure is shown).
 """
@@ -32,7 +32,7 @@ from minigpt2.core.model import GPT
 from minigpt2.core.stream import generate_ids
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.fast import speed_up
-from minigpt2.fast.batch import generate_many
+from minigpt2.fast.batch_decoder import generate_many
 
 VOCAB = sorted(set("\n !&'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz[]_0123456789\""))
 

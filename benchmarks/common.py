@@ -21,7 +21,7 @@ from minigpt2 import data
 from minigpt2.core.config import SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.data import corpora
-from minigpt2.fast.batch import BatchDecoder
+from minigpt2.fast.batch_decoder import BatchDecoder
 from minigpt2.hardware.machine import cpu_bf16_is_fast, cpu_description
 from minigpt2.storage.fileio import atomic_write_text
 

@@ -32,7 +32,7 @@ from common import cpu_model, emit, print_table, shakespeare_prefix_data
 from minigpt2.hardware.precision import choose_device
 from minigpt2.storage.fileio import atomic_write_bytes
 from minigpt2.training.metrics import png_bytes, read_metrics
-from minigpt2.training.setup_configs import configs_for_training
+from minigpt2.training.run_configs import configs_for_training
 from minigpt2.training.trainer import train
 
 # The usual small CPU recipe, as is: AdamW (the `cpu` preset it starts from uses Muon).

@@ -30,7 +30,7 @@ from minigpt2.core.chat import Chatbot
 from minigpt2.core.config import ModelConfig, SampleConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.tokenizer import CharTokenizer
-from minigpt2.fast.batch import BatchDecoder, Row
+from minigpt2.fast.batch_decoder import BatchDecoder, Row
 
 # Italian letters too, so UTF-8 multi-byte characters cross the wire in every test.
 CHARS = sorted(set(" \n!',-.:;?abcdefghijklmnopqrstuvwxyzàèéìòù"))

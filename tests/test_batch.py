@@ -1,4 +1,4 @@
-"""Tests for ``minigpt2.fast.batch``: many rows in one batched step against ``generate_ids`` alone.
+"""Tests for ``minigpt2.fast.batch_decoder``: many rows in one batched step against ``generate_ids`` alone.
 
 What is checked: each row's ids equal ``generate_ids`` run alone on the textbook model (greedy, and
 seeded sampling), for rows with different prompt lengths, rows that slide past the window, and rows
@@ -25,7 +25,7 @@ from minigpt2.core.generate import make_generator, sample
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import first_window, generate_ids, slid_window
 from minigpt2.fast import speed_up
-from minigpt2.fast.batch import BatchDecoder, Row, draw_together, generate_many
+from minigpt2.fast.batch_decoder import BatchDecoder, Row, draw_together, generate_many
 from minigpt2.hardware.precision import Precision
 
 Factory = Callable[..., GPT]

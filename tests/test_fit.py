@@ -21,7 +21,7 @@ from helpers_train import main, prepare, rows, train_args
 from minigpt2.core import config
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.training import fit
-from minigpt2.training.setup_configs import configs_for_training
+from minigpt2.training.run_configs import configs_for_training
 
 CHAT = config.resolve("chat")
 

@@ -362,7 +362,7 @@ def test_options_at_their_bounds_are_accepted(trained: tuple[Path, Path], run: P
 def test_wrongly_typed_config_file_values_and_bot_loss_on_plain_text_are_refused(tmp_path: Path) -> None:
     from minigpt2.core import config as cfg_module
     from minigpt2.errors import ConfigError
-    from minigpt2.training.setup_configs import read_config_file
+    from minigpt2.training.run_configs import read_config_file
 
     (tmp_path / "c.toml").write_text("batch_size = 32.0\n")
     with pytest.raises(ConfigError, match="batch_size must be int"):

@@ -23,7 +23,7 @@ from minigpt2.core.stream import generate_ids, stream_text
 from minigpt2.core.tokenizer import CharTokenizer
 from minigpt2.errors import ConfigError
 from minigpt2.fast import speed_up
-from minigpt2.fast.batch import BatchDecoder, generate_many
+from minigpt2.fast.batch_decoder import BatchDecoder, generate_many
 from minigpt2.fast.decode import Decoder, decoder_for
 from minigpt2.fast.int8 import AUTO_MIN_BYTES, Int8Linear, choose_decode_weights, quantize
 from minigpt2.hardware.precision import choose_precision

@@ -39,7 +39,7 @@ from minigpt2.core.model import GPT
 from minigpt2.core.stream import ReplyInfo, ReplyText, next_token
 from minigpt2.core.tokenizer import UNK_ID, CharTokenizer
 from minigpt2.errors import ConfigError, UserError
-from minigpt2.fast.batch import draw_together
+from minigpt2.fast.batch_decoder import draw_together
 from minigpt2.storage import checkpoint
 
 BOUNDED = settings(

@@ -28,6 +28,7 @@ import torch
 from helpers_train import main, meta, one_error_line, prepare, rows, subprocess_env, summary, tiny, train_args
 from minigpt2 import data
 from minigpt2.hardware.precision import choose_precision
+from minigpt2.inference.evaluation import evaluate_tokens
 from minigpt2.storage import checkpoint
 from minigpt2.storage.fileio import recover_dir
 from minigpt2.training import trainer as train
@@ -218,7 +219,7 @@ def test_eval_prints_val_loss_and_bits_per_char(
     assert bits == pytest.approx(loss / math.log(2), abs=2e-4)
     model, tok, _ = checkpoint.load_model(run)
     _, val = data.remap(data.load(d), tok)
-    expected = train.evaluate_tokens(model, val, 32, choose_precision(torch.device("cpu"), "fp32"))
+    expected = evaluate_tokens(model, val, 32, choose_precision(torch.device("cpu"), "fp32"))
     assert loss == pytest.approx(expected, abs=1e-4)
 
 

@@ -50,7 +50,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from minigpt2.training.setup_configs import configs_for_training, read_config_file
+    from minigpt2.training.run_configs import configs_for_training, read_config_file
     from minigpt2.training.trainer import train
 
     logging.basicConfig(level=logging.WARNING)
@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from minigpt2 import data
     from minigpt2.errors import CheckpointError, ConfigError
     from minigpt2.inference.chatbot import load_for_inference
-    from minigpt2.training.trainer import evaluate_tokens
+    from minigpt2.inference.evaluation import evaluate_tokens
 
     if args.batch_size < 1 or args.max_windows < 0:
         raise ConfigError(

@@ -55,7 +55,8 @@ class Turn:
 
 @dataclass
 class DialogueTemplate:
-    """Turns marked with the tokenizer's special tokens, as ``data.encode_dialogue`` writes them."""
+    """Turns marked with the tokenizer's special tokens (``data.encode_dialogue`` writes the
+    training corpus with this template)."""
 
     name: str = "dialogue"
 

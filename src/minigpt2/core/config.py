@@ -4,7 +4,7 @@ Every setting is a dataclass field with a default and a comment saying why; ``__
 ranges so a bad value fails at once with one clear line (a ``ConfigError``), not deep inside torch.
 Settings resolve in three layers (``resolve``): a preset, then a TOML/JSON config file, then
 command-line flags. Reading that file, and a run's saved settings, is the trainer's
-(``training/setup_configs.py``): this module reads no file.
+(``training/run_configs.py``): this module reads no file.
 
 Tested through its users: ``pytest tests/test_train.py tests/test_hostile_input.py``.
 """

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from minigpt2.core.batches import read_split
-from minigpt2.core.tokenizer import BOT_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, USER_ID, CharTokenizer
+from minigpt2.core.chat import DialogueTemplate, Turn
+from minigpt2.core.tokenizer import SPECIAL_TOKENS, UNK_ID, CharTokenizer
 from minigpt2.data import corpora, mixing
 from minigpt2.errors import DataError, UserError, WriteError
 from minigpt2.storage.fileio import atomic_write_bytes, atomic_write_text
@@ -73,13 +74,12 @@ def load_source(spec: str) -> Corpus:
 
 
 def encode_dialogue(tok: CharTokenizer, turns: list[str]) -> list[int]:
-    """One conversation as ids: turns alternate user, bot, user, ...; each ends with ``<|eot|>``."""
-    ids: list[int] = []
-    for i, turn in enumerate(turns):
-        ids.append(USER_ID if i % 2 == 0 else BOT_ID)
-        ids.extend(tok.encode(turn))
-        ids.append(EOT_ID)
-    return ids
+    """One conversation as ids: turns alternate user, bot, user, ..., each marked as the chatbot's
+    dialogue template marks it (``<|user|>text<|eot|>``, ``<|bot|>text<|eot|>``): a model learns the
+    turns it will be prompted with."""
+    template = DialogueTemplate()
+    roles = ("user", "bot")
+    return [i for k, text in enumerate(turns) for i in template.turn_ids(Turn(roles[k % 2], text), tok)]
 
 
 def split_and_encode(

@@ -2,7 +2,7 @@
 
 Only transport lives here. The conversation logic is ``Chatbot``'s (``minigpt2.core.chat``): the
 server turns OpenAI ``messages`` into ``Turn``s, builds the prompt with ``Chatbot.prepare``, draws
-the answer's ids through the batched engine (``minigpt2.fast.batch``), where every running answer
+the answer's ids through the batched engine (``minigpt2.fast.batch_decoder``), where every running answer
 advances by one character in the same model step, turns them into text with the textbook's
 ``ReplyText`` as each id comes (``Chatbot.new_reply_text``: stop strings, trimming, counting, as
 ``Chatbot.answer`` does), and sends it back whole or as server-sent events. Endpoints:

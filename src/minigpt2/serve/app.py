@@ -276,7 +276,7 @@ def chat_page() -> str:
 
 def batch_decoder(bot: Chatbot, rows: int) -> Decoder:
     """The decoder the answers are drawn from: ``rows`` generations over ``bot.model`` in one pass."""
-    from minigpt2.fast.batch import BatchDecoder
+    from minigpt2.fast.batch_decoder import BatchDecoder
 
     return BatchDecoder(bot.model, max_rows=rows, precision=bot.precision)
 

@@ -1,6 +1,6 @@
 """The decoding thread: every running answer advances together, one id each per batched model step.
 
-Owns ``Engine``: one thread and the ``BatchDecoder`` (``minigpt2.fast.batch``) it alone touches (the
+Owns ``Engine``: one thread and the ``BatchDecoder`` (``minigpt2.fast.batch_decoder``) it alone touches (the
 decoder is not thread-safe), and ``Job``, one row's generation as a request asks for it. Requests
 post ``submit`` and ``cancel`` commands to a thread-safe queue; each turn of the loop applies the
 cancels, adds waiting jobs up to the free rows (a new prompt is prefilled and joins the next step),
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from minigpt2.core.config import SampleConfig
-from minigpt2.fast.batch import Row
+from minigpt2.fast.batch_decoder import Row
 from minigpt2.serve.feed import Feed
 
 log = logging.getLogger(__name__)

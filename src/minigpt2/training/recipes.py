@@ -19,7 +19,7 @@ from minigpt2.core import config
 from minigpt2.storage.outdirs import run_checkpoint
 from minigpt2.training.fit import FITTED
 from minigpt2.training.metrics import Callback
-from minigpt2.training.setup_configs import saved_run_configs
+from minigpt2.training.run_configs import saved_run_configs
 
 DEFAULT_SOURCE = "chatterbot:english"
 

@@ -34,13 +34,13 @@ from minigpt2.errors import ConfigError
 from minigpt2.fast.memory import keep_freed_memory
 from minigpt2.hardware.precision import choose_device
 from minigpt2.training import distributed
-from minigpt2.training.checkpoints import RunFiles, evaluate_tokens
 from minigpt2.training.metrics import Callback, MetricsFile, StepRecord, TensorBoardCallback
+from minigpt2.training.run_files import RunFiles
 from minigpt2.training.runstate import RunLock, TrainResult
 from minigpt2.training.samples import SampleWriter
 from minigpt2.training.setup import CPU_PASS_TOKENS, build_run, pass_size
 
-__all__ = ["CPU_PASS_TOKENS", "Trainer", "evaluate_tokens", "pass_size", "train"]
+__all__ = ["CPU_PASS_TOKENS", "Trainer", "pass_size", "train"]
 log = logging.getLogger(__name__)
 
 

@@ -1,5 +1,5 @@
 """What a training run writes and reads back: ``RUN/best`` and ``RUN/last``, ``config.json``,
-``summary.json`` and ``loss.png``; and ``evaluate_tokens``, the loss ``minigpt2 eval`` reports.
+``summary.json`` and ``loss.png``.
 
 ``best`` holds the weights of the best evaluation so far (early stopping decides when it is
 written); ``last`` adds the training state (optimizer, scaler, sampler, random state, counters,
@@ -16,12 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from minigpt2.core.batches import windows
 from minigpt2.core.config import to_dict
-from minigpt2.core.model import GPT
 from minigpt2.core.schedule import EarlyStopState
 from minigpt2.errors import CheckpointError, ConfigError
 from minigpt2.storage import checkpoint
@@ -166,27 +163,3 @@ def _saved_fit(path: Path) -> Any:
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN: a step without an evaluation records ``null``."""
     return value if math.isfinite(value) else None
-
-
-@torch.no_grad()
-def evaluate_tokens(
-    model: GPT, tokens: np.ndarray, batch_size: int, precision: Any, max_windows: int = 0
-) -> float:
-    """Mean loss over consecutive, non-overlapping context windows of ``tokens`` (a whole split,
-    or its first ``max_windows`` windows): the number ``minigpt2 eval`` reports."""
-    T = model.config.block_size
-    starts = np.arange(0, len(tokens) - T, T)
-    if max_windows:
-        starts = starts[:max_windows]
-    if len(starts) == 0:
-        raise ConfigError(f"the split has {len(tokens)} tokens, fewer than one context window ({T + 1})")
-    device = model.device
-    model.eval()
-    total = 0.0
-    for i in range(0, len(starts), batch_size):
-        x, y = windows(tokens, starts[i : i + batch_size], T)
-        with precision.autocast():
-            _, loss = model(x.to(device), y.to(device))
-        assert loss is not None
-        total += float(loss) * len(x)
-    return total / len(starts)
