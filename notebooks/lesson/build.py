@@ -11,7 +11,7 @@ The source is a list of cells, each opened by a marker line:
 
 Lines before the first marker describe the file and are left out. The notebooks come out without
 outputs, with fixed cell ids, so that building twice gives the same bytes.
-Tests: ``pytest tests/test_lesson.py``.
+Tests: ``pytest tests/notebook/test_lesson.py``.
 """
 
 from __future__ import annotations

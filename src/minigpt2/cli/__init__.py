@@ -14,7 +14,8 @@ Each subcommand parses its options and calls one library function. The files:
 Bad input raises ``UserError`` somewhere below; ``main`` makes it one line on stderr and exit status
 2, without a traceback, and so it does for an output that cannot be written (``OUTPUT_ERRNOS``: full
 disk, read-only folder). torch is imported only inside the handlers, so ``minigpt2 --help`` starts
-instantly. Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_hostile_input.py``.
+instantly. Tests: ``pytest tests/cli/test_cli.py tests/cli/test_train_cli.py
+tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each loads the model through ``minigpt2.inference`` (directly, or by ``Chatbot.f
 engine ``--engine`` names; ``quickstart`` and a ``serve`` without a run train the default chatbot
 first if there is none ready. The terminal chat loop itself is in ``repl.py``. torch-using modules
 are imported inside the handlers, so that ``minigpt2 --help`` imports none.
-Tests: ``pytest tests/test_cli.py tests/test_chat.py tests/test_serve_cli.py tests/test_hostile_input.py``.
+Tests: ``pytest tests/cli/test_cli.py tests/core/test_chat.py tests/serve/test_serve_cli.py
+tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the commands show on the terminal besides their output: stderr lines and the progress bar.
 
 Shared by the command handlers, the chat loop and ``main``; torch-free, like everything that
-``minigpt2 --help`` imports. Tests: ``pytest tests/test_cli.py tests/test_hostile_input.py``.
+``minigpt2 --help`` imports. Tests: ``pytest tests/cli/test_cli.py tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

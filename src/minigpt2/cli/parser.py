@@ -4,7 +4,7 @@ The option groups several commands share are built once (``add_*_options``); ``t
 kebab-case flag per config field (``add_config_flags``), so a new field is a new flag with no edit
 here; ``serve`` takes its defaults from ``ServeConfig``. Building the parser imports no torch:
 ``minigpt2 --help`` answers at once.
-Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_serve_cli.py``.
+Tests: ``pytest tests/cli/test_cli.py tests/cli/test_train_cli.py tests/serve/test_serve_cli.py``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ own line editing applies, which keeps at most ``TTY_LINE_MAX`` bytes of a line a
 a line of exactly that length gets a note that it may have been cut. Control characters and
 terminal escape sequences (a stray arrow key) are taken out of every line, typed or piped.
 The bot is a ``Chatbot`` (typed ``Any`` so that this module imports no torch).
-Tests: ``pytest tests/test_repl.py tests/test_chat.py tests/test_hostile_input.py``.
+Tests: ``pytest tests/cli/test_repl.py tests/core/test_chat.py tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

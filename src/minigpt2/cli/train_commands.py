@@ -6,7 +6,7 @@ raises ``UserError`` below, which ``main`` reports. ``train`` exits 1 when the l
 130 (SIGINT) or 143 (SIGTERM) when a signal stopped it, after its ``last/`` checkpoint is saved, so
 that ``minigpt2 train ... && minigpt2 export ...`` goes no further. torch-using modules are
 imported inside the handlers, so that ``minigpt2 --help`` imports none.
-Tests: ``pytest tests/test_cli.py tests/test_train_cli.py tests/test_hostile_input.py``.
+Tests: ``pytest tests/cli/test_cli.py tests/cli/test_train_cli.py tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ context, but their targets in ``y`` become -1, which the model's loss skips (``b
 
 The training loop (``core/train.py``) draws a fresh random batch for every step, and evaluates on
 the same validation windows every time, so that two evaluations differ because the model did, not
-the sample. Tests: ``pytest tests/test_batches.py``.
+the sample. Tests: ``pytest tests/core/test_batches.py``.
 """
 
 from __future__ import annotations

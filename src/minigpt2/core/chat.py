@@ -19,7 +19,8 @@ An answer's text is made one id at a time, as the ids are drawn, by ``core/strea
 ``Chatbot.reply_text`` pulls ids from a generator through it, and the server hands it each id as
 it comes.
 
-Tests: ``pytest tests/test_chat.py`` and ``tests/test_properties.py`` (``ReplyText`` on any ids).
+Tests: ``pytest tests/core/test_chat.py`` and ``tests/promises/test_properties.py`` (``ReplyText`` on any
+ids).
 """
 
 from __future__ import annotations

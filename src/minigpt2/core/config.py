@@ -6,7 +6,7 @@ Settings resolve in three layers (``resolve``): a preset, then a TOML/JSON confi
 command-line flags. Reading that file, and a run's saved settings, is the trainer's
 (``training/run_configs.py``): this module reads no file.
 
-Tested through its users: ``pytest tests/test_train.py tests/test_hostile_input.py``.
+Tested through its users: ``pytest tests/training/test_train.py tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ token at a time, each drawn from the last position's logits after temperature, t
 The filters are pure functions of the logits. The chatbot's generation (stop ids, a minimum answer
 length, a repetition penalty, a window that slides past the context, text streams with stop strings)
 builds on these in ``core/stream.py``. The fast engine (``minigpt2.fast``) changes none of this: it
-makes ``model(...)`` faster. Tests: ``pytest tests/test_generate.py``.
+makes ``model(...)`` faster. Tests: ``pytest tests/core/test_generate.py``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ where GPT-2's ``Conv1D`` stores (in, out).
 
 This is the reference. ``minigpt2.fast`` swaps faster drop-ins for some of these pieces (it never
 edits this file) and tests that each computes what the piece here computes.
-Tests: ``pytest tests/test_model.py``.
+Tests: ``pytest tests/core/test_model.py``.
 """
 
 from __future__ import annotations

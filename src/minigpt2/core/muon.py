@@ -12,7 +12,7 @@ orthogonalization's products).
 Muon is for 2-D matrices inside the blocks (attention and MLP). The embeddings (also the output
 head, as the weights are tied), biases and LayerNorms keep AdamW, as in Muon's own recipe.
 
-Tests: ``pytest tests/test_optim.py``.
+Tests: ``pytest tests/core/test_optim.py``.
 """
 
 from __future__ import annotations

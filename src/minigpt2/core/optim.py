@@ -10,7 +10,7 @@ LayerNorm's gains shift and scale activations, and shrinking them towards 0 woul
 
 With ``optimizer="muon"`` the blocks' weight matrices go to Muon (``core/muon.py``) and the rest
 stays with AdamW; the loop drives both as one.
-Tests: ``pytest tests/test_optim.py``.
+Tests: ``pytest tests/core/test_optim.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The numeric decisions of training as pure functions: learning rate at a step, and early stopping.
 
 Pure so that one assert tests each: no globals, no clocks, no I/O.
-Tests: ``pytest tests/test_schedule.py``.
+Tests: ``pytest tests/core/test_schedule.py``.
 """
 
 from __future__ import annotations

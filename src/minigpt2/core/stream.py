@@ -13,7 +13,7 @@ forward pass over half a window) about every ``block_size // 2`` characters. Kee
 window kept more context but made refills a fifth of the decoding time. A prompt longer than the
 window starts from its last ``block_size`` ids. The cache-free path (``use_cache=False``) slides the
 window at the same points, so both give the same tokens.
-Tests: ``pytest tests/test_generate.py tests/test_decode.py tests/test_properties.py``.
+Tests: ``pytest tests/core/test_generate.py tests/fast/test_decode.py tests/promises/test_properties.py``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ trains the textbook's GPT on a folder made by ``minigpt2 prepare`` and keeps its
 
 ``minigpt2 train`` runs this same loop, with what a product adds around it (progress bar, exact
 resume, Ctrl-C, time budget, DDP, metrics and plots, the fast engine): ``training/trainer.py``.
-Tests: ``pytest tests/test_core_train.py``.
+Tests: ``pytest tests/core/test_core_train.py``.
 """
 
 from __future__ import annotations

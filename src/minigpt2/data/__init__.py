@@ -14,7 +14,7 @@ gets more text to learn spelling and words from, while its validation split stay
 ``prepare`` writes ``train.bin`` and ``val.bin`` (uint16 token ids) and ``meta.json`` (vocabulary,
 source, counts) into a data folder; ``load`` maps them back, checked. The batches drawn from them are
 the textbook's (``core/batches.py``).
-Run its tests with ``pytest tests/test_data.py``.
+Run its tests with ``pytest tests/data/test_data.py``.
 """
 
 from __future__ import annotations

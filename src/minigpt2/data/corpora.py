@@ -9,8 +9,8 @@
   checked against the text's size and SHA-256, and fetched again when damaged.
 
 No text of any corpus is stored in this repository. A corpus is read whole on purpose (it may be
-large); only what is not a regular file is refused. Tests: ``pytest tests/test_data.py
-tests/test_hostile_input.py``.
+large); only what is not a regular file is refused. Tests: ``pytest tests/data/test_data.py
+tests/promises/test_hostile_input.py``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 - ``check_distinct``: the validation split must stay unseen. A mix that is the first source, holds
   one of its files, or holds its validation text (a copy under another name) is refused.
 
-Tests: ``pytest tests/test_data.py``.
+Tests: ``pytest tests/data/test_data.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Hugging Face interoperability: export a run as a ``GPT2LMHeadModel`` directory, and import one.
 
 The export is also the proof that our model is GPT-2: ``transformers`` loads it as is and computes
-the same logits (``tests/test_hf.py``). The mapping is one to one; the only change is that GPT-2's
+the same logits (``tests/exports/test_hf.py``). The mapping is one to one; the only change is that GPT-2's
 ``Conv1D`` layers store their weight as (in, out) where our ``nn.Linear`` stores (out, in).
 
 The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``, a tokenizer

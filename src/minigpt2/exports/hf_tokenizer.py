@@ -25,7 +25,7 @@ which minigpt2 deletes too when the corpus has none, and then a chat encodes exa
 encodes it; in a corpus with lone ``\\r``, U+FDD0 (a noncharacter, which this tokenizer then
 deletes where minigpt2 reads ``<|unk|>``). Either way a message cannot forge a turn marker.
 
-Tests: ``pytest tests/test_hf.py``: generated texts and conversations against ``CharTokenizer`` and
+Tests: ``pytest tests/exports/test_hf.py``: generated texts and conversations against ``CharTokenizer`` and
 ``build_prompt`` in process, then ``transformers`` alone (a process that cannot import minigpt2)
 loading an export: tokenizer, chat template, ``pipeline`` and ``generate``.
 """

@@ -20,8 +20,8 @@ slightly different numbers (``--decode-weights``, ``auto`` = int8 on a CPU for b
 more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
 on a CPU, and ``batch.BatchDecoder`` advances many conversations together, one batched step for all
 (the drop-in for running ``core.stream.generate_ids`` once per conversation). Each piece is tested
-to compute what its textbook piece computes: ``tests/test_fast.py``, ``tests/test_decode.py``,
-``tests/test_batch.py`` (and the int8 steps to stay close to it: ``tests/test_int8.py``).
+to compute what its textbook piece computes: ``tests/fast/test_fast.py``, ``tests/fast/test_decode.py``,
+``tests/fast/test_batch.py`` (and the int8 steps to stay close to it: ``tests/fast/test_int8.py``).
 
 ``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
 ``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).

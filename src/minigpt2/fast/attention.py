@@ -14,7 +14,7 @@ faster still, computing the same function:
   (B, nh, T, Tk) scores.
 
 Everywhere else (inference, GPUs) it is the textbook's ``attend``. Measured with the rest of the
-engine in ``benchmarks/train_throughput.py``; tests: ``pytest tests/test_fast.py -k attention``.
+engine in ``benchmarks/train_throughput.py``; tests: ``pytest tests/fast/test_fast.py -k attention``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ lengths share the pass through per-row positions and a mask over the cached keys
 A prompt (or a slid window) is prefilled by the model itself at batch 1, all but its last id, into
 a fresh ``KVCache`` that is copied into the row's slot; the last id goes through the next batched
 step like every other row's newest id, so every step is the same single pass over all rows.
-Inference only. ``tests/test_batch.py`` checks each row's ids against ``generate_ids`` run alone on
+Inference only. ``tests/fast/test_batch.py`` checks each row's ids against ``generate_ids`` run alone on
 the textbook model, and the logits against the textbook model's (fp32, to rounding).
 """
 

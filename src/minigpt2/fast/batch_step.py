@@ -11,7 +11,7 @@ Rows of different lengths share the pass: row b's id gets the position embedding
 position pos[b], its k and v are written at that position of its slot (one copy per layer for all
 rows), and it attends over keys 0 .. Tk-1 (Tk = the longest row's length) through a boolean mask
 that lets it see keys 0 .. pos[b] only; beyond them lie an earlier row's stale keys, or zeros.
-``minigpt2.fast.batch_decoder`` decides which rows run; ``tests/test_batch.py`` checks the logits.
+``minigpt2.fast.batch_decoder`` decides which rows run; ``tests/fast/test_batch.py`` checks the logits.
 """
 
 from __future__ import annotations

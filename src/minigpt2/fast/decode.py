@@ -16,8 +16,8 @@ inference, through ``Decoder.step``, and everything else (prompts, refills, trai
 Its ``decode_weights`` ("fp32" unless set, as ``load_for_inference`` does) names the weights; with
 "int8", a prompt's last id goes through the step too (the model fills the cache with the others),
 as ``BatchDecoder`` feeds it, so an answer's first id comes from the same numbers alone or batched.
-``tests/test_decode.py`` checks that both give the same logits and the same tokens in fp32;
-``tests/test_int8.py`` the int8 steps.
+``tests/fast/test_decode.py`` checks that both give the same logits and the same tokens in fp32;
+``tests/fast/test_int8.py`` the int8 steps.
 """
 
 from __future__ import annotations

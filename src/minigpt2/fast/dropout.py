@@ -10,7 +10,7 @@ with an integer ``clamp``, not a comparison: torch's CPU kernels for bool tensor
 
 The result is the same dropout as ``nn.Dropout``: each element is zeroed with probability p (to
 within 1/65536), the others scaled by 1 / (1 - p); different random numbers, so not the same mask.
-Tests: ``pytest tests/test_fast.py -k dropout`` (drop rate, scaling, seeding).
+Tests: ``pytest tests/fast/test_fast.py -k dropout`` (drop rate, scaling, seeding).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ bf16, 16% in fp32), after ~8 s of compiling once per machine (the compiled code 
 Its bf16 results equal ``F.gelu``'s above x = -2.9 and are within bf16 rounding of the exact GELU
 everywhere; below -2.9, where GELU is under 0.006 in size, ``F.gelu``'s ``1 + tanh(z)`` loses digits
 to cancellation (in bf16, up to all of them). In fp32 both agree to fp32 rounding. If compiling fails
-(no C++ compiler), it warns once and uses ``F.gelu``. Tests: ``pytest tests/test_fast.py -k gelu``.
+(no C++ compiler), it warns once and uses ``F.gelu``. Tests: ``pytest tests/fast/test_fast.py -k gelu``.
 """
 
 from __future__ import annotations

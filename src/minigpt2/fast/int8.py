@@ -17,7 +17,7 @@ cache and the output head (65-110 rows for a character vocabulary) stay as train
 
 ``Int8Linear`` and ``DenseLinear`` are the two ways ``Decoder`` runs a linear layer;
 ``choose_decode_weights`` resolves the ``--decode-weights`` setting. Tests: ``pytest
-tests/test_int8.py``.
+tests/fast/test_int8.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DECODE_WEIGHTS = ("auto", "int8", "fp32")
 AUTO_MIN_BYTES = 4 * 2**20
 
 # The kernel reads the inner dimension 16 values at a time and has no tail: other sizes gave wrong
-# sums (8, 24) or crashed (33) when tried, so they are refused (``tests/test_int8.py`` checks that).
+# sums (8, 24) or crashed (33) when tried, so they are refused (``tests/fast/test_int8.py`` checks that).
 _INNER_MULTIPLE = 16
 
 

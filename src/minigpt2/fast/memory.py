@@ -11,7 +11,7 @@ benchmark ran 2,239-2,301 steps instead of ~1,650.
 ``keep_freed_memory`` raises glibc's two thresholds (``mallopt``) while training, so that freed
 blocks of up to 32 MiB stay in the process for the next step, and puts glibc's default values back
 when it ends, trimming the heap, so the memory goes back to the system after training. Anywhere but
-Linux with glibc (macOS, Windows, musl) it changes nothing. Tests: ``pytest tests/test_cpu_memory.py``.
+Linux with glibc (macOS, Windows, musl) it changes nothing. Tests: ``pytest tests/fast/test_cpu_memory.py``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ the least disturbed by other work on a busy machine), fastest of five. Each answ
 ``CACHE/machine.json`` (``corpora.cache_dir``) under a key naming what it depends on: the CPU model,
 PyTorch's version and the instruction set it runs, and the restrictions in the environment; a
 machine that cannot write there measures again.
-Tests: ``pytest tests/test_machine.py``.
+Tests: ``pytest tests/hardware/test_machine.py``.
 """
 
 from __future__ import annotations

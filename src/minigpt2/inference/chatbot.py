@@ -6,7 +6,8 @@ textbook's chatbot (``core/chat.py``) with what the product adds around it: ``fr
 ``set_option`` (a sampling option by name, as ``/set`` types it), ``save``/``load`` (a conversation
 kept as JSON; ``minigpt2.inference.conversation`` checks both ends) and ``next_char_probs`` (the notebook's
 view of what the model was choosing from).
-Tests: ``pytest tests/test_chat.py tests/test_cli.py tests/test_int8.py tests/test_notebook.py``.
+Tests: ``pytest tests/core/test_chat.py tests/cli/test_cli.py tests/fast/test_int8.py
+tests/notebook/test_notebook.py``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ A saved conversation is ``{"template": {...}, "history": [{"role": "user", "text
 
 Each refusal is one ``UserError`` line naming the file and the problem. ``Chatbot.save`` and
 ``load`` call these; the front ends (the terminal chat, the notebook) call those.
-Tests: ``pytest tests/test_chat.py tests/test_repl.py``.
+Tests: ``pytest tests/core/test_chat.py tests/cli/test_repl.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The loss ``minigpt2 eval`` reports: a trained model on a whole split, window after window.
-Tests: ``pytest tests/test_train_cli.py -k eval``.
+Tests: ``pytest tests/cli/test_train_cli.py -k eval``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ notebook's keywords.
 ``parse_option`` and ``sample_with`` check an option's name and type (an integer for
 ``max_new_tokens``, not ``1e3``; ``none`` for no seed); ``SampleConfig`` (``core/config.py``) checks
 its range, the one rule every front end shares. Each refusal is one ``UserError`` line naming the
-option and the problem. Tests: ``pytest tests/test_chat.py tests/test_repl.py``.
+option and the problem. Tests: ``pytest tests/core/test_chat.py tests/cli/test_repl.py``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ This module is to the notebook what the CLI (``minigpt2.cli``) is to the termina
 that shows things in Jupyter (streamed text, a live loss plot, a progress bar, a widget panel). The
 work itself is done by the same library code the CLI uses (``recipes``, ``training``, ``core.chat``).
 Bad input (an unknown option, a message that is not text) is a ``UserError`` with one clear line.
-Tests: ``pytest tests/test_notebook.py`` (executes the notebook with a real Jupyter kernel).
+Tests: ``pytest tests/notebook/test_notebook.py`` (executes the notebook with a real Jupyter kernel).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ attention's dropout (a forward hook: the textbook model keeps nothing for it), a
 every head of that layer, one row per character of the answer: the attention of the position that
 wrote it (the one before it, whose output predicted it) over every character it could see. The
 notebook draws them as heatmaps.
-Tests: ``pytest tests/test_attention_maps.py``.
+Tests: ``pytest tests/notebook/test_attention_maps.py``.
 """
 
 from __future__ import annotations

@@ -50,14 +50,15 @@ The files, in the order a request meets them:
 - ``static/chat.html``: the web chat page; its screen (conversation, composer, controls) is
   ``minigpt2/exports/web/chat_ui.js``, shared with the exported page, and put in by ``app.chat_page``.
 
-Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, bad requests),
-``tests/test_serve_queue.py`` (the queue, 429, disconnects, a load test), ``tests/test_serve_cli.py``
+Tests: ``pytest tests/serve/test_serve.py`` (the official ``openai`` client, bad requests),
+``tests/serve/test_serve_queue.py`` (the queue, 429, disconnects, a load test),
+``tests/serve/test_serve_cli.py``
 (the command),
-``tests/test_serve_replies.py`` (chunks, the hand-off, the text of an answer),
-``tests/test_serve_batch.py`` (an answer alone and among others, rows that leave at once, ``n``),
-``tests/test_serve_connections.py`` (idle, slow and too many connections),
-``tests/test_serve_http.py`` (Host names, methods, API key rules, addresses) and
-``tests/test_serve_browser.py`` (headless Chromium, driven by Playwright).
+``tests/serve/test_serve_replies.py`` (chunks, the hand-off, the text of an answer),
+``tests/serve/test_serve_batch.py`` (an answer alone and among others, rows that leave at once, ``n``),
+``tests/serve/test_serve_connections.py`` (idle, slow and too many connections),
+``tests/serve/test_serve_http.py`` (Host names, methods, API key rules, addresses) and
+``tests/serve/test_serve_browser.py`` (headless Chromium, driven by Playwright).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ queue gives up its place), ``SlotResponse`` (a server-sent-event stream that fre
 it ends) and ``BodyLimit`` (ASGI middleware: bodies over ``max_body_bytes`` get 413 before they are
 read whole).
 
-Tests: ``pytest tests/test_serve_queue.py`` (the load, queue, 429 and disconnect cases) and
-``tests/test_serve.py`` (body sizes).
+Tests: ``pytest tests/serve/test_serve_queue.py`` (the load, queue, 429 and disconnect cases) and
+``tests/serve/test_serve.py`` (body sizes).
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ everything but the model's steps); which ``Host`` is answered, ``hosts``'; the s
 are ``server``'s. There are no interactive docs at ``/docs``: they load their scripts from a CDN,
 blank offline (``/openapi.json`` is served).
 
-Tests: ``pytest tests/test_serve.py`` (the official ``openai`` client, raw HTTP, bad requests),
-``tests/test_serve_batch.py`` (``n``, answers among others), ``tests/test_serve_http.py`` (methods,
-``/docs``, Host names, keys) and ``tests/test_serve_browser.py`` (the page at ``/``).
+Tests: ``pytest tests/serve/test_serve.py`` (the official ``openai`` client, raw HTTP, bad requests),
+``tests/serve/test_serve_batch.py`` (``n``, answers among others), ``tests/serve/test_serve_http.py``
+(methods,
+``/docs``, Host names, keys) and ``tests/serve/test_serve_browser.py`` (the page at ``/``).
 """
 
 from __future__ import annotations

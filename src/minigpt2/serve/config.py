@@ -6,8 +6,9 @@ fields that are plain options), ``STREAM_INTERVAL`` and ``check_api_key`` (the r
 meet, run by ``ServeConfig``). It imports neither the web framework nor torch, so that building the
 parser (``minigpt2 --help``) stays fast.
 
-Tests: ``pytest tests/test_serve_replies.py`` (the stream interval, from the command line to the
-server), ``tests/test_serve_http.py`` (API keys) and ``tests/test_serve_cli.py`` (options out of range).
+Tests: ``pytest tests/serve/test_serve_replies.py`` (the stream interval, from the command line to the
+server), ``tests/serve/test_serve_http.py`` (API keys) and ``tests/serve/test_serve_cli.py`` (options out
+of range).
 """
 
 from __future__ import annotations

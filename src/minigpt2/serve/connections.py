@@ -16,7 +16,7 @@ Owns ``GuardedH11Protocol``, ``guarded_protocol`` (its class for one server, for
 ``uvicorn.Config(http=...)``) and ``Server`` (uvicorn's server, with ``quiet_loop_errors`` as the
 event loop's exception handler). Only ``server.make_server`` imports this module.
 
-Tests: ``pytest tests/test_serve_connections.py`` (raw sockets that send nothing, half the headers,
+Tests: ``pytest tests/serve/test_serve_connections.py`` (raw sockets that send nothing, half the headers,
 a trickle or half a body; more idle connections than the cap).
 """
 

@@ -10,7 +10,7 @@ raises toward the hard one), ``out_of_descriptors``, ``RateLimitedWarning`` and
 ``quiet_loop_errors`` (the event loop's exception handler: EMFILE is one rate-limited line).
 Nothing here imports uvicorn.
 
-Tests: ``pytest tests/test_serve_connections.py`` (the cap, the warning with a fake clock, and a
+Tests: ``pytest tests/serve/test_serve_connections.py`` (the cap, the warning with a fake clock, and a
 ``minigpt2 serve`` process under a low descriptor limit, flooded with idle connections).
 """
 

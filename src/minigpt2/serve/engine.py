@@ -10,8 +10,8 @@ left, or a stop string ended its text), leaves at once and its row goes to the n
 running, the thread sleeps on the queue. A step that fails fails the jobs in it and the loop goes on
 with a fresh decoder.
 
-Tests: ``pytest tests/test_serve_batch.py`` (answers alone against among others, rows that leave,
-failures) and ``tests/test_serve_queue.py`` (the same through the whole server).
+Tests: ``pytest tests/serve/test_serve_batch.py`` (answers alone against among others, rows that leave,
+failures) and ``tests/serve/test_serve_queue.py`` (the same through the whole server).
 """
 
 from __future__ import annotations

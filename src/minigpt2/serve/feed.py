@@ -9,8 +9,8 @@ due, so a streamed answer wakes once a chunk, not once an id (waking a reader fo
 at every step cost the server 6-46% of its characters/s when each reader was a thread:
 docs/performance.md, section 8).
 
-Tests: ``pytest tests/test_serve_replies.py`` (a real thread putting ids while the loop waits) and
-``tests/test_serve_batch.py`` (the same through the whole server).
+Tests: ``pytest tests/serve/test_serve_replies.py`` (a real thread putting ids while the loop waits) and
+``tests/serve/test_serve_batch.py`` (the same through the whole server).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ IPv4-mapped IPv6 address), ``LOOPBACK`` (the ``allowed_hosts`` entry that stands
 Starlette's ``TrustedHostMiddleware`` is not used: it cuts the header at its first colon, so it
 cannot read ``[::1]:8000``.
 
-Tests: ``pytest tests/test_serve_http.py`` (every loopback spelling, with and without a port, on
+Tests: ``pytest tests/serve/test_serve_http.py`` (every loopback spelling, with and without a port, on
 an IPv4 and an IPv6 server, and the names refused).
 """
 

@@ -14,8 +14,8 @@ came before. ``pieces`` gives the chunks to the endpoint as they come (joining a
 that arrived together), ``whole`` all at the end. ``close`` (the client went away, or the answer was
 sent) cancels every row and every task, so nothing is left generating for nobody.
 
-Tests: ``pytest tests/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave) and
-``tests/test_serve_replies.py`` (chunks, the hand-off, the text).
+Tests: ``pytest tests/serve/test_serve_batch.py`` (choices, seeds, stop strings, rows that leave) and
+``tests/serve/test_serve_replies.py`` (chunks, the hand-off, the text).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ turns, bounded), ``sampling`` (options over the bot's defaults, range-checked), 
 and ``stop_strings``. The limits themselves are ``ServeConfig``'s (``config``).
 Nothing here touches the network or the model, so every check answers before a slot is taken.
 
-Tests: ``pytest tests/test_serve.py`` (the bad-request cases send each of these through the server).
+Tests: ``pytest tests/serve/test_serve.py`` (the bad-request cases send each of these through the server).
 """
 
 from __future__ import annotations

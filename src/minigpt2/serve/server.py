@@ -7,8 +7,8 @@ host), ``address`` and ``addresses`` (URLs a browser can open: for a server on e
 (all of it, until Ctrl-C; what ``minigpt2 serve`` calls). uvicorn is imported only when a server is
 made, so the app can be built and tested without it.
 
-Tests: ``pytest tests/test_serve.py`` (every test runs a real server on a free loopback port) and
-``tests/test_serve_http.py`` (the addresses of a server on every interface).
+Tests: ``pytest tests/serve/test_serve.py`` (every test runs a real server on a free loopback port) and
+``tests/serve/test_serve_http.py`` (the addresses of a server on every interface).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ A run directory holds two checkpoints kept apart: ``RUN/best`` (lowest validatio
 Nothing is ever unpickled. A checkpoint directory is written under a temporary name and renamed
 into place (``fileio.publish_dir``), so a crash leaves the previous checkpoint whole; a write that
 fails (full disk, read-only folder) is a one-line ``WriteError`` and also leaves it whole.
-Tests: ``pytest tests/test_checkpoint.py``.
+Tests: ``pytest tests/storage/test_checkpoint.py``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ are the project's, read back by name), never over a folder, and never over a dev
 socket, whether named or reached through a link.
 
 Refusals are one-line ``UserError``s naming the folder, what it holds and what to do.
-Tests: ``pytest tests/test_outdirs.py``.
+Tests: ``pytest tests/storage/test_outdirs.py``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ On a machine as fast as the tuning one nothing changes (the preset's own width a
 steps). The measurements behind the rule, on an AVX2 CPU and the classes of machine it was checked
 on: docs/performance.md, section 3.
 Run by the trainer when ``TrainConfig.fit_to_budget`` is on (``make chat``, ``quickstart``, the
-notebook, ``train --max-minutes M`` without a preset). Tests: ``pytest tests/test_fit.py``.
+notebook, ``train --max-minutes M`` without a preset). Tests: ``pytest tests/training/test_fit.py``.
 """
 
 from __future__ import annotations

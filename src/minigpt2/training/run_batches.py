@@ -4,7 +4,7 @@ DDP's gradient averaging on the step's last pass only.
 
 Nothing here changes what a step computes: N processes see exactly what one process with an N times
 larger batch would, and a micro-batch cut into passes gives the gradients of the whole (each piece's
-mean loss is weighted by its share of the counted targets). Tests: ``pytest tests/test_train.py``.
+mean loss is weighted by its share of the counted targets). Tests: ``pytest tests/training/test_train.py``.
 """
 
 from __future__ import annotations

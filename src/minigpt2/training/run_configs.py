@@ -6,7 +6,7 @@ settings may change); fine-tuning keeps the trained model's shape (only the cont
 and the attention implementation may change). The ``minigpt2 train`` command calls it, and its
 error messages name the command's flags. Also the two files settings come from:
 ``read_config_file`` (``--config FILE``) and ``saved_run_configs`` (``RUN/config.json``).
-Tests: ``pytest tests/test_train_cli.py``.
+Tests: ``pytest tests/cli/test_train_cli.py``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 written); ``last`` adds the training state (optimizer, scaler, sampler, random state, counters,
 metrics), so a resume from it continues exactly, bit for bit. ``RunFiles`` does this for the
 ``Trainer``; the checkpoint format itself is ``minigpt2/storage/checkpoint.py``.
-Tests: ``pytest tests/test_train.py tests/test_optim.py`` (resume, fine-tuning, switching optimizer).
+Tests: ``pytest tests/training/test_train.py tests/core/test_optim.py`` (resume, fine-tuning, switching
+optimizer).
 """
 
 from __future__ import annotations

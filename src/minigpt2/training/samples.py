@@ -10,7 +10,7 @@ under the progress bar, in the notebook's live plot).
 Sampling costs a few hundred characters of generation per evaluation; so that it stays under
 ``MAX_SHARE`` of training time on any model, an evaluation skips it while the time spent sampling
 is over that share of the time trained (the first evaluation always samples).
-Tests: ``pytest tests/test_samples.py``.
+Tests: ``pytest tests/training/test_samples.py``.
 """
 
 from __future__ import annotations

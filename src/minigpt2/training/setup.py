@@ -6,7 +6,7 @@ In order: the seed; the data and where the run starts (fresh, ``--resume``, ``--
 model through ``fast.use_engine``; the optimizer and the loop's state (the fp16 GradScaler);
 ``torch.compile``, tried once with a fallback to eager; the DDP wrapper; the batches
 (``run_batches.RunBatches``). Also ``pass_size``: how many sequences go through one
-forward/backward pass. Tests: ``pytest tests/test_train.py``.
+forward/backward pass. Tests: ``pytest tests/training/test_train.py``.
 """
 
 from __future__ import annotations

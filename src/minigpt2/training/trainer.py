@@ -10,7 +10,7 @@ writes the samples, and stops at Ctrl-C or SIGTERM with ``last`` saved, so a res
 It is built by composition: ``setup.build_run`` makes the run's parts (``RunParts``), ``RunFiles``
 (``checkpoints.py``) saves and restores them, and the loop is the textbook's. Reports go through
 ``metrics.Callback`` and ``logging``; nothing here prints.
-Tests: ``pytest tests/test_train.py``.
+Tests: ``pytest tests/training/test_train.py``.
 """
 
 from __future__ import annotations

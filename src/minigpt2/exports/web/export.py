@@ -17,7 +17,7 @@ Weights, ``dtype``:
   about 0.1% of their spread (under 1% at worst), so greedy answers follow fp32's until two
   candidates come that close. Measured: the `chat` preset trained for 4 minutes (val loss 0.867)
   gave 20 of 20 greedy answers (1,545 characters) identical to fp32's; the random model of
-  ``tests/test_web_export.py``, 5 of 5. Speed is the same (the page computes in fp32 either way).
+  ``tests/exports/test_web_export.py``, 5 of 5. Speed is the same (the page computes in fp32 either way).
 
 Size limit: ``MAX_PARAMS``, 30M parameters, refused before any weight is read. Measured in headless
 Chromium 150 on one core of a 2-core AMD EPYC (``benchmarks/web_chat.py --load-sizes``: page size,
@@ -40,7 +40,7 @@ loading (the page's text, the worker's copy, the decoded weights). Near 100M par
 The page's parts are files beside this one (``page.html``, ``page.js``; ``chat_ui.js``, the screen it
 shares with the served web chat, whose stylesheet and markup it takes too; the worker's
 ``model.js``, ``tokenizer.js``, ``generate.js``, ``chat.js``, ``worker.js``), inlined here.
-Tests: ``pytest tests/test_web_export.py``; speed: ``python benchmarks/web_chat.py``.
+Tests: ``pytest tests/exports/test_web_export.py``; speed: ``python benchmarks/web_chat.py``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,287 @@
+"""Tests for the engine (``minigpt2.fast``): each drop-in computes what its textbook piece computes.
+
+The contract between the two layers: ``speed_up`` keeps every parameter and the state dict; the fast
+model gives the reference's logits at inference (fp32: to rounding) and its loss and gradients in
+CPU training (fp32: to rounding; bf16 autocast: loss within 1%, gradients within 5%); the CPU
+attention equals the textbook attention; the compiled GELU is GPT-2's GELU (bf16: within bf16
+rounding of float64; fp32: within fp32 rounding of ``F.gelu``); the dropout drops a share p and
+scales the rest. Run with ``pytest tests/fast/test_fast.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_train import corpus_text, subprocess_env
+from minigpt2.core.config import ModelConfig
+from minigpt2.core.model import GPT, CausalSelfAttention, causal_mask
+from minigpt2.fast import gelu as gelu_module
+from minigpt2.fast import speed_up, to_reference, use_engine
+from minigpt2.fast.attention import CPUTrainingAttention, causal_bias
+from minigpt2.fast.decode import FastGPT
+from minigpt2.fast.dropout import FastDropout
+from minigpt2.fast.gelu import CompiledGELU, gelu_tanh_via_sigmoid
+
+SHAPE = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64)
+
+
+def _twins(**overrides: object) -> tuple[GPT, GPT]:
+    """(textbook, fast) models with the same weights."""
+    torch.manual_seed(0)
+    reference = GPT(ModelConfig(**{**SHAPE, **overrides}))  # type: ignore[arg-type]
+    fast = GPT(ModelConfig(**{**SHAPE, **overrides}))  # type: ignore[arg-type]
+    fast.load_state_dict(reference.state_dict())
+    return reference, speed_up(fast)
+
+
+def test_speed_up_swaps_classes_and_keeps_parameters_and_state() -> None:
+    model = GPT(ModelConfig(**SHAPE, dropout=0.1))  # type: ignore[arg-type]
+    params = {name: p for name, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    speed_up(model)
+    assert type(model) is FastGPT and isinstance(model, GPT)
+    kinds = {type(m) for m in model.modules()}
+    assert {CPUTrainingAttention, FastDropout, CompiledGELU} <= kinds
+    assert not kinds & {CausalSelfAttention, torch.nn.Dropout, torch.nn.GELU}
+    assert {name: p for name, p in model.named_parameters()} == params  # the same tensors
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.state_dict().keys() == state.keys()
+    to_reference(model)
+    assert type(model) is GPT and {type(m) for m in model.modules()}.isdisjoint(
+        {FastGPT, CPUTrainingAttention, FastDropout, CompiledGELU}
+    )
+    assert use_engine(model, "fast") is model and type(model) is FastGPT
+    with pytest.raises(ValueError, match="fast or reference"):
+        use_engine(model, "turbo")
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_fast_model_gives_the_reference_logits_at_inference(attn_impl: str) -> None:
+    reference, fast = _twins(attn_impl=attn_impl)
+    idx = torch.randint(0, 50, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(idx)[0], reference.eval()(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_cpu_training_in_fp32_gives_the_reference_loss_and_gradients() -> None:
+    """fp32, no dropout: the tuned attention and the compiled GELU (forced on this small model) give
+    the textbook's loss and gradients to fp32 rounding."""
+    reference, fast = _twins(attn_impl="manual")
+    old = CompiledGELU.COMPILED_MIN_NUMEL
+    CompiledGELU.COMPILED_MIN_NUMEL = 1
+    try:
+        idx, targets = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+        _, fast_loss = fast.train()(idx, targets)
+        _, ref_loss = reference.train()(idx, targets)
+        assert fast_loss is not None and ref_loss is not None
+        fast_loss.backward()
+        ref_loss.backward()
+    finally:
+        CompiledGELU.COMPILED_MIN_NUMEL = old
+    torch.testing.assert_close(fast_loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, p_fast), p_ref in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        assert p_fast.grad is not None and p_ref.grad is not None
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cpu_training_attention_equals_the_textbook_attention() -> None:
+    """``attend`` alone, fp32, with a cache offset (T < Tk): same output to rounding, in training
+    (the tuned path) and at inference (the textbook's own)."""
+    torch.manual_seed(0)
+    config = ModelConfig(**SHAPE)  # type: ignore[arg-type]
+    plain = CausalSelfAttention(config).train()
+    tuned = CausalSelfAttention(config).train()
+    tuned.__class__ = CPUTrainingAttention
+    q, k, v = torch.randn(2, 2, 5, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    torch.testing.assert_close(tuned.attend(q, k, v), plain.attend(q, k, v), atol=1e-5, rtol=1e-5)
+    manual = CausalSelfAttention(ModelConfig(**SHAPE, attn_impl="manual")).train()  # type: ignore[arg-type]
+    torch.testing.assert_close(tuned.attend(q, k, v), manual.attend(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_bias_is_the_mask_as_an_addition() -> None:
+    for T, Tk in ((4, 4), (2, 5), (1, 3)):
+        bias = causal_bias(T, Tk, torch.bfloat16, torch.device("cpu"))
+        assert bias.dtype == torch.bfloat16
+        assert torch.equal(bias == 0, causal_mask(T, Tk, torch.device("cpu")))
+        assert torch.equal(bias != 0, bias == float("-inf"))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_fast_cpu_dropout_is_dropout(p: float) -> None:
+    """The engine's CPU dropout zeroes a share p of elements and keeps the mean (scaling)."""
+    torch.manual_seed(0)
+    drop = FastDropout(p).train()
+    x = torch.ones(400_001, requires_grad=True)  # not a multiple of 4: the last 64-bit draw is cut
+    y = drop(x)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - p) < 0.005 and abs(y.mean().item() - 1.0) < 0.02
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))  # kept elements are scaled
+    assert abs((y[:200_000] == 0).float().mean().item() - (y[200_000:] == 0).float().mean().item()) < 0.01
+    y.sum().backward()  # gradients flow through the kept elements only, scaled like the values
+    assert x.grad is not None and torch.equal(x.grad, y.detach())
+    assert torch.equal(drop.eval()(x), x)  # inactive in eval mode
+    torch.manual_seed(1)
+    a = FastDropout(p).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(FastDropout(p).train()(x), a)  # seeded: same mask
+    assert not torch.equal(FastDropout(p).train()(x), a)  # and a new mask on each call
+
+
+@pytest.mark.parametrize("p", [1e-7, 0.9999999])
+def test_fast_cpu_dropout_takes_any_p_in_range(p: float) -> None:
+    """A p too close to 0 or 1 for 16-bit steps still works (the nearest step: 1/65536 from the end)."""
+    zeroed = (FastDropout(p).train()(torch.ones(100_000)) == 0).float().mean().item()
+    assert abs(zeroed - p) < 0.001
+
+
+def test_fast_cpu_training_path_agrees_with_the_reference_within_bf16() -> None:
+    """The default CPU training path (bf16 autocast, the fast engine: the tuned attention in bf16
+    with a bf16 softmax) against the textbook (fp32, manual attention): the same loss
+    and gradients within bf16 rounding (dropout 0, so both are deterministic)."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    fast = speed_up(GPT(ModelConfig(**shape))).train()
+    reference = GPT(ModelConfig(**shape, attn_impl="manual")).train()
+    reference.load_state_dict(fast.state_dict())
+    idx, targets = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fast_loss = fast(idx, targets)
+    _, ref_loss = reference(idx, targets)
+    assert fast_loss is not None and ref_loss is not None
+    fast_loss.backward()
+    ref_loss.backward()
+    assert abs(fast_loss.item() - ref_loss.item()) < 0.01 * ref_loss.item()
+    for (name, p_fast), p_ref in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        assert p_fast.grad is not None and p_ref.grad is not None
+        error = (p_fast.grad.float() - p_ref.grad).norm() / p_ref.grad.norm().clamp(min=1e-12)
+        assert error < 0.05, (name, float(error))
+
+
+def _gpt2_gelu_fp64(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU in float64: the exact values to measure both bf16 versions against."""
+    x = x.double()
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast CPU training path's GELU (compiled ``x * sigmoid(2z)``): in bf16, forward and
+    backward within bf16 rounding of GPT-2's GELU computed in float64 everywhere, and equal to
+    ``F.gelu(tanh)`` above x = -2.9 (below, where GELU is under 0.006 in size, F.gelu's bf16 result
+    loses digits to the cancellation in ``1 + tanh(z)``: up to all of them, where this form keeps
+    bf16 rounding); in fp32, equal to F.gelu within fp32 rounding. Tensors too small for the
+    compiled call to pay, eval mode and the reference path use ``F.gelu`` itself."""
+    from torch.nn.functional import gelu
+
+    calls = []
+    real = gelu_module._compiled_gelu
+
+    def counting() -> Callable[[torch.Tensor], torch.Tensor]:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(gelu_module, "_compiled_gelu", counting)
+    monkeypatch.setattr(CompiledGELU, "broken", False)
+    torch.manual_seed(0)
+    # Values from -12 to 12 (tails, where GELU is ~0 or ~x) and a dense middle; an odd size, above
+    # the size where the compiled loop is used.
+    n_random = CompiledGELU.COMPILED_MIN_NUMEL - 20_001 + 1_011
+    x = torch.cat([torch.linspace(-12, 12, 20_001), torch.randn(n_random) * 2]).bfloat16()
+    x.requires_grad_()
+    fast = CompiledGELU().train()
+    y = fast(x)
+    assert calls, "the compiled GELU was not used"
+    exact = _gpt2_gelu_fp64(x.detach())
+    bf16_rounding = exact.abs() * 2**-8 + 1e-6  # a bf16 step is 2^-8 to 2^-7 of the value
+    assert ((y.detach().double() - exact).abs() <= bf16_rounding).all()
+    expected = gelu(x.detach(), approximate="tanh")
+    assert (y.detach() != expected)[x.detach() > -2.9].float().mean() < 1e-4
+    grad_out = torch.randn(x.shape).bfloat16()
+    (grad,) = torch.autograd.grad(y, x, grad_out)
+    x64 = x.detach().double().requires_grad_()
+    (grad_exact,) = torch.autograd.grad(_gpt2_gelu_fp64(x64), x64, grad_out.double())
+    assert ((grad.double() - grad_exact).abs() <= grad_exact.abs() * 2**-7 + 1e-5).all()
+    # fp32: compiled too, within fp32 rounding of F.gelu, forward and backward.
+    xf = x.detach().float().requires_grad_()
+    calls.clear()
+    yf = fast(xf)
+    assert calls, "the compiled GELU was not used in fp32"
+    torch.testing.assert_close(yf, gelu(xf.detach(), approximate="tanh"), atol=2e-6, rtol=1e-6)
+    (grad_f,) = torch.autograd.grad(yf, xf, grad_out.float())
+    xr = xf.detach().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(gelu(xr, approximate="tanh"), xr, grad_out.float())
+    torch.testing.assert_close(grad_f, grad_ref, atol=1e-5, rtol=1e-5)
+    # A small tensor, eval mode, the reference: F.gelu exactly.
+    small = torch.linspace(-12, 12, 1001)
+    torch.testing.assert_close(
+        gelu_tanh_via_sigmoid(small), gelu(small, approximate="tanh"), atol=2e-6, rtol=0
+    )
+    calls.clear()
+    assert torch.equal(fast(small), gelu(small, approximate="tanh"))
+    assert torch.equal(fast.eval()(x.detach()), expected)
+    assert torch.equal(torch.nn.GELU(approximate="tanh").train()(x.detach()), expected)
+    assert not calls
+
+
+def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+
+    def no_compiler() -> Callable[[torch.Tensor], torch.Tensor]:
+        def fail(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(gelu_module, "_compiled_gelu", no_compiler)
+    monkeypatch.setattr(CompiledGELU, "broken", False)
+    x = torch.randn(CompiledGELU.COMPILED_MIN_NUMEL).bfloat16()
+    with caplog.at_level("WARNING", logger="minigpt2.fast.gelu"):
+        y = CompiledGELU().train()(x)
+    assert torch.equal(y, torch.nn.functional.gelu(x, approximate="tanh"))
+    assert (
+        CompiledGELU.broken
+        and "No working C++ compiler found" in caplog.text
+        and "more detail" not in caplog.text
+    )
+
+
+def test_a_gelu_compiled_under_a_restricted_instruction_set_never_reaches_an_unrestricted_process(
+    tmp_path: Path,
+) -> None:
+    """PyTorch's compile caches do not key on ATEN_CPU_CAPABILITY: the C++ a process restricted to
+    AVX2 generated (as ``make test`` runs the numeric tests) was found by the next, unrestricted
+    process and compiled for AVX-512, which wrote past its buffers ("free(): invalid pointer" in
+    the next training). A restricted process now keeps out of those caches; then an unrestricted
+    training in the same cache folder runs. Only an AVX-512 CPU can be restricted to show it."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs an AVX-512 CPU, whose PyTorch can be restricted to AVX2")
+    from minigpt2 import data
+
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text(n_lines=800), encoding="utf-8")
+    data.prepare(str(text), tmp_path / "d", block_size=128)
+    cache = tmp_path / "inductor"
+    base = {**subprocess_env(), "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        base.pop(name, None)
+    restricted = {**base, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                  "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
+    for number, env in enumerate((restricted, base)):  # the restricted process first
+        # The chat preset's shape: a GELU of 32 x 128 x 1024, large enough to be compiled.
+        argv = ["train", "--data", tmp_path / "d", "--out", tmp_path / f"run{number}", "--preset", "chat",
+                "--max-iters", 2, "--eval-interval", 100, "--no-samples", "--dtype", "fp32"]  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "minigpt2", *map(str, argv)], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "compiled GELU failed" not in done.stderr  # compiled, not the F.gelu fallback
+        if env is restricted:  # nothing it compiled can be found by graph: only content-named files
+            assert not any(
+                (cache / kind).rglob("*") for kind in ("fxgraph", "aotautograd") if (cache / kind).is_dir()
+            )
