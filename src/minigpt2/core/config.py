@@ -106,7 +106,7 @@ class TrainConfig:
     # half the batch and without dropout; max_iters is raised so the budget ends the run. On for the
     # default chatbot and for `train --max-minutes M` without a preset.
     fit_to_budget: bool = False
-    dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; see train.choose_precision
+    dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"; auto: hardware/precision.py decides
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     compile: bool = False  # torch.compile the model (pays off for long runs and on GPUs)
     # "fast": the engine's drop-ins for the textbook pieces (fast/: same results, faster);
