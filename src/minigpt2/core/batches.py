@@ -111,7 +111,8 @@ class Batches:
 
     def passes(self) -> Iterator[Pass]:
         """One step's micro-batches, each with weight ``1 / grad_accum``: the step's loss is their
-        mean, and its gradients those of one batch ``grad_accum`` times as big."""
+        mean, and its gradients those of one batch ``grad_accum`` times as big (exactly so when the
+        micro-batches count as many targets each: always, unless only the bot's turns count)."""
         for _ in range(self.grad_accum):
             starts = self.starts(len(self.train), self.generator)
             x, y = windows(self.train, starts, self.block_size, self.masks[0])

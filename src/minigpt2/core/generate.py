@@ -38,7 +38,7 @@ def generate(
     new: list[int] = []
     for _ in range(max_new_tokens):
         if cache.pos + idx.size(1) > model.config.block_size:
-            break  # the window is full (generate_ids slides it instead)
+            break  # the window is full (``core/stream.py``'s ``generate_ids`` slides it instead)
         logits, _ = model(idx, cache=cache)  # the prompt first, then only the newest token
         nxt = sample(logits[0, -1], temperature, top_k, top_p, generator)
         new.append(nxt)

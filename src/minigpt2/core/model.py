@@ -123,6 +123,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, C) -> (B, T, 4C) -> (B, T, C)."""
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
@@ -137,6 +138,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x: (B, T, C) -> (B, T, C); ``layer``: this block's index in the KV cache."""
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 

@@ -5,9 +5,8 @@ AdamW (``core/optim.py``) scales each weight's step by that weight's own gradien
 matrix's gradient, then *orthogonalizes* it, replacing the singular values of ``U S V^T`` by ones
 (approximately, with five Newton-Schulz iterations), so that every direction of the update moves as
 far, rare ones as much as the common ones that dominate the gradient. Per step of training it learns
-more: the ``cpu`` preset reached val loss 1.49-1.51 in 5 minutes with it, 1.55-1.57 with AdamW
-(``docs/performance.md``, section 3), though each training step takes ~9% longer there (the
-orthogonalization's products).
+more, though each step costs a few more matrix products (the orthogonalization); the measurements
+are in ``docs/performance.md``, section 3.
 
 Muon is for 2-D matrices inside the blocks (attention and MLP). The embeddings (also the output
 head, as the weights are tied), biases and LayerNorms keep AdamW, as in Muon's own recipe.

@@ -3,9 +3,9 @@
 An optimizer turns each step's gradients into a change of the weights. AdamW keeps, per weight, a
 running mean of its gradient (momentum, ``beta1``) and of its square (``beta2``), and moves the
 weight by the first over the square root of the second: every weight takes steps of about the
-learning rate, whatever the size of its gradients. Its weight decay shrinks the weights a little
-every step (by ``lr * weight_decay``), apart from the loss: a model that needs large weights must
-earn them. Only matrices decay (the linear layers' weights and the embeddings); biases and
+learning rate, whatever the size of its gradients. Its weight decay multiplies the weights by
+``1 - lr * weight_decay`` every step, apart from the gradient step ("decoupled"): a model that needs
+large weights must earn them. Only matrices decay (the linear layers' weights and the embeddings); biases and
 LayerNorm's gains shift and scale activations, and shrinking them towards 0 would only fight that.
 
 With ``optimizer="muon"`` the blocks' weight matrices go to Muon (``core/muon.py``) and the rest

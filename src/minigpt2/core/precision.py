@@ -7,7 +7,7 @@ nothing more; fp16's range is narrow, so small gradients would underflow to zero
 multiplied up first (a ``torch.amp.GradScaler``, ``use_scaler``) and the gradients divided back
 before the step (``core/train_step.py``). fp32 is no autocast at all. Which one a machine gets is
 decided outside the textbook (``minigpt2.hardware.precision.choose_precision``, by measurement on a CPU).
-Tests: ``pytest tests/training/test_train.py -k bf16``.
+Tests: ``pytest tests/core/test_core_train.py``, ``tests/training/test_train.py -k bf16``.
 """
 
 from __future__ import annotations

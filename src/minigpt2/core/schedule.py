@@ -21,11 +21,12 @@ def lr_at(
 ) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
-    1. Warm-up: rises linearly over ``warmup_iters`` steps, from ``lr / warmup_iters`` at step 0
+    a. Warm-up (technique 4): rises linearly over ``warmup_iters`` steps, from ``lr / warmup_iters`` at step 0
        (never 0: a zero step wastes a batch) to ``lr`` at step ``warmup_iters - 1``. Early updates
        from a random model are large and noisy; a small LR keeps Adam's moment estimates sane.
-    2. Decay: from ``lr`` down to ``min_lr`` at ``max_iters`` (cosine, linear), or flat (constant).
-    3. After ``max_iters``: stays at ``min_lr``.
+    b. Decay (technique 3, the schedule): from ``lr`` down to ``min_lr`` at ``max_iters`` (cosine,
+       linear), or flat (constant).
+    c. After ``max_iters``: stays at ``min_lr``.
     """
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters

@@ -9,8 +9,8 @@ made one id at a time, with ``StopStrings`` and the rules of a turn (no spaces a
 
 Past the context window the window slides: when it is full, generation keeps the newest
 ``block_size // 2`` ids and refills the KV cache from them, so long outputs cost one refill (a
-forward pass over half a window) about every ``block_size // 2`` characters. Keeping 3/4 of the
-window kept more context but made refills a fifth of the decoding time. A prompt longer than the
+forward pass over half a window) about every ``block_size // 2`` characters (keeping more of the
+window keeps more context but refills more often: docs/performance.md). A prompt longer than the
 window starts from its last ``block_size`` ids. The cache-free path (``use_cache=False``) slides the
 window at the same points, so both give the same tokens.
 Tests: ``pytest tests/core/test_generate.py tests/fast/test_decode.py tests/promises/test_properties.py``.

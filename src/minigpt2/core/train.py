@@ -82,7 +82,8 @@ def train(
     average: Callable[[Tensor], float] = float,
 ) -> Generator[Report, None, None]:
     """Train ``model`` until ``cfg.max_iters`` steps or early stopping, yielding a ``Report`` after
-    every step: the caller prints or logs it, and keeps the model when ``report.improved``.
+    every step: the caller prints or logs it, and keeps the model when ``report.improved`` (``model``
+    itself ends with the last step's weights; the best ones are those the caller kept).
 
     What the product's trainer plugs in (the textbook needs none of it): ``state`` to resume from;
     ``step_model``, the model as the step calls it (compiled, or wrapped for DDP); ``lr_of``, the LR
@@ -102,6 +103,7 @@ def train(
         # 1. and 2.: forward and backward in mixed precision, the gradients clipped, one update.
         result = train_step(step_model or model, optimizer, state.scaler, batches.passes(), precision,
                             cfg.grad_clip, params)  # fmt: skip
+        # ``state.step`` counts the steps done: the LR above is step n's (0-based), a report says n + 1.
         report = Report(state.step + 1, average(result.loss), result.grad_norm, result.clipped, lr,
                         time.perf_counter() - t0)  # fmt: skip
         if not math.isfinite(report.loss):  # diverged: the step made no update; the run ends here
@@ -116,6 +118,7 @@ def train(
             report.stop = f"reached max_iters ({cfg.max_iters})"
         # 5. evaluation on the same held-out windows every time; early stopping once it stops improving.
         if state.step % cfg.eval_interval == 0 or report.stop:
+            # The model itself, not ``step_model``: no compiled graph or DDP wrapper is needed to score it.
             report.val_loss = average(evaluate(model, batches.val_batches(), precision))
             state.early, report.improved, patience_out = early_stop_update(
                 state.early, report.val_loss, state.step, min_delta=cfg.min_delta, patience=cfg.patience
@@ -169,21 +172,24 @@ def main(argv: list[str] | None = None) -> int:
             ) from None
         model_cfg, cfg = config.resolve(args.preset, overrides={"max_iters": args.max_iters})
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-        if min(len(train_data), len(val_data)) <= model_cfg.block_size + cfg.batch_size:
+        if min(len(train_data), len(val_data)) <= model_cfg.block_size:  # not one whole window
             raise UserError(f"{args.data_dir} is too small for the {args.preset} preset's windows")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()  # on a CPU: `minigpt2 train`
+    # 1. mixed precision: bf16 on a CUDA GPU that has it, else fp32. Whether bf16 pays on a CPU, and
+    # fp16 with its loss scaler, are `minigpt2 train --dtype`'s (hardware/precision.py measures it).
+    fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     precision = Precision(device, "bf16" if fast_bf16 else "fp32", "the textbook's choice")
     torch.manual_seed(cfg.seed)  # the same seed, the same model, batches and dropout
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     batches = Batches(train_data, val_data, model_cfg.block_size, cfg.batch_size, cfg.grad_accum,
                       cfg.eval_iters, seed=cfg.seed, device=device)  # fmt: skip
-    print(f"{model.num_params():,} parameters, {precision.name} on {device}, up to {cfg.max_iters} steps")
+    print(f"{model.num_params():,} parameters, {precision.name} on {device}, {cfg.optimizer},"
+          f" up to {cfg.max_iters} steps")  # fmt: skip
     meta: dict[str, Any] = {
         "train_config": config.to_dict(cfg),
         "data": {k: data_meta.get(k) for k in ("source", "kind")},
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {report.step}: train loss {report.loss:.3f}, val loss {report.val_loss:.3f},"
                   f" lr {report.lr:.1e}, {report.seconds * 1000:.0f} ms a step{saved}")  # fmt: skip
         if report.improved:  # 5. the best model is the one kept
+            # The checkpoint format's fields: the step and val loss of the weights, and of the best.
             meta.update(step=report.step, best_step=report.step, val_loss=report.val_loss,
                         best_val_loss=report.val_loss)  # fmt: skip
             save(args.out / "best", model, tokenizer, meta)

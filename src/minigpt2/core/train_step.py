@@ -9,7 +9,7 @@
 5. Early stopping begins with ``evaluate``: the loss on held-out text, which the loop
    (``core/train.py``) watches. The learning rate of the step (3. schedule, 4. warm-up) is set by
    the loop before it calls ``train_step``.
-Tests: ``pytest tests/training/test_train.py``.
+Tests: ``pytest tests/core/test_core_train.py tests/training/test_train.py``.
 """
 
 from __future__ import annotations
