@@ -147,7 +147,7 @@ def load_start(
             state = checkpoint.load_train_state(ckpt.path)
         elif best is not None:
             # last/ was lost (a full disk at its first save, or deleted): go on from best/'s weights,
-            # at its step, with what best/ cannot hold started afresh (``RunFiles._restore``).
+            # at its step, with what best/ cannot hold started afresh (``RunFiles.restore``).
             ckpt = checkpoint.load(best)
             state = {"from_best": {"step": ckpt.meta.get("step"), "val_loss": ckpt.meta.get("best_val_loss")}}
         else:
