@@ -42,10 +42,9 @@ class RunBatches(Batches):
         piece's weight is its share of the micro-batch's counted targets (all of them, or only the
         bot's with ``bot_only``) times the micro-batch's, so the pieces' weighted mean losses add up
         to the micro-batch's mean loss."""
-        size = self.pass_size or self.batch_size
+        size, masked = self.pass_size or self.batch_size, self.bot_only
         for i, (x, y, weight) in enumerate(super().passes()):
             # Without a loss mask every target counts: the shares are plain numbers (no tensor ops).
-            masked = self.bot_only
             counted = (y != -1).sum().clamp(min=1) if masked else y.numel()  # tensor: no GPU wait
             pieces = list(zip(torch.split(x, size), torch.split(y, size), strict=True))
             for j, (xp, yp) in enumerate(pieces):

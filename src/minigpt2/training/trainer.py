@@ -72,6 +72,7 @@ class Trainer:
                 resume=resume, init_from=init_from, message=self._message,
             )  # fmt: skip
             self.files = RunFiles(self.parts, self._message)
+            self._params = list(self.parts.raw_model.parameters())  # for train_step: listed once
             if start.train_state is not None:
                 self.files.restore(start.train_state)
             if dist.is_main:
@@ -142,7 +143,7 @@ class Trainer:
         core_train.set_lr(p.optimizer, lr)
         loss, grad_norm, clipped = core_step.train_step(
             p.model, p.optimizer, p.loop.scaler, p.batches.passes(), p.precision, p.cfg.grad_clip,
-            list(p.raw_model.parameters()),
+            self._params,
         )  # fmt: skip
         return self._average(loss), grad_norm, clipped, lr
 
