@@ -13,8 +13,9 @@ attention, one pass. Fast: the defaults (``engine="fast"``: the drop-ins of ``mi
 at most 4,096 tokens on a CPU). Each configuration runs
 in its own process so that peak memory (RSS) is its own, and the paths take turns for ``--rounds``
 rounds (medians; each round's tokens/s is shown). Reports tokens/s, the speed-up, model FLOP
-utilisation against the fastest matmul dtype's peak measured here (bf16, or fp32 where bf16 is
-emulated), the share of step time outside forward/backward
+utilisation against the fastest matmul dtype's peak (bf16, or fp32 where bf16 is emulated: chosen
+once, then timed in each path's process right after each of its steps, so that the machine's drift
+moves both sides of the ratio), the share of step time outside forward/backward
 (Python overhead, and the optimizer), the optimizer's own share (Muon's matrix products, for the
 presets that use it: compare ``--paths reference,fast,fast-adamw``), and peak RSS.
 """
@@ -36,7 +37,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_model, emit, fastest_matmul_tflops, print_table, shakespeare_prefix_data, sync
+from common import (
+    cpu_model,
+    emit,
+    fastest_matmul_tflops,
+    matmul_tflops,
+    print_table,
+    shakespeare_prefix_data,
+    sync,
+)
 
 from minigpt2.core import config
 from minigpt2.fast.memory import keep_freed_memory
@@ -61,8 +70,11 @@ PATHS = {
 }  # fmt: skip
 
 
-def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: int) -> dict[str, float]:
-    """Run ``warmup + steps`` optimizer steps of one path in this process; time the last ``steps``."""
+def measure(
+    preset: str, path: str, batch_size: int | None, steps: int, warmup: int, peak_dtype: torch.dtype
+) -> dict[str, Any]:
+    """Run ``warmup + steps`` optimizer steps of one path in this process; time the last ``steps``,
+    and after each the ``peak_dtype`` matmul's peak (for the step's MFU)."""
     overrides = dict(PATHS[path], max_iters=10_000, eval_interval=10_000, early_stopping=False)
     if batch_size:
         overrides["batch_size"] = batch_size
@@ -90,7 +102,7 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         # Forward+backward alone on one fixed batch, timed right after each whole step (the speed of
         # this machine drifts by the minute), splits compute from overhead: medians of both.
         passes = list(trainer.parts.batches.passes())
-        step_times, compute_times = [], []
+        step_times, compute_times, peaks = [], [], []
         for _ in range(steps):
             sync(trainer.parts.device)
             start = time.perf_counter()
@@ -106,9 +118,11 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
             sync(trainer.parts.device)
             compute_times.append(time.perf_counter() - start)
             trainer.parts.optimizer.zero_grad(set_to_none=True)
+            peaks.append(matmul_tflops(peak_dtype, trainer.parts.device, seconds=0.5))
         step_s, compute_s = statistics.median(step_times), statistics.median(compute_times)
         tokens = trainer.parts.global_batch * train_cfg.grad_accum * model_cfg.block_size
         flops_per_token = trainer.parts.raw_model.flops_per_token()
+        mfus = [flops_per_token * tokens / s / 1e12 / peak for s, peak in zip(step_times, peaks, strict=True)]
         if trainer.lock:
             trainer.lock.release()
     return {
@@ -117,6 +131,8 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
         "overhead_share": max(0.0, 1 - compute_s / step_s),
         "optimizer_share": statistics.median(optimizer_times) / step_s,
         "model_tflops": flops_per_token * tokens / step_s / 1e12,
+        "peak_tflops": statistics.median(peaks),
+        "mfu": statistics.median(mfus),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "precision": trainer.parts.precision.name,
         "optimizer": train_cfg.optimizer,
@@ -129,11 +145,11 @@ def measure(preset: str, path: str, batch_size: int | None, steps: int, warmup: 
 
 def _row(path: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One path's table row: the medians of its rounds (peak RSS: the largest), and each round's
-    tokens/s. A round's MFU is against the fastest matmul dtype's peak measured in that round."""
+    tokens/s."""
     row: dict[str, Any] = {"path": path, **runs[-1]}
-    for key in ("tokens_per_s", "step_s", "overhead_share", "optimizer_share", "model_tflops"):
+    for key in ("tokens_per_s", "step_s", "overhead_share", "optimizer_share", "model_tflops",
+                "peak_tflops", "mfu"):  # fmt: skip
         row[key] = statistics.median(r[key] for r in runs)
-    row["mfu"] = statistics.median(r["model_tflops"] / r["peak_tflops"] for r in runs)
     row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
     row["rounds"] = " ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
     return row
@@ -150,23 +166,26 @@ def main() -> None:
     parser.add_argument("--paths", default="reference,fast")
     parser.add_argument("--rounds", type=int, default=3, help="the paths take turns this many times")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one path, print JSON
+    parser.add_argument("--peak-dtype", help=argparse.SUPPRESS)  # internal: the peak's dtype
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.one:
-        print(json.dumps(measure(args.preset, args.one, args.batch_size, args.steps, args.warmup)))
+        dtype = getattr(torch, args.peak_dtype)
+        print(json.dumps(measure(args.preset, args.one, args.batch_size, args.steps, args.warmup, dtype)))
         return
+    # The fastest matmul dtype here, chosen once; each path times its peak beside its own steps.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, peak_dtype = fastest_matmul_tflops(device)
     # The paths take turns for --rounds rounds, each run in its own process, and each reports its
     # medians: this machine's speed drifts by the minute (one path's good minute against another's
     # bad one read 3.0x and 4.5x for the same code, two minutes apart).
     paths = args.paths.split(",")
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
-    peaks: list[float] = []
-    peak_dtype = ""
     for _ in range(args.rounds):
-        this_round: dict[str, dict[str, Any]] = {}
         for path in paths:
             cmd = [sys.executable, __file__, "--one", path, "--preset", args.preset,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                   "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--peak-dtype", {"fp32": "float32", "bf16": "bfloat16"}[peak_dtype]]  # fmt: skip
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -174,22 +193,17 @@ def main() -> None:
                 print(f"path {path} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-15:]),
                       file=sys.stderr)  # fmt: skip
                 continue
-            this_round[path] = json.loads(done.stdout.strip().splitlines()[-1])
-        if this_round:  # the fastest matmul's peak in this round, for its MFU figures
-            found, peak_dtype = fastest_matmul_tflops(next(iter(this_round.values()))["device"])
-            peaks.append(found)
-        for path, result in this_round.items():
-            runs[path].append({**result, "peak_tflops": peaks[-1]})
+            runs[path].append(json.loads(done.stdout.strip().splitlines()[-1]))
     rows = [_row(path, found) for path, found in runs.items() if found]
     if not rows:
         raise SystemExit("every path failed")
-    peak = statistics.median(peaks)
+    peak = statistics.median(r["peak_tflops"] for found in runs.values() for r in found)
     ref = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / ref
     print(
         f"preset {args.preset}, batch {args.batch_size or 'preset'}, {rows[0]['device']};"
-        f" fastest matmul peak here {peak:.2f} TFLOP/s in {peak_dtype} (median of {len(peaks)} rounds);"
+        f" fastest matmul peak here {peak:.3f} TFLOP/s in {peak_dtype} (median of every path's);"
         f" {cpu_model()}"
     )
     print_table(rows, ["path", "precision", "optimizer", "compiled", "tokens_per_s", "speedup", "step_s",

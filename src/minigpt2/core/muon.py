@@ -80,6 +80,10 @@ class Muon(torch.optim.Optimizer):
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon takes 2-D weight matrices only; give the others to AdamW")
 
+    def orthogonalize(self, stack: Tensor, steps: int) -> Tensor:
+        """(N, m, n) updates of one shape -> (N, m, n) orthogonalized, in ``ns_dtype``."""
+        return orthogonalize(stack, steps, dtype=self.ns_dtype)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
@@ -96,8 +100,7 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 by_shape.setdefault(p.shape, []).append((p, update))
             for shape, pairs in by_shape.items():
-                stack = torch.stack([u for _, u in pairs])
-                ortho = orthogonalize(stack, group["ns_steps"], dtype=self.ns_dtype)
+                ortho = self.orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 for (p, _), o in zip(pairs, ortho, strict=True):
                     p.mul_(1 - lr * decay)

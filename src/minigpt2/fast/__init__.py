@@ -8,20 +8,23 @@
 | ``nn.GELU(approximate="tanh")``  | ``gelu.CompiledGELU``: one loop         | CPU training           |
 | ``CausalSelfAttention.attend``   | ``attention.CPUTrainingAttention``      | CPU training           |
 | ``GPT.forward`` for one token    | ``decode.FastGPT``: the flat decode step | generation            |
+| ``Muon.orthogonalize``           | ``muon.GramMuon``: on Gram matrices     | fp32 Muon steps        |
 
 Each drop-in is a subclass that adds no parameters (``FastGPT`` keeps only a cache of transposed
 views of the weights, rebuilt at every prompt) and only overrides ``forward`` (or ``attend``), so the
 model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 ``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
-modules the same way). Outside the cases in the last column each drop-in runs the textbook code.
+modules the same way); ``use_optimizer_engine`` does the same for the optimizer made for the model.
+Outside the cases in the last column each drop-in runs the textbook code.
 ``FastGPT.decode_weights`` ("fp32" unless ``inference.load_for_inference`` sets it) chooses the
 weights its one-token steps read: "int8" is ``int8.Int8Linear``, a quarter of the bytes and
 slightly different numbers (``--decode-weights``, ``auto`` = int8 on a CPU for blocks of 4 MiB or
-more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while training
-on a CPU, and ``batch.BatchDecoder`` advances many conversations together, one batched step for all
-(the drop-in for running ``core.stream.generate_ids`` once per conversation). Each piece is tested
-to compute what its textbook piece computes: ``tests/fast/test_fast.py``, ``tests/fast/test_decode.py``,
-``tests/fast/test_batch.py`` (and the int8 steps to stay close to it: ``tests/fast/test_int8.py``).
+more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the process while
+training on a CPU, and ``batch_decoder.BatchDecoder`` advances many conversations together, one
+batched step for all (the drop-in for running ``core.stream.generate_ids`` once per conversation).
+Each piece is tested to compute what its textbook piece computes: ``tests/fast/test_fast.py``,
+``tests/fast/test_decode.py``, ``tests/fast/test_batch.py``, ``tests/fast/test_muon.py`` (and the
+int8 steps to stay close to it: ``tests/fast/test_int8.py``).
 
 ``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
 ``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).
@@ -29,13 +32,16 @@ to compute what its textbook piece computes: ``tests/fast/test_fast.py``, ``test
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from minigpt2.core.model import GPT, CausalSelfAttention
+from minigpt2.core.muon import Muon
 from minigpt2.fast.attention import CPUTrainingAttention
 from minigpt2.fast.decode import FastGPT
 from minigpt2.fast.dropout import FastDropout
 from minigpt2.fast.gelu import CompiledGELU
+from minigpt2.fast.muon import GramMuon
 
 ENGINES = ("fast", "reference")
 
@@ -73,3 +79,16 @@ def use_engine(model: GPT, engine: str) -> GPT:
     if engine not in ENGINES:
         raise ValueError(f"engine must be fast or reference, got {engine!r}")
     return speed_up(model) if engine == "fast" else to_reference(model)
+
+
+def use_optimizer_engine(optimizer: torch.optim.Optimizer, engine: str) -> torch.optim.Optimizer:
+    """``use_engine`` for the optimizer ``core.optim.make_optimizer`` made (in place): with
+    ``engine="fast"`` its ``Muon`` becomes ``GramMuon``, with ``"reference"`` the textbook's again.
+    The state and the state dict stay as they are."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be fast or reference, got {engine!r}")
+    old, new = (Muon, GramMuon) if engine == "fast" else (GramMuon, Muon)
+    for inner in getattr(optimizer, "optimizers", (optimizer,)):  # core.muon.Optimizers holds several
+        if type(inner) is old:
+            inner.__class__ = new
+    return optimizer

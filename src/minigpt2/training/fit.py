@@ -36,7 +36,7 @@ from minigpt2.core import train_step as core_step
 from minigpt2.core.config import ModelConfig, TrainConfig
 from minigpt2.core.model import GPT
 from minigpt2.core.optim import make_optimizer
-from minigpt2.fast import use_engine
+from minigpt2.fast import use_engine, use_optimizer_engine
 from minigpt2.hardware.machine import fastest_time, muon_dtype
 from minigpt2.hardware.precision import Precision, choose_precision
 
@@ -130,7 +130,7 @@ def time_step(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, pa
     precision = training_precision(model_cfg, cfg, device, pass_seqs)
     model = use_engine(GPT(model_cfg), cfg.engine).to(device)
     params = list(model.parameters())
-    optimizer = make_optimizer(model, cfg, device, muon_dtype(device, cfg))
+    optimizer = use_optimizer_engine(make_optimizer(model, cfg, device, muon_dtype(device, cfg)), cfg.engine)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.batch_size, model_cfg.block_size)
