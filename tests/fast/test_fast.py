@@ -3,9 +3,9 @@
 The contract between the two layers: ``speed_up`` keeps every parameter and the state dict; the fast
 model gives the reference's logits at inference (fp32: to rounding) and its loss and gradients in
 CPU training (fp32: to rounding; bf16 autocast: loss within 1%, gradients within 5%); the CPU
-attention equals the textbook attention; the compiled GELU is GPT-2's GELU (bf16: within bf16
-rounding of float64; fp32: within fp32 rounding of ``F.gelu``); the dropout drops a share p and
-scales the rest. Run with ``pytest tests/fast/test_fast.py``.
+attention equals the textbook attention (output and gradients, with the queries cut in halves too);
+the compiled GELU is GPT-2's GELU (bf16: within bf16 rounding of float64; fp32: within fp32 rounding
+of ``F.gelu``); the dropout drops a share p and scales the rest. Run with ``pytest tests/fast/test_fast.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from helpers_train import corpus_text, subprocess_env
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT, CausalSelfAttention, causal_mask
+from minigpt2.fast import attention as attention_module
 from minigpt2.fast import gelu as gelu_module
 from minigpt2.fast import speed_up, to_reference, use_engine
 from minigpt2.fast.attention import CPUTrainingAttention, causal_bias
@@ -103,6 +104,33 @@ def test_cpu_training_attention_equals_the_textbook_attention() -> None:
     torch.testing.assert_close(tuned.attend(q, k, v), plain.attend(q, k, v), atol=1e-5, rtol=1e-5)
     manual = CausalSelfAttention(ModelConfig(**SHAPE, attn_impl="manual")).train()  # type: ignore[arg-type]
     torch.testing.assert_close(tuned.attend(q, k, v), manual.attend(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("T", "split_from"), [(9, 4), (8, 4), (128, None), (6, None)])
+def test_cpu_training_attention_with_split_queries_equals_the_textbook(
+    T: int, split_from: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From ``SPLIT_FROM`` on, the queries' halves are attended separately: the textbook's output
+    and gradients (fp32, to rounding), odd and even contexts, and the layout the block re-assembles
+    the heads from (``transpose(1, 2)`` of the result is contiguous)."""
+    if split_from is not None:
+        monkeypatch.setattr(attention_module, "SPLIT_FROM", split_from)
+    torch.manual_seed(0)
+    config = ModelConfig(**{**SHAPE, "attn_impl": "manual"})  # type: ignore[arg-type]
+    plain = CausalSelfAttention(config).train()
+    tuned = CausalSelfAttention(config).train()
+    tuned.__class__ = CPUTrainingAttention
+    inputs = [torch.randn(3, 2, T, 8, requires_grad=True) for _ in range(3)]
+    twins = [x.detach().clone().requires_grad_() for x in inputs]
+    got, expected = tuned.attend(*inputs), plain.attend(*twins)
+    split = T >= attention_module.SPLIT_FROM
+    assert got.transpose(1, 2).is_contiguous() == split
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for x, twin in zip(inputs, twins, strict=True):
+        torch.testing.assert_close(x.grad, twin.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_bias_is_the_mask_as_an_addition() -> None:
