@@ -145,13 +145,13 @@ def measure(
 
 def _row(path: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One path's table row: the medians of its rounds (peak RSS: the largest), and each round's
-    tokens/s."""
+    tokens/s and MFU."""
     row: dict[str, Any] = {"path": path, **runs[-1]}
     for key in ("tokens_per_s", "step_s", "overhead_share", "optimizer_share", "model_tflops",
                 "peak_tflops", "mfu"):  # fmt: skip
         row[key] = statistics.median(r[key] for r in runs)
     row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
-    row["rounds"] = " ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
+    row["rounds"] = " ".join(f"{r['tokens_per_s']:.0f}/{r['mfu']:.0%}" for r in runs)
     return row
 
 
