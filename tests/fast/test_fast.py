@@ -21,14 +21,13 @@ import torch
 
 from helpers_train import corpus_text, subprocess_env
 from minigpt2.core.config import ModelConfig
-from minigpt2.core.model import GPT, CausalSelfAttention, causal_mask
-from minigpt2.fast import attention as attention_module
+from minigpt2.core.model import GPT, MLP, CausalSelfAttention
 from minigpt2.fast import gelu as gelu_module
 from minigpt2.fast import speed_up, to_reference, use_engine
-from minigpt2.fast.attention import CPUTrainingAttention, causal_bias
+from minigpt2.fast.attention import CPUTrainingAttention
 from minigpt2.fast.decode import FastGPT
 from minigpt2.fast.dropout import FastDropout
-from minigpt2.fast.gelu import CompiledGELU, gelu_tanh_via_sigmoid
+from minigpt2.fast.gelu import CompiledGELU, CompiledGELUMLP, gelu_tanh_via_sigmoid
 
 SHAPE = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64)
 
@@ -49,14 +48,14 @@ def test_speed_up_swaps_classes_and_keeps_parameters_and_state() -> None:
     speed_up(model)
     assert type(model) is FastGPT and isinstance(model, GPT)
     kinds = {type(m) for m in model.modules()}
-    assert {CPUTrainingAttention, FastDropout, CompiledGELU} <= kinds
-    assert not kinds & {CausalSelfAttention, torch.nn.Dropout, torch.nn.GELU}
+    assert {CPUTrainingAttention, FastDropout, CompiledGELU, CompiledGELUMLP} <= kinds
+    assert not kinds & {CausalSelfAttention, MLP, torch.nn.Dropout, torch.nn.GELU}
     assert {name: p for name, p in model.named_parameters()} == params  # the same tensors
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.state_dict().keys() == state.keys()
     to_reference(model)
     assert type(model) is GPT and {type(m) for m in model.modules()}.isdisjoint(
-        {FastGPT, CPUTrainingAttention, FastDropout, CompiledGELU}
+        {FastGPT, CPUTrainingAttention, FastDropout, CompiledGELU, CompiledGELUMLP}
     )
     assert use_engine(model, "fast") is model and type(model) is FastGPT
     with pytest.raises(ValueError, match="fast or reference"):
@@ -90,55 +89,6 @@ def test_fast_cpu_training_in_fp32_gives_the_reference_loss_and_gradients() -> N
     for (name, p_fast), p_ref in zip(fast.named_parameters(), reference.parameters(), strict=True):
         assert p_fast.grad is not None and p_ref.grad is not None
         torch.testing.assert_close(p_fast.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_cpu_training_attention_equals_the_textbook_attention() -> None:
-    """``attend`` alone, fp32, with a cache offset (T < Tk): same output to rounding, in training
-    (the tuned path) and at inference (the textbook's own)."""
-    torch.manual_seed(0)
-    config = ModelConfig(**SHAPE)  # type: ignore[arg-type]
-    plain = CausalSelfAttention(config).train()
-    tuned = CausalSelfAttention(config).train()
-    tuned.__class__ = CPUTrainingAttention
-    q, k, v = torch.randn(2, 2, 5, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
-    torch.testing.assert_close(tuned.attend(q, k, v), plain.attend(q, k, v), atol=1e-5, rtol=1e-5)
-    manual = CausalSelfAttention(ModelConfig(**SHAPE, attn_impl="manual")).train()  # type: ignore[arg-type]
-    torch.testing.assert_close(tuned.attend(q, k, v), manual.attend(q, k, v), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("T", "split_from"), [(9, 4), (8, 4), (128, None), (6, None)])
-def test_cpu_training_attention_with_split_queries_equals_the_textbook(
-    T: int, split_from: int | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """From ``SPLIT_FROM`` on, the queries' halves are attended separately: the textbook's output
-    and gradients (fp32, to rounding), odd and even contexts, and the layout the block re-assembles
-    the heads from (``transpose(1, 2)`` of the result is contiguous)."""
-    if split_from is not None:
-        monkeypatch.setattr(attention_module, "SPLIT_FROM", split_from)
-    torch.manual_seed(0)
-    config = ModelConfig(**{**SHAPE, "attn_impl": "manual"})  # type: ignore[arg-type]
-    plain = CausalSelfAttention(config).train()
-    tuned = CausalSelfAttention(config).train()
-    tuned.__class__ = CPUTrainingAttention
-    inputs = [torch.randn(3, 2, T, 8, requires_grad=True) for _ in range(3)]
-    twins = [x.detach().clone().requires_grad_() for x in inputs]
-    got, expected = tuned.attend(*inputs), plain.attend(*twins)
-    split = T >= attention_module.SPLIT_FROM
-    assert got.transpose(1, 2).is_contiguous() == split
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(expected)
-    (got * weights).sum().backward()
-    (expected * weights).sum().backward()
-    for x, twin in zip(inputs, twins, strict=True):
-        torch.testing.assert_close(x.grad, twin.grad, atol=1e-5, rtol=1e-5)
-
-
-def test_causal_bias_is_the_mask_as_an_addition() -> None:
-    for T, Tk in ((4, 4), (2, 5), (1, 3)):
-        bias = causal_bias(T, Tk, torch.bfloat16, torch.device("cpu"))
-        assert bias.dtype == torch.bfloat16
-        assert torch.equal(bias == 0, causal_mask(T, Tk, torch.device("cpu")))
-        assert torch.equal(bias != 0, bias == float("-inf"))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
@@ -210,7 +160,7 @@ def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> No
     calls = []
     real = gelu_module._compiled_gelu
 
-    def counting() -> Callable[[torch.Tensor], torch.Tensor]:
+    def counting() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
         calls.append(1)
         return real()
 
@@ -257,12 +207,51 @@ def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> No
     assert not calls
 
 
+@pytest.mark.parametrize("compiler_works", [True, False])
+def test_compiled_gelu_mlp_equals_the_textbook_mlp(
+    compiler_works: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MLP whose c_fc bias is added in the compiled GELU's loop: the textbook MLP's output and
+    gradients (input, and every parameter: c_fc's bias included) in fp32, and the same when
+    compiling fails and the GELU falls back to ``F.gelu``."""
+    monkeypatch.setattr(CompiledGELU, "COMPILED_MIN_NUMEL", 1)
+    monkeypatch.setattr(CompiledGELU, "broken", False)
+    biases = []
+    real = gelu_module._compiled_gelu
+
+    def spying() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            biases.append(bias)
+            if not compiler_works:
+                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+            return real()(x, bias)
+
+        return run
+
+    monkeypatch.setattr(gelu_module, "_compiled_gelu", spying)
+    reference, fast = _twins()
+    plain, tuned = reference.transformer.h[0].mlp.train(), fast.transformer.h[0].mlp.train()
+    assert type(tuned) is CompiledGELUMLP and type(plain) is MLP
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    twin = x.detach().clone().requires_grad_()
+    got, expected = tuned(x), plain(twin)
+    assert biases and biases[0] is tuned.c_fc.bias
+    assert CompiledGELU.broken is not compiler_works
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x.grad, twin.grad, atol=1e-5, rtol=1e-5)
+    for (name, p_tuned), p_plain in zip(tuned.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p_tuned.grad, p_plain.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
 
-    def no_compiler() -> Callable[[torch.Tensor], torch.Tensor]:
-        def fail(x: torch.Tensor) -> torch.Tensor:
+    def no_compiler() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        def fail(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
         return fail

@@ -6,13 +6,14 @@
 |----------------------------------|-----------------------------------------|------------------------|
 | ``nn.Dropout``                   | ``dropout.FastDropout``: SFC64 masks    | CPU training           |
 | ``nn.GELU(approximate="tanh")``  | ``gelu.CompiledGELU``: one loop         | CPU training           |
-| ``CausalSelfAttention.attend``   | ``attention.CPUTrainingAttention``      | CPU training           |
+| ``MLP``                          | ``gelu.CompiledGELUMLP``: bias in it    | CPU training           |
+| ``CausalSelfAttention``          | ``attention.CPUTrainingAttention``      | CPU training           |
 | ``GPT.forward`` for one token    | ``decode.FastGPT``: the flat decode step | generation            |
 | ``Muon.orthogonalize``           | ``muon.GramMuon``: on Gram matrices     | fp32 Muon steps        |
 
 Each drop-in is a subclass that adds no parameters (``FastGPT`` keeps only a cache of transposed
-views of the weights, rebuilt at every prompt) and only overrides ``forward`` (or ``attend``), so the
-model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
+views of the weights, rebuilt at every prompt) and only overrides ``forward`` (and ``attend``), so
+the model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 ``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
 modules the same way); ``use_optimizer_engine`` does the same for the optimizer made for the model.
 Outside the cases in the last column each drop-in runs the textbook code.
@@ -23,8 +24,8 @@ more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the 
 training on a CPU, and ``batch_decoder.BatchDecoder`` advances many conversations together, one
 batched step for all (the drop-in for running ``core.stream.generate_ids`` once per conversation).
 Each piece is tested to compute what its textbook piece computes: ``tests/fast/test_fast.py``,
-``tests/fast/test_decode.py``, ``tests/fast/test_batch.py``, ``tests/fast/test_muon.py`` (and the
-int8 steps to stay close to it: ``tests/fast/test_int8.py``).
+``tests/fast/test_attention.py``, ``tests/fast/test_decode.py``, ``tests/fast/test_batch.py``,
+``tests/fast/test_muon.py`` (and the int8 steps to stay close to it: ``tests/fast/test_int8.py``).
 
 ``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
 ``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).
@@ -35,12 +36,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minigpt2.core.model import GPT, CausalSelfAttention
+from minigpt2.core.model import GPT, MLP, CausalSelfAttention
 from minigpt2.core.muon import Muon
 from minigpt2.fast.attention import CPUTrainingAttention
 from minigpt2.fast.decode import FastGPT
 from minigpt2.fast.dropout import FastDropout
-from minigpt2.fast.gelu import CompiledGELU
+from minigpt2.fast.gelu import CompiledGELU, CompiledGELUMLP
 from minigpt2.fast.muon import GramMuon
 
 ENGINES = ("fast", "reference")
@@ -49,6 +50,7 @@ ENGINES = ("fast", "reference")
 DROP_INS: dict[type[nn.Module], type[nn.Module]] = {
     GPT: FastGPT,
     CausalSelfAttention: CPUTrainingAttention,
+    MLP: CompiledGELUMLP,
     nn.Dropout: FastDropout,
     nn.GELU: CompiledGELU,
 }

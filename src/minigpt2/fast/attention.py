@@ -1,42 +1,44 @@
-"""Attention tuned for CPU training: the drop-in for ``CausalSelfAttention.attend``.
+"""Attention tuned for CPU training: the drop-in for ``CausalSelfAttention``.
 
-In CPU training, plain matrix products (which run on the CPU's bf16 units under autocast) beat
-PyTorch's CPU flash-attention backward, and three details of the written-out attention make it
-faster still, computing the same function:
+On a CPU the attention's time goes less to its matrix products than to moving the (B, nh, T, Tk)
+scores and the per-head copies of q, k, v through memory. Two paths compute the textbook's function
+with less of that.
 
-- q is scaled by 1/sqrt(hs) before the product, not the scores after: the same function (to
-  rounding) on a tensor Tk/hs times smaller;
-- the causal mask is added as a bias of 0 / -inf: an addition costs a fraction of a ``masked_fill``
-  with a bool mask on the CPU, forward and backward;
-- the softmax runs in the scores' own dtype: under autocast that is bf16, whose kernels sum in fp32
-  and round once (forward: the same numbers as an fp32 softmax rounded to bf16; backward: within
-  bf16 rounding), while the fp32 softmax autocast would pick costs two extra copies of the
-  (B, nh, T, Tk) scores;
-- from a context of ``SPLIT_FROM`` on, the queries are cut in two halves: the first half's queries
-  see only the first half's keys, so their scores against the second half, all masked, are never
-  computed: 3/4 of the (B, nh, T, T) scores, softmax and products, forward and backward. The
-  scores are what a CPU spends its attention time moving through memory. The halves' outputs are
-  joined straight into the (B, T, nh, hs) layout the block re-assembles the heads from.
+Without attention dropout (the ``cpu`` preset, and every model ``fit_to_budget`` narrows),
+``forward`` runs ``CausalAttention``: one autograd node from the fused q, k, v (B, T, 3C) to the
+heads' re-assembled output (B, T, C), whose backward PyTorch's autograd would otherwise split into
+a dozen (the heads' split and transposes, the slices of the halves below, their zero-filled
+gradients and the sums of them). It copies each of q, k, v once into the (B nh, T, hs) layout
+the batched products read, scaling q by 1/sqrt(hs) in the same pass, adds the causal mask to the
+scores inside the product (``baddbmm``), writes the output and the gradient of (B, T, 3C) straight
+into their final layouts, and sums the gradients of k and v for the two halves in place.
 
-Everywhere else (inference, GPUs) it is the textbook's ``attend``. Measured with the rest of the
-engine in ``benchmarks/train_throughput.py``; tests: ``pytest tests/fast/test_fast.py -k attention``.
+With dropout, ``attend`` keeps autograd's graph and takes three details of the written-out
+attention: q scaled before the product, the mask as an added 0 / -inf bias (a fraction of a
+``masked_fill`` on the CPU, forward and backward), and the softmax in the scores' own dtype (under
+autocast, bf16: its kernels sum in fp32 and round once, where the fp32 softmax autocast would pick
+costs two extra copies of the scores).
+
+Both cut the queries in two halves from a context of ``SPLIT_FROM`` on: the first half's queries
+see only the first half's keys, so their scores against the second half, all masked, are never
+computed: 3/4 of the (B, nh, T, T) scores, softmax and products, forward and backward.
+
+Everywhere else (inference, GPUs, a compiled model, which fuses the textbook itself) it is the
+textbook's attention. Measured with the rest of the engine in ``benchmarks/train_throughput.py``;
+tests: ``pytest tests/fast/test_attention.py``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from minigpt2.core.model import CausalSelfAttention, causal_mask
-
-
-def causal_bias(T: int, Tk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(T, Tk): 0 where a query may look (``causal_mask``), -inf where it may not."""
-    return torch.zeros(T, Tk, dtype=dtype, device=device).masked_fill(~causal_mask(T, Tk, device), -math.inf)
-
+from minigpt2.core.model import CausalSelfAttention, KVCache, causal_mask
 
 # The context from which the queries are cut in two (above). The attention's forward + backward
 # in fp32 on 6,144 tokens, restricted to AVX2: 1.3-1.4x faster at T = 256, 1.0-1.1x at 128 (the
@@ -44,11 +46,93 @@ def causal_bias(T: int, Tk: int, dtype: torch.dtype, device: torch.device) -> Te
 SPLIT_FROM = 128
 
 
+def causal_bias(T: int, Tk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T, Tk): 0 where a query may look (``causal_mask``), -inf where it may not."""
+    return torch.zeros(T, Tk, dtype=dtype, device=device).masked_fill(~causal_mask(T, Tk, device), -math.inf)
+
+
+def query_parts(T: int) -> list[tuple[int, int]]:
+    """The queries [s, e) attended together, each against keys [0, e): all T below ``SPLIT_FROM``,
+    else the two halves, the one that sees every key first."""
+    if T < SPLIT_FROM:
+        return [(0, T)]
+    return [(T // 2, T), (0, T // 2)]
+
+
+def heads_view(x: Tensor, n_head: int) -> Tensor:
+    """(B, T, C), rows of any stride -> its (B, nh, T, hs) view."""
+    return torch.unflatten(x, 2, (n_head, x.size(2) // n_head)).transpose(1, 2)
+
+
+class CausalAttention(torch.autograd.Function):
+    """The heads' causal attention, (B, T, 3C) fused q, k, v -> (B, T, C), as one autograd node."""
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, n_head: int) -> Tensor:
+        B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
+        N, hs = B * n_head, C // n_head
+        q, k, v = (torch.empty(B, n_head, T, hs, dtype=qkv.dtype) for _ in range(3))
+        slot_q, slot_k, slot_v = (heads_view(t, n_head) for t in torch.split(qkv, C, dim=2))
+        # q scaled by 1/sqrt(hs) as it is copied: a tensor Tk/hs times smaller than the scores.
+        torch.mul(slot_q, 1.0 / math.sqrt(hs), out=q)
+        k.copy_(slot_k)
+        v.copy_(slot_v)
+        q, k, v = q.view(N, T, hs), k.view(N, T, hs), v.view(N, T, hs)
+        y = torch.empty(B, T, C, dtype=qkv.dtype)
+        probs = []
+        for s, e in query_parts(T):
+            scores = torch.baddbmm(causal_bias(e - s, e, qkv.dtype, qkv.device), q[:, s:e], k[:, :e].mT)
+            probs.append(torch.softmax(scores, dim=-1))  # (N, e - s, e)
+            heads_view(y, n_head)[:, :, s:e] = (probs[-1] @ v[:, :e]).view(B, n_head, e - s, hs)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.n_head = n_head
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None]:
+        q, k, v, *probs = ctx.saved_tensors
+        (N, T, hs), n_head = q.shape, ctx.n_head
+        dy = heads_view(dy, n_head).reshape(N, T, hs)
+        dqkv = torch.empty(N // n_head, T, 3 * n_head * hs, dtype=dy.dtype)
+        slot_q, slot_k, slot_v = (heads_view(t, n_head) for t in torch.split(dqkv, n_head * hs, dim=2))
+        dk: Tensor | None = None
+        dv: Tensor | None = None
+        for (s, e), p in zip(query_parts(T), probs, strict=True):
+            dp = dy[:, s:e] @ v[:, :e].mT
+            dscores = torch._softmax_backward_data(dp, p, -1, p.dtype)
+            dq = (dscores @ k[:, :e]).mul_(1.0 / math.sqrt(hs))  # q was scaled in the forward
+            slot_q[:, :, s:e] = dq.view(-1, n_head, e - s, hs)
+            if dk is None or dv is None:  # the first part, which sees every key, starts them
+                dk, dv = dscores.mT @ q[:, s:e], p.mT @ dy[:, s:e]
+            else:
+                dk[:, :e] += dscores.mT @ q[:, s:e]
+                dv[:, :e] += p.mT @ dy[:, s:e]
+        assert dk is not None and dv is not None
+        slot_k.copy_(dk.view_as(slot_k))
+        slot_v.copy_(dv.view_as(slot_v))
+        return dqkv, None
+
+
+def _cpu_training(x: Tensor, training: bool) -> bool:
+    on_cpu = x.device.type == "cpu"
+    return on_cpu and training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class CPUTrainingAttention(CausalSelfAttention):
-    """``CausalSelfAttention`` whose ``attend`` takes the tuned path in CPU training."""
+    """``CausalSelfAttention`` whose CPU training takes the tuned paths (above)."""
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        if cache is None and self.dropout == 0 and _cpu_training(x, self.training):
+            qkv = self.c_attn(x)  # (B, T, 3C), in the dtype autocast chose: the attention keeps it
+            with torch.autocast("cpu", enabled=False):
+                y = CausalAttention.apply(qkv, self.n_head)  # type: ignore[no-untyped-call]
+            return self.resid_dropout(self.c_proj(y))
+        return super().forward(x, cache, layer)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if not (q.device.type == "cpu" and self.training and torch.is_grad_enabled()):
+        if not _cpu_training(q, self.training):
             return super().attend(q, k, v)
         T, Tk, hs = q.size(2), k.size(2), q.size(3)
         q = q * (1.0 / math.sqrt(hs))
