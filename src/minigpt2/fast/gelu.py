@@ -15,8 +15,9 @@ to cancellation (in bf16, up to all of them). In fp32 both agree to fp32 roundin
 
 ``CompiledGELUMLP`` hands the loop the bias of ``c_fc`` too: ``addmm`` would copy the bias into its
 (B, T, 4C) output before the product and sum the bias gradient over that output in a pass of its
-own; in the loop both ride on passes the GELU makes anyway (the ``cpu`` preset's step 1.01x faster
-on an AVX-512 CPU in fp32, 1.04-1.10x restricted to AVX2). Tests: ``pytest tests/fast/test_fast.py -k gelu``.
+own; in the loop both ride on passes the GELU makes anyway (the ``cpu`` preset's MLP, forward +
+backward in fp32: 1.04x on an AVX-512 CPU, 1.01x restricted to AVX2; ``benchmarks/train_pieces.py``).
+Tests: ``pytest tests/fast/test_fast.py -k gelu``.
 """
 
 from __future__ import annotations
