@@ -26,9 +26,9 @@ lint: setup
 # The numeric tests again as an AVX2 laptop runs them (no AVX-512, bf16 emulated), so that a
 # tolerance that holds only for one CPU's arithmetic fails here, not on a learner's machine.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
-NUMERIC_TESTS := tests/core/test_model.py tests/fast/test_fast.py tests/fast/test_attention.py tests/core/test_optim.py \
-	tests/fast/test_int8.py tests/fast/test_batch.py tests/fast/test_decode.py tests/core/test_generate.py \
-	tests/hardware/test_machine.py tests/training/test_fit.py
+NUMERIC_TESTS := tests/core/test_model.py tests/core/test_optim.py tests/core/test_generate.py \
+	tests/fast/test_fast.py tests/fast/test_attention.py tests/fast/test_gelu.py tests/fast/test_int8.py \
+	tests/fast/test_batch.py tests/fast/test_decode.py tests/hardware/test_machine.py tests/training/test_fit.py
 
 test: lint
 	$(BIN)/pytest

@@ -10,6 +10,7 @@ from minute to minute). Attention: the textbook's written-out attention, its SDP
 ``attend`` (the path it takes with dropout), and the drop-in itself. MLP: the textbook's (``F.gelu``),
 with the compiled GELU, and ``CompiledGELUMLP`` (the bias in the GELU's loop). Each row's ratio is
 against the first of its piece; the block's share of a whole step is in ``train_throughput.py``.
+With ``--dropout`` above 0 the drop-in takes its ``attend`` path, so those two rows time the same code.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def time_rounds(
         with precision.autocast():
             y = call(x)
         y.float().backward(grad)
+        x.grad = None  # the next call writes a fresh gradient rather than adding into this one
 
     for call in calls.values():  # warm-up: the compiled GELU compiles here
         for _ in range(2):

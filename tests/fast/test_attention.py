@@ -3,10 +3,10 @@ compute the textbook's attention.
 
 ``CausalAttention`` (no attention dropout): one autograd node from the fused q, k, v to the heads'
 output, checked by ``gradcheck`` in float64 (its hand-written backward against finite differences)
-at contexts with and without the queries cut in halves, and the module's output and gradients
-against the textbook block in fp32 and under bf16 autocast. ``attend`` (with dropout): the textbook's
-output and gradients, with a cache offset and with split queries. Run with
-``pytest tests/fast/test_attention.py``.
+at contexts with and without the queries cut in halves; the module against the textbook attention
+module: output and every gradient in fp32, output and input gradient within bf16 of it under
+autocast (with and without the split). ``attend`` (with dropout): the textbook's output and
+gradients, with a cache offset and with split queries. Run with ``pytest tests/fast/test_attention.py``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,28 @@ from minigpt2.fast.attention import CausalAttention, CPUTrainingAttention, causa
 SHAPE = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64)
 
 
-def _pair(**overrides: Any) -> tuple[CausalSelfAttention, CausalSelfAttention]:
-    """(textbook with written-out attention, tuned) modules with the same weights, in training."""
+def _pair(tuned_impl: str = "sdpa", **overrides: Any) -> tuple[CausalSelfAttention, CausalSelfAttention]:
+    """(textbook with written-out attention, tuned from a config with ``tuned_impl``) modules with
+    the same weights, in training."""
     torch.manual_seed(0)
-    config = ModelConfig(**{**SHAPE, "attn_impl": "manual", **overrides})
-    plain = CausalSelfAttention(config).train()
-    tuned = CausalSelfAttention(config).train()
+    plain = CausalSelfAttention(ModelConfig(**{**SHAPE, **overrides, "attn_impl": "manual"})).train()
+    tuned = CausalSelfAttention(ModelConfig(**{**SHAPE, **overrides, "attn_impl": tuned_impl})).train()
     tuned.load_state_dict(plain.state_dict())
     tuned.__class__ = CPUTrainingAttention
     return plain, tuned
+
+
+def _spy_on_the_node(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """The arguments of every ``CausalAttention.apply`` call from now on."""
+    calls: list[tuple[Any, ...]] = []
+    real = CausalAttention.apply
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(CausalAttention, "apply", counting)
+    return calls
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 8, 9])
@@ -56,24 +69,20 @@ def test_query_parts_cover_every_query_once(monkeypatch: pytest.MonkeyPatch) -> 
         assert sorted(q for s, e in parts for q in range(s, e)) == list(range(T))
 
 
-@pytest.mark.parametrize(("T", "split_from"), [(128, None), (9, 4), (6, None), (1, None)])
+@pytest.mark.parametrize(
+    ("T", "split_from", "tuned_impl"),
+    [(128, None, "sdpa"), (9, 4, "manual"), (6, None, "sdpa"), (1, None, "manual")],
+)
 def test_tuned_module_without_dropout_equals_the_textbook(
-    T: int, split_from: int | None, monkeypatch: pytest.MonkeyPatch
+    T: int, split_from: int | None, tuned_impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole module (c_attn, the attention, c_proj) in fp32 CPU training: the textbook's output
     and the gradients of its input and of every parameter, to fp32 rounding; ``CausalAttention``
-    is the path it takes."""
+    is the path it takes, whatever ``attn_impl`` the config names."""
     if split_from is not None:
         monkeypatch.setattr(attention_module, "SPLIT_FROM", split_from)
-    plain, tuned = _pair()
-    calls = []
-    real = CausalAttention.apply
-
-    def counting(*args: Any) -> torch.Tensor:
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(CausalAttention, "apply", counting)
+    plain, tuned = _pair(tuned_impl)
+    calls = _spy_on_the_node(monkeypatch)
     x = torch.randn(3, T, 64, requires_grad=True)
     twin = x.detach().clone().requires_grad_()
     got, expected = tuned(x), plain(twin)
@@ -87,16 +96,22 @@ def test_tuned_module_without_dropout_equals_the_textbook(
         torch.testing.assert_close(p_tuned.grad, p_plain.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_tuned_module_under_bf16_autocast_stays_within_bf16_of_fp32() -> None:
-    """Under autocast the projections run in bf16 and the attention keeps their dtype: output and
-    input gradient within bf16 rounding of the fp32 textbook."""
+@pytest.mark.parametrize(("T", "split_from"), [(20, None), (128, None), (9, 4)])
+def test_tuned_module_under_bf16_autocast_stays_within_bf16_of_fp32(
+    T: int, split_from: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under autocast the projections run in bf16 and the node computes in their dtype: output and
+    input gradient within bf16 rounding of the fp32 textbook, with and without the split."""
+    if split_from is not None:
+        monkeypatch.setattr(attention_module, "SPLIT_FROM", split_from)
     plain, tuned = _pair()
-    x = torch.randn(4, 20, 64, requires_grad=True)
+    calls = _spy_on_the_node(monkeypatch)
+    x = torch.randn(4, T, 64, requires_grad=True)
     twin = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = tuned(x)
     expected = plain(twin)
-    assert got.dtype == torch.bfloat16
+    assert [args[0].dtype for args in calls] == [torch.bfloat16]
     assert ((got.float() - expected).norm() / expected.norm()) < 0.02
     weights = torch.randn_like(expected)
     (got.float() * weights).sum().backward()
@@ -106,8 +121,8 @@ def test_tuned_module_under_bf16_autocast_stays_within_bf16_of_fp32() -> None:
 
 
 def test_other_cases_take_the_textbook_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dropout, inference, no gradients and a KV cache never run ``CausalAttention``; in training
-    with dropout the block's own forward calls the tuned ``attend``."""
+    """Dropout, inference, no gradients, a KV cache and a model being compiled never run
+    ``CausalAttention``; in training with dropout the block's own forward calls the tuned ``attend``."""
     monkeypatch.setattr(CausalAttention, "apply", lambda *a: pytest.fail("CausalAttention used"))
     x = torch.randn(2, 6, 64)
     _, dropping = _pair(dropout=0.1)
@@ -128,6 +143,8 @@ def test_other_cases_take_the_textbook_forward(monkeypatch: pytest.MonkeyPatch) 
     config = ModelConfig(**SHAPE)  # type: ignore[arg-type]
     got = tuned.train()(x, KVCache(config, batch_size=2))
     torch.testing.assert_close(got, plain.train()(x, KVCache(config, batch_size=2)))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(tuned(x), plain(x))
 
 
 def test_attend_equals_the_textbook_attention() -> None:

@@ -3,31 +3,22 @@
 The contract between the two layers: ``speed_up`` keeps every parameter and the state dict; the fast
 model gives the reference's logits at inference (fp32: to rounding) and its loss and gradients in
 CPU training (fp32: to rounding; bf16 autocast: loss within 1%, gradients within 5%); the CPU
-attention equals the textbook attention (output and gradients, with the queries cut in halves too);
-the compiled GELU is GPT-2's GELU (bf16: within bf16 rounding of float64; fp32: within fp32 rounding
-of ``F.gelu``); the dropout drops a share p and scales the rest. Run with ``pytest tests/fast/test_fast.py``.
+the dropout drops a share p and scales the rest. The attention's and the GELU's own tests are in
+``tests/fast/test_attention.py`` and ``tests/fast/test_gelu.py``. Run with ``pytest tests/fast/test_fast.py``.
 """
 
 from __future__ import annotations
 
-import math
-import subprocess
-import sys
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 import torch
 
-from helpers_train import corpus_text, subprocess_env
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import GPT, MLP, CausalSelfAttention
-from minigpt2.fast import gelu as gelu_module
 from minigpt2.fast import speed_up, to_reference, use_engine
 from minigpt2.fast.attention import CPUTrainingAttention
 from minigpt2.fast.decode import FastGPT
 from minigpt2.fast.dropout import FastDropout
-from minigpt2.fast.gelu import CompiledGELU, CompiledGELUMLP, gelu_tanh_via_sigmoid
+from minigpt2.fast.gelu import CompiledGELU, CompiledGELUMLP
 
 SHAPE = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64)
 
@@ -140,165 +131,3 @@ def test_fast_cpu_training_path_agrees_with_the_reference_within_bf16() -> None:
         assert p_fast.grad is not None and p_ref.grad is not None
         error = (p_fast.grad.float() - p_ref.grad).norm() / p_ref.grad.norm().clamp(min=1e-12)
         assert error < 0.05, (name, float(error))
-
-
-def _gpt2_gelu_fp64(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh GELU in float64: the exact values to measure both bf16 versions against."""
-    x = x.double()
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def test_compiled_gelu_is_gpt2s_tanh_gelu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast CPU training path's GELU (compiled ``x * sigmoid(2z)``): in bf16, forward and
-    backward within bf16 rounding of GPT-2's GELU computed in float64 everywhere, and equal to
-    ``F.gelu(tanh)`` above x = -2.9 (below, where GELU is under 0.006 in size, F.gelu's bf16 result
-    loses digits to the cancellation in ``1 + tanh(z)``: up to all of them, where this form keeps
-    bf16 rounding); in fp32, equal to F.gelu within fp32 rounding. Tensors too small for the
-    compiled call to pay, eval mode and the reference path use ``F.gelu`` itself."""
-    from torch.nn.functional import gelu
-
-    calls = []
-    real = gelu_module._compiled_gelu
-
-    def counting() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-        calls.append(1)
-        return real()
-
-    monkeypatch.setattr(gelu_module, "_compiled_gelu", counting)
-    monkeypatch.setattr(CompiledGELU, "broken", False)
-    torch.manual_seed(0)
-    # Values from -12 to 12 (tails, where GELU is ~0 or ~x) and a dense middle; an odd size, above
-    # the size where the compiled loop is used.
-    n_random = CompiledGELU.COMPILED_MIN_NUMEL - 20_001 + 1_011
-    x = torch.cat([torch.linspace(-12, 12, 20_001), torch.randn(n_random) * 2]).bfloat16()
-    x.requires_grad_()
-    fast = CompiledGELU().train()
-    y = fast(x)
-    assert calls, "the compiled GELU was not used"
-    exact = _gpt2_gelu_fp64(x.detach())
-    bf16_rounding = exact.abs() * 2**-8 + 1e-6  # a bf16 step is 2^-8 to 2^-7 of the value
-    assert ((y.detach().double() - exact).abs() <= bf16_rounding).all()
-    expected = gelu(x.detach(), approximate="tanh")
-    assert (y.detach() != expected)[x.detach() > -2.9].float().mean() < 1e-4
-    grad_out = torch.randn(x.shape).bfloat16()
-    (grad,) = torch.autograd.grad(y, x, grad_out)
-    x64 = x.detach().double().requires_grad_()
-    (grad_exact,) = torch.autograd.grad(_gpt2_gelu_fp64(x64), x64, grad_out.double())
-    assert ((grad.double() - grad_exact).abs() <= grad_exact.abs() * 2**-7 + 1e-5).all()
-    # fp32: compiled too, within fp32 rounding of F.gelu, forward and backward.
-    xf = x.detach().float().requires_grad_()
-    calls.clear()
-    yf = fast(xf)
-    assert calls, "the compiled GELU was not used in fp32"
-    torch.testing.assert_close(yf, gelu(xf.detach(), approximate="tanh"), atol=2e-6, rtol=1e-6)
-    (grad_f,) = torch.autograd.grad(yf, xf, grad_out.float())
-    xr = xf.detach().requires_grad_()
-    (grad_ref,) = torch.autograd.grad(gelu(xr, approximate="tanh"), xr, grad_out.float())
-    torch.testing.assert_close(grad_f, grad_ref, atol=1e-5, rtol=1e-5)
-    # A small tensor, eval mode, the reference: F.gelu exactly.
-    small = torch.linspace(-12, 12, 1001)
-    torch.testing.assert_close(
-        gelu_tanh_via_sigmoid(small), gelu(small, approximate="tanh"), atol=2e-6, rtol=0
-    )
-    calls.clear()
-    assert torch.equal(fast(small), gelu(small, approximate="tanh"))
-    assert torch.equal(fast.eval()(x.detach()), expected)
-    assert torch.equal(torch.nn.GELU(approximate="tanh").train()(x.detach()), expected)
-    assert not calls
-
-
-@pytest.mark.parametrize("compiler_works", [True, False])
-def test_compiled_gelu_mlp_equals_the_textbook_mlp(
-    compiler_works: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The MLP whose c_fc bias is added in the compiled GELU's loop: the textbook MLP's output and
-    gradients (input, and every parameter: c_fc's bias included) in fp32, and the same when
-    compiling fails and the GELU falls back to ``F.gelu``."""
-    monkeypatch.setattr(CompiledGELU, "COMPILED_MIN_NUMEL", 1)
-    monkeypatch.setattr(CompiledGELU, "broken", False)
-    biases = []
-    real = gelu_module._compiled_gelu
-
-    def spying() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-        def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            biases.append(bias)
-            if not compiler_works:
-                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-            return real()(x, bias)
-
-        return run
-
-    monkeypatch.setattr(gelu_module, "_compiled_gelu", spying)
-    reference, fast = _twins()
-    plain, tuned = reference.transformer.h[0].mlp.train(), fast.transformer.h[0].mlp.train()
-    assert type(tuned) is CompiledGELUMLP and type(plain) is MLP
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    twin = x.detach().clone().requires_grad_()
-    got, expected = tuned(x), plain(twin)
-    assert biases and biases[0] is tuned.c_fc.bias
-    assert CompiledGELU.broken is not compiler_works
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(expected)
-    (got * weights).sum().backward()
-    (expected * weights).sum().backward()
-    torch.testing.assert_close(x.grad, twin.grad, atol=1e-5, rtol=1e-5)
-    for (name, p_tuned), p_plain in zip(tuned.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(p_tuned.grad, p_plain.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_gelu_falls_back_to_f_gelu_when_compiling_fails(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-
-    def no_compiler() -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-        def fail(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
-
-        return fail
-
-    monkeypatch.setattr(gelu_module, "_compiled_gelu", no_compiler)
-    monkeypatch.setattr(CompiledGELU, "broken", False)
-    x = torch.randn(CompiledGELU.COMPILED_MIN_NUMEL).bfloat16()
-    with caplog.at_level("WARNING", logger="minigpt2.fast.gelu"):
-        y = CompiledGELU().train()(x)
-    assert torch.equal(y, torch.nn.functional.gelu(x, approximate="tanh"))
-    assert (
-        CompiledGELU.broken
-        and "No working C++ compiler found" in caplog.text
-        and "more detail" not in caplog.text
-    )
-
-
-def test_a_gelu_compiled_under_a_restricted_instruction_set_never_reaches_an_unrestricted_process(
-    tmp_path: Path,
-) -> None:
-    """PyTorch's compile caches do not key on ATEN_CPU_CAPABILITY: the C++ a process restricted to
-    AVX2 generated (as ``make test`` runs the numeric tests) was found by the next, unrestricted
-    process and compiled for AVX-512, which wrote past its buffers ("free(): invalid pointer" in
-    the next training). A restricted process now keeps out of those caches; then an unrestricted
-    training in the same cache folder runs. Only an AVX-512 CPU can be restricted to show it."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        pytest.skip("needs an AVX-512 CPU, whose PyTorch can be restricted to AVX2")
-    from minigpt2 import data
-
-    text = tmp_path / "t.txt"
-    text.write_text(corpus_text(n_lines=800), encoding="utf-8")
-    data.prepare(str(text), tmp_path / "d", block_size=128)
-    cache = tmp_path / "inductor"
-    base = {**subprocess_env(), "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
-        base.pop(name, None)
-    restricted = {**base, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                  "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
-    for number, env in enumerate((restricted, base)):  # the restricted process first
-        # The chat preset's shape: a GELU of 32 x 128 x 1024, large enough to be compiled.
-        argv = ["train", "--data", tmp_path / "d", "--out", tmp_path / f"run{number}", "--preset", "chat",
-                "--max-iters", 2, "--eval-interval", 100, "--no-samples", "--dtype", "fp32"]  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "minigpt2", *map(str, argv)], env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert "compiled GELU failed" not in done.stderr  # compiled, not the F.gelu fallback
-        if env is restricted:  # nothing it compiled can be found by graph: only content-named files
-            assert not any(
-                (cache / kind).rglob("*") for kind in ("fxgraph", "aotautograd") if (cache / kind).is_dir()
-            )

@@ -2,18 +2,18 @@
 
 ``speed_up(model)`` gives each textbook module of a ``GPT`` the class of its fast drop-in, in place:
 
-| textbook piece (core/model.py)  | drop-in                                 | faster in              |
-|----------------------------------|-----------------------------------------|------------------------|
-| ``nn.Dropout``                   | ``dropout.FastDropout``: SFC64 masks    | CPU training           |
-| ``nn.GELU(approximate="tanh")``  | ``gelu.CompiledGELU``: one loop         | CPU training           |
-| ``MLP``                          | ``gelu.CompiledGELUMLP``: bias in it    | CPU training           |
-| ``CausalSelfAttention``          | ``attention.CPUTrainingAttention``      | CPU training           |
-| ``GPT.forward`` for one token    | ``decode.FastGPT``: the flat decode step | generation            |
-| ``Muon.orthogonalize``           | ``muon.GramMuon``: on Gram matrices     | fp32 Muon steps        |
+| textbook piece (core/model.py)  | drop-in                                               | faster in       |
+|---------------------------------|-------------------------------------------------------|-----------------|
+| ``nn.Dropout``                  | ``dropout.FastDropout``: SFC64 masks                  | CPU training    |
+| ``nn.GELU(approximate="tanh")`` | ``gelu.CompiledGELU``: one loop                       | CPU training    |
+| ``MLP``                         | ``gelu.CompiledGELUMLP``: c_fc's bias in that loop    | CPU training    |
+| ``CausalSelfAttention``         | ``attention.CPUTrainingAttention``: one autograd node | CPU training    |
+| ``GPT.forward`` for one token   | ``decode.FastGPT``: the flat decode step              | generation      |
+| ``Muon.orthogonalize``          | ``muon.GramMuon``: on Gram matrices                   | fp32 Muon steps |
 
-Each drop-in is a subclass that adds no parameters (``FastGPT`` keeps only a cache of transposed
-views of the weights, rebuilt at every prompt) and only overrides ``forward`` (and ``attend``), so
-the model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
+Each drop-in is a subclass (``FastGPT`` keeps only a cache of transposed views of the weights,
+rebuilt at every prompt): it overrides ``forward`` (and ``attend``) and adds helpers, never
+parameters, so the model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 ``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
 modules the same way); ``use_optimizer_engine`` does the same for the optimizer made for the model.
 Outside the cases in the last column each drop-in runs the textbook code.
@@ -24,8 +24,9 @@ more). Beside the model, ``memory.keep_freed_memory`` keeps freed memory in the 
 training on a CPU, and ``batch_decoder.BatchDecoder`` advances many conversations together, one
 batched step for all (the drop-in for running ``core.stream.generate_ids`` once per conversation).
 Each piece is tested to compute what its textbook piece computes: ``tests/fast/test_fast.py``,
-``tests/fast/test_attention.py``, ``tests/fast/test_decode.py``, ``tests/fast/test_batch.py``,
-``tests/fast/test_muon.py`` (and the int8 steps to stay close to it: ``tests/fast/test_int8.py``).
+``tests/fast/test_attention.py``, ``tests/fast/test_gelu.py``, ``tests/fast/test_decode.py``,
+``tests/fast/test_batch.py``, ``tests/fast/test_muon.py`` (and the int8 steps to stay close to it:
+``tests/fast/test_int8.py``).
 
 ``ENGINES``: the values of the one setting that chooses between them (``engine`` in ``TrainConfig``,
 ``--engine`` on every command): ``fast`` (the default) or ``reference`` (the textbook alone).

@@ -4,29 +4,31 @@ On a CPU the attention's time goes less to its matrix products than to moving th
 scores and the per-head copies of q, k, v through memory. Two paths compute the textbook's function
 with less of that.
 
+Both of its paths take three details of the written-out attention: q scaled by 1/sqrt(hs) before
+the product (a tensor Tk/hs times smaller than the scores), the mask as an added 0 / -inf bias (a
+fraction of a ``masked_fill`` on the CPU, forward and backward), and the softmax in the scores' own
+dtype (under autocast, bf16: its kernels sum in fp32 and round once, where the fp32 softmax autocast
+would pick costs two extra copies of the scores). And both cut the queries in two halves from a
+context of ``SPLIT_FROM`` on: the first half's queries see only the first half's keys, so their
+scores against the second half, all masked, are never computed: only 3/4 of the (B, nh, T, T)
+scores, softmax and products are, forward and backward.
+
 Without attention dropout (the ``cpu`` preset, and every model ``fit_to_budget`` narrows),
 ``forward`` runs ``CausalAttention``: one autograd node from the fused q, k, v (B, T, 3C) to the
 heads' re-assembled output (B, T, C), whose backward PyTorch's autograd would otherwise split into
-a dozen (the heads' split and transposes, the slices of the halves below, their zero-filled
-gradients and the sums of them). It copies each of q, k, v once into the (B nh, T, hs) layout
-the batched products read, scaling q by 1/sqrt(hs) in the same pass, adds the causal mask to the
-scores inside the product (``baddbmm``), writes the output and the gradient of (B, T, 3C) straight
-into their final layouts, and sums the gradients of k and v for the two halves in place.
-
-With dropout, ``attend`` keeps autograd's graph and takes three details of the written-out
-attention: q scaled before the product, the mask as an added 0 / -inf bias (a fraction of a
-``masked_fill`` on the CPU, forward and backward), and the softmax in the scores' own dtype (under
-autocast, bf16: its kernels sum in fp32 and round once, where the fp32 softmax autocast would pick
-costs two extra copies of the scores).
-
-Both cut the queries in two halves from a context of ``SPLIT_FROM`` on: the first half's queries
-see only the first half's keys, so their scores against the second half, all masked, are never
-computed: 3/4 of the (B, nh, T, T) scores, softmax and products, forward and backward.
+a dozen (the heads' split and transposes, the slices of the halves, their zero-filled gradients and
+the sums of them). It copies each of q, k, v once into the (B*nh, T, hs) layout the batched
+products read (q scaled in the same pass), adds the mask inside the product (``baddbmm``), writes
+the output and the (B, T, 3C) gradient straight into their final layouts, and adds the first half's
+k and v gradients into the slices of the second half's. With dropout, ``attend`` does the same
+arithmetic inside autograd's graph. Hooks on ``c_attn`` still fire; ``attn_dropout`` is not called
+by the node (its p is 0).
 
 Everywhere else (inference, GPUs, a compiled model, which fuses the textbook itself) it is the
-textbook's attention. The ``cpu`` preset's attention, forward + backward in fp32: ``CausalAttention``
-1.05x the ``attend`` path and 1.2x the written-out textbook, on an AVX-512 CPU and restricted to
-AVX2 (``benchmarks/train_pieces.py``). Tests: ``pytest tests/fast/test_attention.py``.
+textbook's attention. The ``cpu`` preset's attention, forward + backward in fp32
+(``benchmarks/train_pieces.py``): ``CausalAttention`` 1.05x the ``attend`` path, 1.05x the
+textbook's SDPA restricted to AVX2 and on par with it on AVX-512, 1.2x the written-out textbook.
+Tests: ``pytest tests/fast/test_attention.py``.
 """
 
 from __future__ import annotations
@@ -70,10 +72,12 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, qkv: Tensor, n_head: int) -> Tensor:
-        """qkv (B, T, 3C) -> y (B, T, C); saves q, k, v (B nh, T, hs) and each part's probabilities."""
+        """qkv (B, T, 3C) -> y (B, T, C); saves q (scaled), k, v (B*nh, T, hs) and each part's
+        probabilities (B*nh, e - s, e)."""
         B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
         N, hs = B * n_head, C // n_head
         q, k, v = (torch.empty(B, n_head, T, hs, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+        # (B, nh, T, hs) views of qkv's three C-wide column blocks.
         slot_q, slot_k, slot_v = (heads_view(t, n_head) for t in torch.split(qkv, C, dim=2))
         # q scaled by 1/sqrt(hs) as it is copied: a tensor Tk/hs times smaller than the scores.
         torch.mul(slot_q, 1.0 / math.sqrt(hs), out=q)
@@ -93,22 +97,26 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None]:
-        """dy (B, T, C) -> d qkv (B, T, 3C)."""
+        """dy (B, T, C) -> d qkv (B, T, 3C). Per part, with q~ = q / sqrt(hs), S = q~ k^T + mask,
+        P = softmax(S), Y = P V: dV = P^T dY, dP = dY V^T, dS = P (dP - rowsum(dP P)),
+        dq = dS k / sqrt(hs), dk = dS^T q~; the first half's dk, dV add into the full ones."""
         q, k, v, *probs = ctx.saved_tensors
         (N, T, hs), n_head = q.shape, ctx.n_head
         dy = heads_view(dy, n_head).reshape(N, T, hs)
-        dqkv = torch.empty(N // n_head, T, 3 * n_head * hs, dtype=dy.dtype, device=dy.device)
+        dqkv = torch.empty(N // n_head, T, 3 * n_head * hs, dtype=q.dtype, device=q.device)
         slot_q, slot_k, slot_v = (heads_view(t, n_head) for t in torch.split(dqkv, n_head * hs, dim=2))
         dk: Tensor | None = None
         dv: Tensor | None = None
         for (s, e), p in zip(query_parts(T), probs, strict=True):
             dp = dy[:, s:e] @ v[:, :e].mT
-            dscores = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p (dp - sum(dp p)), fused
+            # dS = p (dp - rowsum(dp p)) in one kernel: autograd's own softmax backward (a private
+            # name; the gradcheck in tests/fast/test_attention.py would catch a change of meaning).
+            dscores = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dq = (dscores @ k[:, :e]).mul_(1.0 / math.sqrt(hs))  # q was scaled in the forward
             slot_q[:, :, s:e] = dq.view(-1, n_head, e - s, hs)
             if dk is None or dv is None:  # the first part, which sees every key, starts them
                 dk, dv = dscores.mT @ q[:, s:e], p.mT @ dy[:, s:e]
-            else:
+            else:  # (an in-place baddbmm_ into these slices falls back to one product per matrix)
                 dk[:, :e] += dscores.mT @ q[:, s:e]
                 dv[:, :e] += p.mT @ dy[:, s:e]
         assert dk is not None and dv is not None
@@ -118,6 +126,7 @@ class CausalAttention(torch.autograd.Function):
 
 
 def _cpu_training(x: Tensor, training: bool) -> bool:
+    """Whether a module in ``training`` mode, given ``x``, is in CPU training outside a compile."""
     on_cpu = x.device.type == "cpu"
     return on_cpu and training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 

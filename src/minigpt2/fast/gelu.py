@@ -17,7 +17,7 @@ to cancellation (in bf16, up to all of them). In fp32 both agree to fp32 roundin
 (B, T, 4C) output before the product and sum the bias gradient over that output in a pass of its
 own; in the loop both ride on passes the GELU makes anyway (the ``cpu`` preset's MLP, forward +
 backward in fp32: 1.04x on an AVX-512 CPU, 1.01x restricted to AVX2; ``benchmarks/train_pieces.py``).
-Tests: ``pytest tests/fast/test_fast.py -k gelu``.
+Tests: ``pytest tests/fast/test_gelu.py``.
 """
 
 from __future__ import annotations
@@ -82,11 +82,11 @@ class CompiledGELU(nn.GELU):
     def __init__(self) -> None:
         super().__init__(approximate="tanh")
 
-    def takes_compiled_loop(self, x: Tensor, numel: int) -> bool:
-        """Whether a GELU of ``numel`` elements on ``x``'s device runs the compiled loop."""
+    def takes_compiled_loop(self, device: torch.device, numel: int) -> bool:
+        """Whether a GELU of ``numel`` elements on ``device`` runs the compiled loop."""
         return (
             not CompiledGELU.broken
-            and x.device.type == "cpu"
+            and device.type == "cpu"
             and numel >= CompiledGELU.COMPILED_MIN_NUMEL
             and self.training
             and torch.is_grad_enabled()
@@ -95,7 +95,7 @@ class CompiledGELU(nn.GELU):
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """GELU(x + bias), x: (*, n), bias: (n,) or None; shape-preserving."""
-        if self.takes_compiled_loop(x, x.numel()):
+        if self.takes_compiled_loop(x.device, x.numel()):
             try:
                 return _compiled_gelu()(x, bias)
             except Exception as err:  # no compiler, an unsupported platform: stay correct, go slower
@@ -104,16 +104,17 @@ class CompiledGELU(nn.GELU):
                     "the compiled GELU failed (%s); training goes on with F.gelu (slower)",
                     (str(err).splitlines() or [type(err).__name__])[0][:200],
                 )
-        return super().forward(x if bias is None else x + bias)
+        return super().forward(x if bias is None else x + bias.to(x.dtype))
 
 
 class CompiledGELUMLP(MLP):
-    """``MLP`` whose ``c_fc`` bias is added in the compiled GELU's loop when its GELU runs that loop."""
+    """``MLP`` whose ``c_fc`` bias is added in the compiled GELU's loop when its GELU runs that loop
+    (``c_fc``'s weight is used directly then: hooks on ``c_fc`` do not fire in CPU training)."""
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, C) -> (B, T, C)."""
         hidden = x.shape[:-1].numel() * self.c_fc.out_features  # the GELU's elements
-        if isinstance(self.act, CompiledGELU) and self.act.takes_compiled_loop(x, hidden):
+        if isinstance(self.act, CompiledGELU) and self.act.takes_compiled_loop(x.device, hidden):
             h = F.linear(x, self.c_fc.weight)  # (B, T, 4C), without the bias
             return self.dropout(self.c_proj(self.act(h, self.c_fc.bias)))
         return super().forward(x)
