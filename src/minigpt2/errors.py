@@ -7,6 +7,8 @@ traceback. Anything else that escapes is a bug in minigpt2 and keeps its traceba
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """Bad input: a missing or malformed corpus, checkpoint, option or prompt."""
@@ -31,3 +33,9 @@ class ConfigError(UserError):
 
 class WriteError(UserError):
     """An output that cannot be written: a full disk, a read-only folder, a missing permission."""
+
+
+def names(keys: Iterable[str]) -> str:
+    """Keys for a one-line message, sorted: any that is not a plain name quoted and escaped (a key
+    read from a file may hold any character, a newline too)."""
+    return ", ".join(k if k.isidentifier() else repr(k) for k in sorted(keys))

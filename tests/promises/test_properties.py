@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from minigpt2 import data
 from minigpt2.core.chat import Chatbot, PlayTemplate
-from minigpt2.core.config import ModelConfig, SampleConfig
+from minigpt2.core.config import ModelConfig, SampleConfig, resolve
 from minigpt2.core.generate import make_generator
 from minigpt2.core.model import GPT
 from minigpt2.core.stream import ReplyInfo, ReplyText, next_token
@@ -125,6 +125,22 @@ def test_a_checkpoint_json_of_any_shape_is_one_line_or_a_model(
         assert "\n" not in str(err)
         return
     assert isinstance(model, GPT) and model.config.vocab_size == tok.vocab_size
+
+
+def test_unknown_keys_of_any_characters_are_named_on_one_line(saved: Path, tmp_path: Path) -> None:
+    """A key holding a newline, in a checkpoint's config or in a config file, is quoted and
+    escaped in the error; a plain name stays as it is."""
+    doc = json.loads((saved / checkpoint.META).read_text())
+    doc["model_config"]["\n"] = None
+    folder = tmp_path / "best"
+    shutil.copytree(saved, folder)
+    (folder / checkpoint.META).write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(UserError) as found:
+        checkpoint.load_model(folder)
+    assert "\n" not in str(found.value) and "field(s): '\\n'" in str(found.value)
+    with pytest.raises(ConfigError) as found:
+        resolve("tiny", file_values={"bad\nkey": 1, "bogus": 2})
+    assert str(found.value) == "unknown setting(s): 'bad\\nkey', bogus"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from minigpt2.errors import ConfigError
+from minigpt2.errors import ConfigError, names
 
 
 def _check(ok: bool, message: str) -> None:
@@ -275,7 +275,7 @@ def resolve(
     model_keys, train_keys = field_names(ModelConfig), field_names(TrainConfig)
     unknown = sorted(set(merged) - model_keys - train_keys)
     if unknown:
-        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown setting(s): {names(unknown)}")
     for cls in (ModelConfig, TrainConfig):
         defaults = cls()
         for k, v in merged.items():
@@ -300,7 +300,7 @@ def from_dict(cls: type, values: Any) -> Any:
         raise ConfigError(f"{cls.__name__} must be a JSON object")
     unknown = set(values) - field_names(cls)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {names(unknown)}")
     for f in fields(cls):
         if f.name in values:
             _check_type(cls.__name__, f.name, values[f.name], type(getattr(cls(), f.name)))
