@@ -11,6 +11,7 @@ optimizer).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -149,6 +150,11 @@ class RunFiles:
             atomic_write_text(p.run_dir / "summary.json", json.dumps(result.to_dict(), indent=1))
             for cb in callbacks:
                 cb.on_end(result.to_dict())
+        if p.dist.enabled:
+            # DDP holds the process group: let it go now, so that the group's threads end with
+            # ``shutdown`` below rather than at the interpreter's exit, where gloo can abort.
+            p.model, p.batches.no_sync = p.raw_model, None
+            gc.collect()
         distributed.shutdown(p.dist)
         return result
 
