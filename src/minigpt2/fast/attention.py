@@ -85,11 +85,12 @@ class CausalAttention(torch.autograd.Function):
         v.copy_(slot_v)
         q, k, v = q.view(N, T, hs), k.view(N, T, hs), v.view(N, T, hs)
         y = torch.empty(B, T, C, dtype=qkv.dtype, device=qkv.device)
+        y_heads = heads_view(y, n_head)  # (B, nh, T, hs): each part's output lands in y through it
         probs = []
         for s, e in query_parts(T):
             scores = torch.baddbmm(causal_bias(e - s, e, qkv.dtype, qkv.device), q[:, s:e], k[:, :e].mT)
             probs.append(torch.softmax(scores, dim=-1))  # (N, e - s, e)
-            heads_view(y, n_head)[:, :, s:e] = (probs[-1] @ v[:, :e]).view(B, n_head, e - s, hs)
+            y_heads[:, :, s:e] = (probs[-1] @ v[:, :e]).view(B, n_head, e - s, hs)
         ctx.save_for_backward(q, k, v, *probs)
         ctx.n_head = n_head
         return y
