@@ -6,11 +6,10 @@
 Times forward + backward of one block's attention and MLP at the preset's shape (its batch in one
 pass, or ``--batch-size``), in the precision ``--dtype`` resolves to, with the engine's freed memory
 kept for reuse. The variants take turns for ``--rounds`` rounds (medians; the machine's speed drifts
-from minute to minute). Attention: the textbook's written-out attention, its SDPA, the drop-in's
-``attend`` (the path it takes with dropout), and the drop-in itself. MLP: the textbook's (``F.gelu``),
-with the compiled GELU, and ``CompiledGELUMLP`` (the bias in the GELU's loop). Each row's ratio is
+from minute to minute). Attention: the textbook's written-out attention, its SDPA, and the drop-in
+(``CausalAttention``, also with ``--dropout``). MLP: the textbook's (``F.gelu``), with the compiled
+GELU, and ``CompiledGELUMLP`` (the bias in the GELU's loop). Each row's ratio is
 against the first of its piece; the block's share of a whole step is in ``train_throughput.py``.
-With ``--dropout`` above 0 the drop-in takes its ``attend`` path, so those two rows time the same code.
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ def variants(model_cfg: config.ModelConfig, dropout: float) -> dict[str, dict[st
         "attention": {
             "textbook (written out)": manual,
             "textbook (SDPA)": sdpa,
-            "drop-in, attend path": lambda x: CausalSelfAttention.forward(tuned, x),
             "drop-in": tuned,
         },
         "mlp": {

@@ -1,12 +1,12 @@
-"""Tests for the engine's CPU training attention (``minigpt2.fast.attention``): both of its paths
-compute the textbook's attention.
+"""Tests for the engine's CPU training attention (``minigpt2.fast.attention``): its autograd node
+computes the textbook's attention.
 
-``CausalAttention`` (no attention dropout): one autograd node from the fused q, k, v to the heads'
-output, checked by ``gradcheck`` in float64 (its hand-written backward against finite differences)
-at contexts with and without the queries cut in halves; the module against the textbook attention
-module: output and every gradient in fp32, output and input gradient within bf16 of it under
-autocast (with and without the split). ``attend`` (with dropout): the textbook's output and
-gradients, with a cache offset and with split queries. Run with ``pytest tests/fast/test_attention.py``.
+``CausalAttention``: one autograd node from the fused q, k, v to the heads' output, checked by
+``gradcheck`` in float64 (its hand-written backward against finite differences) at contexts with
+and without the queries cut in halves, with and without attention dropout (the mask fixed by the
+seed); the module against the textbook attention module: output and every gradient in fp32
+(with dropout, the textbook replaying the node's masks), output and input gradient within bf16 of
+it under autocast (with and without the split). Run with ``pytest tests/fast/test_attention.py``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from helpers_model import assert_same_function
 from minigpt2.core.config import ModelConfig
 from minigpt2.core.model import CausalSelfAttention, KVCache, causal_mask
 from minigpt2.fast import attention as attention_module
 from minigpt2.fast.attention import CausalAttention, CPUTrainingAttention, causal_bias, query_parts
+from minigpt2.fast.dropout import keep_mask
 
 SHAPE = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64)
 
@@ -51,14 +53,21 @@ def _spy_on_the_node(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 
 @pytest.mark.parametrize("T", [1, 2, 5, 8, 9])
 @pytest.mark.parametrize("n_head", [1, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_causal_attention_backward_is_the_gradient(
-    T: int, n_head: int, monkeypatch: pytest.MonkeyPatch
+    T: int, n_head: int, dropout: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """gradcheck in float64: from a context of 4 on the queries are cut in halves (odd and even)."""
+    """gradcheck in float64: from a context of 4 on the queries are cut in halves (odd and even);
+    with dropout, each call reseeds so that every evaluation draws the same masks."""
     monkeypatch.setattr(attention_module, "SPLIT_FROM", 4)
     torch.manual_seed(T)
     qkv = torch.randn(2, T, 3 * n_head * 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: CausalAttention.apply(t, n_head), (qkv,))
+
+    def attention(t: Tensor) -> Tensor:
+        torch.manual_seed(0)
+        return CausalAttention.apply(t, n_head, dropout)  # type: ignore[no-untyped-call,no-any-return]
+
+    assert torch.autograd.gradcheck(attention, (qkv,))
 
 
 def test_query_parts_cover_every_query_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,22 +121,54 @@ def test_tuned_module_under_bf16_autocast_stays_within_bf16_of_fp32(
     assert ((x.grad - twin.grad).norm() / twin.grad.norm()) < 0.05
 
 
+class ReplayedDropout(nn.Module):
+    """The textbook's ``attn_dropout`` replaying masks the node drew: each part's (B*nh, e - s, e)
+    0/1 mask placed in its rows of the (B, nh, T, T) probabilities (the keys after e, masked to 0
+    by the causal mask, kept), scaled by 1 / (1 - p)."""
+
+    def __init__(self, masks: list[Tensor], n_head: int, p: float) -> None:
+        super().__init__()
+        self.masks, self.n_head, self.p = masks, n_head, p
+
+    def forward(self, att: Tensor) -> Tensor:
+        B, nh, T, _ = att.shape
+        full = torch.ones_like(att)
+        for (s, e), mask in zip(query_parts(T), self.masks, strict=True):
+            full[:, :, s:e, :e] = mask.view(B, nh, e - s, e)
+        return att * full / (1 - self.p)
+
+
+@pytest.mark.parametrize(("T", "split_from"), [(7, None), (9, 4), (128, None)])
+def test_tuned_module_with_dropout_equals_the_textbook_with_its_masks(
+    T: int, split_from: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With attention dropout the node draws one ``keep_mask`` per part at p; the textbook module
+    (written out) applying those masks gives the same output and gradients, in fp32."""
+    if split_from is not None:
+        monkeypatch.setattr(attention_module, "SPLIT_FROM", split_from)
+    p = 0.25
+    plain, tuned = _pair(dropout=p)
+    drawn: list[Tensor] = []
+
+    def recording(shape: torch.Size, rate: float, dtype: torch.dtype) -> Tensor:
+        assert rate == p
+        drawn.append(keep_mask(shape, rate, dtype))
+        return drawn[-1]
+
+    monkeypatch.setattr(attention_module, "keep_mask", recording)
+    calls = _spy_on_the_node(monkeypatch)
+    plain.attn_dropout = ReplayedDropout(drawn, n_head=2, p=p)
+    plain.resid_dropout = tuned.resid_dropout = nn.Identity()
+    assert_same_function(tuned, plain, torch.randn(3, T, 64))
+    assert calls and len(drawn) == len(query_parts(T))
+    share = torch.cat([m.flatten() for m in drawn]).eq(0).float().mean().item()
+    assert 0.15 < share < 0.35  # about p of the probabilities dropped
+
+
 def test_other_cases_take_the_textbook_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dropout, inference, no gradients, a KV cache and a model being compiled never run
-    ``CausalAttention``; in training with dropout the block's own forward calls the tuned ``attend``."""
+    """Inference, no gradients, a KV cache and a model being compiled never run ``CausalAttention``."""
     monkeypatch.setattr(CausalAttention, "apply", lambda *a: pytest.fail("CausalAttention used"))
     x = torch.randn(2, 6, 64)
-    _, dropping = _pair(dropout=0.1)
-    attends = []
-    real_attend = CPUTrainingAttention.attend
-
-    def counting(self: CPUTrainingAttention, *args: torch.Tensor) -> torch.Tensor:
-        attends.append(args)
-        return real_attend(self, *args)
-
-    monkeypatch.setattr(CPUTrainingAttention, "attend", counting)
-    dropping(x)
-    assert attends
     plain, tuned = _pair()
     with torch.no_grad():
         torch.testing.assert_close(tuned(x), plain(x))
@@ -137,47 +178,6 @@ def test_other_cases_take_the_textbook_forward(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(got, plain.train()(x, KVCache(config, batch_size=2)))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(tuned(x), plain(x))
-
-
-def test_attend_equals_the_textbook_attention() -> None:
-    """``attend`` alone, fp32, with a cache offset (T < Tk): same output to rounding, in training
-    (the tuned path) and at inference (the textbook's own)."""
-    torch.manual_seed(0)
-    config = ModelConfig(**SHAPE)  # type: ignore[arg-type]
-    plain = CausalSelfAttention(config).train()
-    tuned = CausalSelfAttention(config).train()
-    tuned.__class__ = CPUTrainingAttention
-    q, k, v = torch.randn(2, 2, 5, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
-    torch.testing.assert_close(tuned.attend(q, k, v), plain.attend(q, k, v), atol=1e-5, rtol=1e-5)
-    manual = CausalSelfAttention(ModelConfig(**SHAPE, attn_impl="manual")).train()  # type: ignore[arg-type]
-    torch.testing.assert_close(tuned.attend(q, k, v), manual.attend(q, k, v), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("T", "split_from"), [(9, 4), (8, 4), (128, None), (6, None)])
-def test_attend_with_split_queries_equals_the_textbook(
-    T: int, split_from: int | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """From ``SPLIT_FROM`` on, the queries' halves are attended separately: the textbook's output
-    and gradients (fp32, to rounding), odd and even contexts, and the layout the block re-assembles
-    the heads from (``transpose(1, 2)`` of the result is contiguous)."""
-    if split_from is not None:
-        monkeypatch.setattr(attention_module, "SPLIT_FROM", split_from)
-    torch.manual_seed(0)
-    config = ModelConfig(**{**SHAPE, "attn_impl": "manual"})  # type: ignore[arg-type]
-    plain = CausalSelfAttention(config).train()
-    tuned = CausalSelfAttention(config).train()
-    tuned.__class__ = CPUTrainingAttention
-    inputs = [torch.randn(3, 2, T, 8, requires_grad=True) for _ in range(3)]
-    twins = [x.detach().clone().requires_grad_() for x in inputs]
-    got, expected = tuned.attend(*inputs), plain.attend(*twins)
-    split = T >= attention_module.SPLIT_FROM
-    assert got.transpose(1, 2).is_contiguous() == split
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(expected)
-    (got * weights).sum().backward()
-    (expected * weights).sum().backward()
-    for x, twin in zip(inputs, twins, strict=True):
-        torch.testing.assert_close(x.grad, twin.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_bias_is_the_mask_as_an_addition() -> None:

@@ -12,7 +12,7 @@
 | ``Muon.orthogonalize``          | ``muon.GramMuon``: on Gram matrices                   | fp32 Muon steps |
 
 Each drop-in is a subclass (``FastGPT`` keeps only a cache of transposed views of the weights,
-rebuilt at every prompt): it overrides ``forward`` (and ``attend``) and adds helpers, never
+rebuilt at every prompt): it overrides ``forward`` and adds helpers, never
 parameters, so the model keeps its parameters, ``state_dict``, optimizer and checkpoints, and
 ``to_reference(model)`` puts the textbook classes back (``torch.nn.utils.parametrize`` re-classes
 modules the same way); ``use_optimizer_engine`` does the same for the optimizer made for the model.
