@@ -89,11 +89,13 @@ class CausalAttention(torch.autograd.Function):
         probs, masks, kept = [], [], []
         for s, e in query_parts(T):
             scores = torch.baddbmm(causal_bias(e - s, e, qkv.dtype, qkv.device), q[:, s:e], k[:, :e].mT)
-            probs.append(torch.softmax(scores, dim=-1))  # (N, e - s, e)
+            d = torch.softmax(scores, dim=-1)  # (N, e - s, e): P
+            probs.append(d)
             if dropout > 0:
-                masks.append(keep_mask(probs[-1].shape, dropout, probs[-1].dtype))
-                kept.append(probs[-1] * masks[-1])
-            y_heads[:, :, s:e] = ((kept or probs)[-1] @ v[:, :e]).view(B, n_head, e - s, hs)  # D V
+                masks.append(keep_mask(d.shape, dropout, d.dtype))
+                d = d * masks[-1]  # D = P * M
+                kept.append(d)
+            y_heads[:, :, s:e] = (d @ v[:, :e]).view(B, n_head, e - s, hs)
         if dropout > 0:
             y.mul_(1.0 / (1.0 - dropout))  # dropout's scaling of the kept probabilities, done here
         ctx.save_for_backward(q, k, v, *probs, *masks, *kept)
@@ -111,8 +113,9 @@ class CausalAttention(torch.autograd.Function):
         q, k, v, *saved = ctx.saved_tensors
         (N, T, hs), n_head, dropout = q.shape, ctx.n_head, ctx.dropout
         parts = query_parts(T)
-        n = len(parts)  # saved: n probabilities, then with dropout n masks and n kept (D)
-        probs, masks, kept = saved[:n], saved[n : 2 * n] or [None] * n, saved[2 * n :] or saved[:n]
+        n = len(parts)  # saved: n probabilities P, then with dropout n masks M and n kept D
+        probs = saved[:n]
+        masks, kept = (saved[n : 2 * n], saved[2 * n :]) if dropout > 0 else ([None] * n, probs)
         dy = heads_view(dy, n_head).reshape(N, T, hs)
         if dropout > 0:
             dy = dy * (1.0 / (1.0 - dropout))  # the scaling, on the (N, T, hs) side of each product
